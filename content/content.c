@@ -1,0 +1,469 @@
+/* content.c: plaintext ranges of one backing file: one pread/pwrite per request, partial-chunk RMW, holes */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "keyfs/content.h"
+
+#define CS  ((uint64_t)FMT_CHUNK_SIZE)
+#define CDS ((uint64_t)FMT_CHUNK_DISK_SIZE)
+
+/*
+ * Per-thread ciphertext scratch buffer. FUSE worker threads serve one request at a time, and
+ * a 1 MiB request needs a 1 MiB buffer: allocating it per request would fault pages in every
+ * time. It only ever holds ciphertext and nonces, never plaintext, so it needs no wiping.
+ */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+struct scratch {
+	size_t size;
+	uint8_t data[];
+};
+
+static void scratch_key_create(void)
+{
+	pthread_key_create(&scratch_key, free);
+}
+
+static uint8_t *scratch_get(size_t size)
+{
+	struct scratch *s;
+
+	pthread_once(&scratch_once, scratch_key_create);
+	s = pthread_getspecific(scratch_key);
+	if (s && s->size >= size)
+		return s->data;
+	/* Grow in 256 KiB steps so a thread settles on one buffer quickly. */
+	size = (size + (256u << 10) - 1) & ~(size_t)((256u << 10) - 1);
+	free(s);
+	s = malloc(sizeof(*s) + size);
+	pthread_setspecific(scratch_key, s);
+	if (!s)
+		return NULL;
+	s->size = size;
+	return s->data;
+}
+
+static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			break;
+		done += (size_t)n;
+	}
+	return (ssize_t)done;
+}
+
+static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pwrite(fd, (const uint8_t *)buf + done, len - done, (off_t)(off + done));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		done += (size_t)n;
+	}
+	return 0;
+}
+
+static int backing_size(int fd, uint64_t *ret)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	*ret = (uint64_t)st.st_size;
+	return 0;
+}
+
+int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE])
+{
+	uint8_t buf[FMT_HEADER_SIZE];
+	struct fmt_header h;
+	ssize_t n;
+	int r;
+
+	n = pread_full(fd, buf, sizeof(buf), 0);
+	if (n < 0)
+		return (int)n;
+	if (n == 0)
+		return -ENODATA;
+	if (n < (ssize_t)sizeof(buf))
+		return -EIO;
+	r = fmt_header_parse(buf, &h);
+	if (r < 0)
+		return r == -EPROTONOSUPPORT ? r : -EIO;
+	*ret_hdr = h;
+	if (raw)
+		memcpy(raw, buf, sizeof(buf));
+	return 0;
+}
+
+int content_header_write(int fd, const uint8_t raw[FMT_HEADER_SIZE])
+{
+	return pwrite_full(fd, raw, FMT_HEADER_SIZE, 0);
+}
+
+int content_size(int fd, uint64_t *ret_size)
+{
+	uint64_t b;
+	int r = backing_size(fd, &b);
+
+	if (r < 0)
+		return r;
+	*ret_size = fmt_plain_size(b);
+	return 0;
+}
+
+/* Length of plaintext chunk idx in a file of plain size p (0 when past the end). */
+static size_t chunk_len(uint64_t idx, uint64_t p)
+{
+	uint64_t start = idx * CS;
+
+	if (start >= p)
+		return 0;
+	return (size_t)(p - start < CS ? p - start : CS);
+}
+
+/* Read and open chunk idx of a file of plain size p into pt (FMT_CHUNK_SIZE bytes). */
+static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, uint8_t *pt)
+{
+	uint8_t ct[FMT_CHUNK_DISK_SIZE];
+	size_t len = chunk_len(idx, p), ctlen = len + FMT_CHUNK_OVERHEAD;
+	ssize_t n;
+	int r;
+
+	n = pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
+	if (n < 0)
+		return (int)n;
+	if ((size_t)n != ctlen)
+		return -EIO;
+	r = fmt_chunk_open(f->keys, f->file_id, idx, ct, ctlen, pt);
+	if (r != (int)len)
+		return -EIO;
+	return 0;
+}
+
+/* Seal len bytes of pt as chunk idx with a fresh nonce and write it in place. */
+static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t *pt, size_t len)
+{
+	uint8_t ct[FMT_CHUNK_DISK_SIZE], nonce[FMT_NONCE_SIZE];
+
+	randombytes_buf(nonce, sizeof(nonce));
+	fmt_chunk_seal(f->keys, f->file_id, idx, nonce, pt, len, ct);
+	return pwrite_full(f->fd, ct, len + FMT_CHUNK_OVERHEAD, fmt_chunk_offset(idx));
+}
+
+/* Re-seal chunk idx, now old_len bytes long, as new_len bytes (zero-extended or cut). */
+static int chunk_resize(const struct content_file *f, uint64_t idx, uint64_t p, size_t new_len)
+{
+	uint8_t pt[FMT_CHUNK_SIZE];
+	size_t old_len = chunk_len(idx, p);
+	int r;
+
+	r = chunk_load(f, idx, p, pt);
+	if (r == 0) {
+		if (new_len > old_len)
+			memset(pt + old_len, 0, new_len - old_len);
+		r = chunk_store(f, idx, pt, new_len);
+	}
+	sodium_memzero(pt, sizeof(pt));
+	return r;
+}
+
+ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint64_t off)
+{
+	uint64_t b = 0, p, end, c0, c1, boff, bend;
+	uint8_t *ct, *out = buf;
+	ssize_t n;
+	int r;
+
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	p = fmt_plain_size(b);
+	if (off >= p || size == 0)
+		return fmt_backing_size_valid(b) || off < p ? 0 : -EIO;
+	end = off + size < p ? off + size : p;
+	/* A read that reaches a damaged tail (a cut inside the last chunk) fails. */
+	if (end == p && !fmt_backing_size_valid(b))
+		return -EIO;
+
+	c0 = off / CS;
+	c1 = (end - 1) / CS;
+	boff = fmt_chunk_offset(c0);
+	bend = fmt_chunk_offset(c1) + chunk_len(c1, p) + FMT_CHUNK_OVERHEAD;
+	ct = scratch_get(bend - boff);
+	if (!ct)
+		return -ENOMEM;
+	n = pread_full(f->fd, ct, bend - boff, boff);
+	if (n < 0)
+		return n;
+	if ((uint64_t)n != bend - boff)
+		return -EIO;        /* the file shrank under us: not through this mount */
+
+	for (uint64_t i = c0; i <= c1; i++) {
+		const uint8_t *c = ct + (i - c0) * CDS;
+		size_t len = chunk_len(i, p);
+		uint64_t cstart = i * CS;
+		uint64_t from = off > cstart ? off - cstart : 0;
+		uint64_t to = end < cstart + len ? end - cstart : len;
+		uint8_t *dst = out + (cstart + from - off);
+
+		if (from == 0 && to == len) {
+			/* Whole chunk wanted: open it straight into the caller's buffer. */
+			if (fmt_chunk_open(f->keys, f->file_id, i, c, len + FMT_CHUNK_OVERHEAD, dst) != (int)len)
+				return -EIO;
+		} else {
+			uint8_t pt[FMT_CHUNK_SIZE];
+
+			r = fmt_chunk_open(f->keys, f->file_id, i, c, len + FMT_CHUNK_OVERHEAD, pt);
+			if (r == (int)len)
+				memcpy(dst, pt + from, to - from);
+			sodium_memzero(pt, sizeof(pt));
+			if (r != (int)len)
+				return -EIO;
+		}
+	}
+	return (ssize_t)(end - off);
+}
+
+ssize_t content_write(const struct content_file *f, const void *buf, size_t size, uint64_t off)
+{
+	const uint8_t *in = buf;
+	uint64_t b = 0, p, end, newp, c0, c1, nchunks, rollback;
+	uint8_t *ct, *nonces, *w;
+	int r;
+
+	if (size == 0)
+		return 0;
+	if (off > FMT_MAX_PLAIN_SIZE || size > FMT_MAX_PLAIN_SIZE - off)
+		return -EFBIG;
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	if (b == 0)
+		return -ENODATA;
+	if (!fmt_backing_size_valid(b))
+		return -EIO;
+	p = fmt_plain_size(b);
+	end = off + size;
+	newp = end > p ? end : p;
+	c0 = off / CS;
+	c1 = (end - 1) / CS;
+	rollback = b;
+
+	/* Writing past the end: the old partial last chunk becomes a full one padded with zeros,
+	 * unless this write rewrites that chunk itself. Chunks in between stay sparse (holes). */
+	if (off > p && p % CS && p / CS < c0) {
+		r = chunk_resize(f, p / CS, p, FMT_CHUNK_SIZE);
+		if (r < 0)
+			return r;
+		rollback = fmt_chunk_offset(p / CS + 1);
+	}
+
+	nchunks = c1 - c0 + 1;
+	ct = scratch_get(nchunks * (CDS + FMT_NONCE_SIZE));
+	if (!ct)
+		return -ENOMEM;
+	nonces = ct + nchunks * CDS;
+	/* One getrandom for all nonces of the request rather than one per chunk. */
+	randombytes_buf(nonces, nchunks * FMT_NONCE_SIZE);
+
+	w = ct;
+	for (uint64_t i = c0; i <= c1; i++) {
+		uint64_t cstart = i * CS;
+		size_t len = chunk_len(i, newp);
+		uint64_t from = off > cstart ? off - cstart : 0;
+		uint64_t to = end < cstart + len ? end - cstart : len;
+		const uint8_t *nonce = nonces + (i - c0) * FMT_NONCE_SIZE;
+
+		if (from == 0 && to == len) {
+			fmt_chunk_seal(f->keys, f->file_id, i, nonce, in + (cstart - off), len, w);
+		} else {
+			/* Partly written chunk: merge with what is there (zeros past the old end). */
+			uint8_t pt[FMT_CHUNK_SIZE];
+			size_t old_len = chunk_len(i, p);
+
+			memset(pt, 0, sizeof(pt));
+			if (old_len > 0) {
+				r = chunk_load(f, i, p, pt);
+				if (r < 0) {
+					sodium_memzero(pt, sizeof(pt));
+					goto fail;
+				}
+			}
+			memcpy(pt + from, in + (cstart + from - off), to - from);
+			fmt_chunk_seal(f->keys, f->file_id, i, nonce, pt, len, w);
+			sodium_memzero(pt, sizeof(pt));
+		}
+		w += len + FMT_CHUNK_OVERHEAD;
+	}
+	r = pwrite_full(f->fd, ct, (size_t)(w - ct), fmt_chunk_offset(c0));
+	if (r < 0)
+		goto fail;
+	return (ssize_t)size;
+fail:
+	/* Keep the file well-formed: a failed append (ENOSPC) must not leave a cut chunk. */
+	if (newp > p && ftruncate(f->fd, (off_t)rollback) < 0)
+		return -errno;
+	return r;
+}
+
+int content_truncate(const struct content_file *f, uint64_t size)
+{
+	uint64_t b = 0, p, last;
+	int r;
+
+	if (size > FMT_MAX_PLAIN_SIZE)
+		return -EFBIG;
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	if (b == 0)
+		return size == 0 ? 0 : -ENODATA;
+	if (b < FMT_HEADER_SIZE)
+		return -EIO;
+	/* Truncating to 0 always works: it is how a damaged file is emptied and reused. */
+	if (size == 0)
+		return ftruncate(f->fd, FMT_HEADER_SIZE) < 0 ? -errno : 0;
+	if (!fmt_backing_size_valid(b))
+		return -EIO;
+	p = fmt_plain_size(b);
+	if (size == p)
+		return 0;
+
+	if (size < p) {
+		if (size % CS) {
+			r = chunk_resize(f, size / CS, p, (size_t)(size % CS));
+			if (r < 0)
+				return r;
+		}
+		return ftruncate(f->fd, (off_t)fmt_backing_size(size)) < 0 ? -errno : 0;
+	}
+
+	/* Grow. The old last chunk, if partial, grows in place: up to the new size if that ends
+	 * inside it, else to a full chunk. */
+	last = p / CS;
+	if (p % CS) {
+		size_t len = size < (last + 1) * CS ? (size_t)(size - last * CS) : FMT_CHUNK_SIZE;
+
+		r = chunk_resize(f, last, p, len);
+		if (r < 0 || size <= (last + 1) * CS)
+			return r;
+	}
+	/* Full chunks in between are holes; a partial new last chunk must authenticate, so it is
+	 * sealed for real. */
+	if (size % CS == 0)
+		return ftruncate(f->fd, (off_t)fmt_backing_size(size)) < 0 ? -errno : 0;
+	{
+		uint8_t zeros[FMT_CHUNK_SIZE] = { 0 };
+		uint64_t idx = size / CS;
+
+		if (ftruncate(f->fd, (off_t)fmt_chunk_offset(idx)) < 0)
+			return -errno;
+		r = chunk_store(f, idx, zeros, (size_t)(size % CS));
+		if (r < 0 && ftruncate(f->fd, (off_t)fmt_chunk_offset(idx)) < 0)
+			return -errno;
+		return r;
+	}
+}
+
+int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint64_t len)
+{
+	uint64_t b = 0, p, end, boff, bend;
+	int r;
+
+	if (mode & ~FALLOC_FL_KEEP_SIZE)
+		return -EOPNOTSUPP;
+	if (len == 0)
+		return -EINVAL;
+	if (off > FMT_MAX_PLAIN_SIZE || len > FMT_MAX_PLAIN_SIZE - off)
+		return -EFBIG;
+	end = off + len;
+	boff = fmt_chunk_offset(off / CS);
+	bend = fmt_chunk_offset((end + CS - 1) / CS);
+	if (fallocate(f->fd, FALLOC_FL_KEEP_SIZE, (off_t)boff, (off_t)(bend - boff)) < 0)
+		return -errno;
+	if (mode & FALLOC_FL_KEEP_SIZE)
+		return 0;
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	p = fmt_plain_size(b);
+	/* Preallocated blocks read back as zeros, which are holes, so growing stays cheap. */
+	return end > p ? content_truncate(f, end) : 0;
+}
+
+int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64_t *ret_off)
+{
+	uint64_t b = 0, p, idx;
+	off_t pos;
+	int r;
+
+	if (whence != SEEK_DATA && whence != SEEK_HOLE)
+		return -EINVAL;
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	p = fmt_plain_size(b);
+	if (off >= p)
+		return -ENXIO;
+	idx = off / CS;
+
+	if (whence == SEEK_DATA) {
+		/* Any backing data inside a chunk makes the whole chunk data: reporting a hole as
+		 * data is allowed, the reverse would lose data in sparse-aware copies. */
+		pos = lseek(f->fd, (off_t)fmt_chunk_offset(idx), SEEK_DATA);
+		if (pos < 0)
+			return errno == ENXIO ? -ENXIO : -errno;
+		idx = ((uint64_t)pos - FMT_HEADER_SIZE) / CDS;
+		if (idx * CS >= p)
+			return -ENXIO;
+		*ret_off = idx * CS > off ? idx * CS : off;
+		return 0;
+	}
+
+	/* SEEK_HOLE: the first chunk at or after off whose whole backing range is a hole. */
+	while (idx * CS < p) {
+		uint64_t cstart = fmt_chunk_offset(idx), cend = fmt_chunk_offset(idx + 1);
+		off_t data = lseek(f->fd, (off_t)cstart, SEEK_DATA);
+
+		if (data < 0 && errno != ENXIO)
+			return -errno;
+		if (data < 0 || (uint64_t)data >= cend) {
+			if (chunk_len(idx, p) < CS)
+				break;      /* a partial last chunk is sealed data, never a hole */
+			*ret_off = idx * CS > off ? idx * CS : off;
+			return 0;
+		}
+		/* Data in this chunk: jump to the next backing hole. */
+		pos = lseek(f->fd, data, SEEK_HOLE);
+		if (pos < 0)
+			return -errno;
+		idx = ((uint64_t)pos - FMT_HEADER_SIZE + CDS - 1) / CDS;
+	}
+	*ret_off = p;
+	return 0;
+}

@@ -1,0 +1,262 @@
+/* format.c: the keyfs v1 on-disk format: header encode/parse/tag, chunk seal/open, size arithmetic */
+#include <errno.h>
+#include <string.h>
+
+#include <sodium.h>
+
+#include "keyfs/format.h"
+
+/*
+ * Header layout v1 (docs/FORMAT.md), integers little-endian:
+ *   0    8  magic "KEYFSHDR"
+ *   8    2  format version (1)
+ *  10    1  cipher id (1 = XChaCha20-Poly1305)
+ *  11    1  log2 of the chunk size (12)
+ *  12    4  header size (1024)
+ *  16   16  file id
+ *  32    1  key id length Lk (1..255)
+ *  33    1  key version length Lv (0..64)
+ *  34    2  wrapped DEK length Lw (1..600)
+ *  36    4  flags, zero
+ *  40   Lk  key id, then Lv key version, then Lw wrapped DEK
+ *  ...      zero padding up to 992
+ * 992   32  tag: keyed BLAKE2b-256 of bytes 0..991 with the header subkey
+ */
+#define OFF_VERSION     8
+#define OFF_CIPHER      10
+#define OFF_CHUNK_SHIFT 11
+#define OFF_HDR_SIZE    12
+#define OFF_FILE_ID     16
+#define OFF_KEY_ID_LEN  32
+#define OFF_KEY_VER_LEN 33
+#define OFF_WRAPPED_LEN 34
+#define OFF_FLAGS       36
+#define OFF_VAR         40
+#define OFF_TAG         (FMT_HEADER_SIZE - FMT_HEADER_TAG_SIZE)
+
+_Static_assert(OFF_VAR + FMT_KEY_ID_MAX + FMT_KEY_VERSION_MAX + FMT_WRAPPED_MAX <= OFF_TAG,
+	       "variable header fields must fit before the tag");
+_Static_assert(FMT_CHUNK_SIZE == 1u << FMT_CHUNK_SHIFT, "chunk size and shift disagree");
+
+/* KDF context and subkey ids: changing them changes the format. */
+static const char kdf_context[crypto_kdf_CONTEXTBYTES] = { 'k', 'e', 'y', 'f', 's', '-', 'v', '1' };
+enum { SUBKEY_CONTENT = 1, SUBKEY_HEADER = 2 };
+
+static void put_le16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+}
+
+static void put_le32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint16_t get_le16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static uint32_t get_le32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static bool printable(const char *s, size_t len)
+{
+	for (size_t i = 0; i < len; i++)
+		if (s[i] < 0x21 || s[i] > 0x7e)
+			return false;
+	return true;
+}
+
+void fmt_keys_derive(const uint8_t dek[FMT_DEK_SIZE], struct fmt_keys *out)
+{
+	crypto_kdf_derive_from_key(out->content, sizeof(out->content), SUBKEY_CONTENT, kdf_context, dek);
+	crypto_kdf_derive_from_key(out->header, sizeof(out->header), SUBKEY_HEADER, kdf_context, dek);
+}
+
+static void header_tag(const uint8_t buf[FMT_HEADER_SIZE], const struct fmt_keys *keys,
+		       uint8_t tag[FMT_HEADER_TAG_SIZE])
+{
+	crypto_generichash(tag, FMT_HEADER_TAG_SIZE, buf, OFF_TAG, keys->header, sizeof(keys->header));
+}
+
+int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret)
+{
+	struct fmt_header h;
+	size_t lk, lv, lw, end;
+
+	if (memcmp(buf, FMT_MAGIC, FMT_MAGIC_SIZE) != 0)
+		return -EBADMSG;
+	h.version = get_le16(buf + OFF_VERSION);
+	if (h.version != FMT_VERSION)
+		return -EPROTONOSUPPORT;
+	h.cipher = buf[OFF_CIPHER];
+	if (h.cipher != FMT_CIPHER_XCHACHA20_POLY1305)
+		return -EPROTONOSUPPORT;
+	if (buf[OFF_CHUNK_SHIFT] != FMT_CHUNK_SHIFT || get_le32(buf + OFF_HDR_SIZE) != FMT_HEADER_SIZE ||
+	    get_le32(buf + OFF_FLAGS) != 0)
+		return -EBADMSG;
+	h.chunk_size = FMT_CHUNK_SIZE;
+	memcpy(h.file_id, buf + OFF_FILE_ID, FMT_FILE_ID_SIZE);
+	if (sodium_is_zero(h.file_id, FMT_FILE_ID_SIZE))
+		return -EBADMSG;
+
+	lk = buf[OFF_KEY_ID_LEN];
+	lv = buf[OFF_KEY_VER_LEN];
+	lw = get_le16(buf + OFF_WRAPPED_LEN);
+	if (lk == 0 || lk > FMT_KEY_ID_MAX || lv > FMT_KEY_VERSION_MAX || lw == 0 || lw > FMT_WRAPPED_MAX)
+		return -EBADMSG;
+	end = OFF_VAR + lk + lv + lw;
+	if (!printable((const char *)buf + OFF_VAR, lk) || !printable((const char *)buf + OFF_VAR + lk, lv))
+		return -EBADMSG;
+	/* Padding must be zero: the tag covers it anyway, but a clean parse keeps inspect honest. */
+	if (!sodium_is_zero(buf + end, OFF_TAG - end))
+		return -EBADMSG;
+
+	memcpy(h.key_id, buf + OFF_VAR, lk);
+	h.key_id[lk] = '\0';
+	memcpy(h.key_version, buf + OFF_VAR + lk, lv);
+	h.key_version[lv] = '\0';
+	memcpy(h.wrapped, buf + OFF_VAR + lk + lv, lw);
+	h.wrapped_len = lw;
+	memcpy(h.tag, buf + OFF_TAG, FMT_HEADER_TAG_SIZE);
+	*ret = h;
+	return 0;
+}
+
+int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, uint8_t buf[FMT_HEADER_SIZE])
+{
+	size_t lk = strnlen(h->key_id, sizeof(h->key_id));
+	size_t lv = strnlen(h->key_version, sizeof(h->key_version));
+	uint8_t *p;
+
+	if (lk == 0 || lk > FMT_KEY_ID_MAX || lv > FMT_KEY_VERSION_MAX ||
+	    h->wrapped_len == 0 || h->wrapped_len > FMT_WRAPPED_MAX ||
+	    !printable(h->key_id, lk) || !printable(h->key_version, lv) ||
+	    sodium_is_zero(h->file_id, FMT_FILE_ID_SIZE))
+		return -EINVAL;
+
+	memset(buf, 0, FMT_HEADER_SIZE);
+	memcpy(buf, FMT_MAGIC, FMT_MAGIC_SIZE);
+	put_le16(buf + OFF_VERSION, FMT_VERSION);
+	buf[OFF_CIPHER] = FMT_CIPHER_XCHACHA20_POLY1305;
+	buf[OFF_CHUNK_SHIFT] = FMT_CHUNK_SHIFT;
+	put_le32(buf + OFF_HDR_SIZE, FMT_HEADER_SIZE);
+	memcpy(buf + OFF_FILE_ID, h->file_id, FMT_FILE_ID_SIZE);
+	buf[OFF_KEY_ID_LEN] = (uint8_t)lk;
+	buf[OFF_KEY_VER_LEN] = (uint8_t)lv;
+	put_le16(buf + OFF_WRAPPED_LEN, (uint16_t)h->wrapped_len);
+	p = buf + OFF_VAR;
+	memcpy(p, h->key_id, lk);
+	memcpy(p + lk, h->key_version, lv);
+	memcpy(p + lk + lv, h->wrapped, h->wrapped_len);
+	header_tag(buf, keys, buf + OFF_TAG);
+	return 0;
+}
+
+int fmt_header_verify(const uint8_t buf[FMT_HEADER_SIZE], const struct fmt_keys *keys)
+{
+	uint8_t tag[FMT_HEADER_TAG_SIZE];
+	int r;
+
+	header_tag(buf, keys, tag);
+	r = sodium_memcmp(tag, buf + OFF_TAG, FMT_HEADER_TAG_SIZE) == 0 ? 0 : -EBADMSG;
+	sodium_memzero(tag, sizeof(tag));
+	return r;
+}
+
+/* Associated data of a chunk: file id || chunk index (LE64), so chunks cannot move. */
+static void chunk_ad(const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index, uint8_t ad[FMT_FILE_ID_SIZE + 8])
+{
+	memcpy(ad, file_id, FMT_FILE_ID_SIZE);
+	put_le64(ad + FMT_FILE_ID_SIZE, index);
+}
+
+int fmt_chunk_seal(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
+		   const uint8_t nonce[FMT_NONCE_SIZE], const uint8_t *pt, size_t len, uint8_t *out)
+{
+	uint8_t ad[FMT_FILE_ID_SIZE + 8];
+	unsigned long long clen;
+
+	if (len == 0 || len > FMT_CHUNK_SIZE)
+		return -EINVAL;
+	chunk_ad(file_id, index, ad);
+	memcpy(out, nonce, FMT_NONCE_SIZE);
+	crypto_aead_xchacha20poly1305_ietf_encrypt(out + FMT_NONCE_SIZE, &clen, pt, len, ad, sizeof(ad),
+						   NULL, nonce, keys->content);
+	return 0;
+}
+
+int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
+		   const uint8_t *ct, size_t ctlen, uint8_t *pt)
+{
+	uint8_t ad[FMT_FILE_ID_SIZE + 8];
+	unsigned long long plen;
+
+	if (ctlen <= FMT_CHUNK_OVERHEAD || ctlen > FMT_CHUNK_DISK_SIZE)
+		return -EBADMSG;
+	/* A hole left by a sparse grow: never produced by seal, whose nonce is random. */
+	if (ctlen == FMT_CHUNK_DISK_SIZE && sodium_is_zero(ct, ctlen)) {
+		memset(pt, 0, FMT_CHUNK_SIZE);
+		return FMT_CHUNK_SIZE;
+	}
+	chunk_ad(file_id, index, ad);
+	if (crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, ct + FMT_NONCE_SIZE,
+						       ctlen - FMT_NONCE_SIZE, ad, sizeof(ad), ct,
+						       keys->content) != 0) {
+		memset(pt, 0, ctlen - FMT_CHUNK_OVERHEAD);
+		return -EBADMSG;
+	}
+	return (int)plen;
+}
+
+uint64_t fmt_plain_size(uint64_t backing_size)
+{
+	uint64_t data, full, rest;
+
+	if (backing_size <= FMT_HEADER_SIZE)
+		return 0;
+	data = backing_size - FMT_HEADER_SIZE;
+	full = data / FMT_CHUNK_DISK_SIZE;
+	rest = data % FMT_CHUNK_DISK_SIZE;
+	return full * FMT_CHUNK_SIZE + (rest > FMT_CHUNK_OVERHEAD ? rest - FMT_CHUNK_OVERHEAD : 0);
+}
+
+bool fmt_backing_size_valid(uint64_t backing_size)
+{
+	uint64_t rest;
+
+	if (backing_size == 0)
+		return true;
+	if (backing_size < FMT_HEADER_SIZE)
+		return false;
+	rest = (backing_size - FMT_HEADER_SIZE) % FMT_CHUNK_DISK_SIZE;
+	return rest == 0 || rest > FMT_CHUNK_OVERHEAD;
+}
+
+uint64_t fmt_backing_size(uint64_t plain_size)
+{
+	uint64_t full = plain_size / FMT_CHUNK_SIZE, rest = plain_size % FMT_CHUNK_SIZE;
+
+	return FMT_HEADER_SIZE + full * FMT_CHUNK_DISK_SIZE + (rest ? rest + FMT_CHUNK_OVERHEAD : 0);
+}
+
+void fmt_file_id_hex(const uint8_t file_id[FMT_FILE_ID_SIZE], char out[2 * FMT_FILE_ID_SIZE + 1])
+{
+	sodium_bin2hex(out, 2 * FMT_FILE_ID_SIZE + 1, file_id, FMT_FILE_ID_SIZE);
+}
+
+const char *fmt_cipher_name(uint8_t cipher)
+{
+	return cipher == FMT_CIPHER_XCHACHA20_POLY1305 ? "xchacha20-poly1305" : NULL;
+}

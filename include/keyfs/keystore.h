@@ -1,0 +1,44 @@
+/* keystore.h: the local keystore: a 0700 directory of 0600 key files with states, for single machines */
+#ifndef KEYFS_KEYSTORE_H
+#define KEYFS_KEYSTORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keyfs/format.h"
+
+#define KEYSTORE_NAME_MAX 64            /* [A-Za-z0-9][A-Za-z0-9._-]{0,63} */
+#define KEYSTORE_MATERIAL_SIZE 32
+
+/* Public facts about a key; never its material. */
+struct keystore_info {
+	char name[KEYSTORE_NAME_MAX + 1];
+	char id[37];                    /* uuid, written into file headers */
+	int state;                      /* enum kms_key_state */
+	unsigned version;               /* newest version number, 1 for a new key; 0 when destroyed */
+	char created[32];               /* RFC 3339 UTC */
+	char updated[32];
+	char path[4096];                /* the key file */
+};
+
+/* Default keystore dir: /var/lib/keyfs/keystore for root, else $XDG_DATA_HOME/keyfs/keystore
+ * or ~/.local/share/keyfs/keystore. Returns 0 or -ENAMETOOLONG / -ENOENT (no home). */
+int keystore_default_dir(char *buf, size_t size);
+
+/* Check a key name. Returns 0 or -EINVAL. */
+int keystore_name_valid(const char *name);
+
+/* Create key name with fresh random material (creating dir 0700 when missing).
+ * -EEXIST when a key or tombstone of that name exists. */
+int keystore_create(const char *dir, const char *name, struct keystore_info *ret);
+
+/* Read a key's public facts. -ENOENT when there is no such key, -EACCES when unreadable. */
+int keystore_show(const char *dir, const char *name, struct keystore_info *ret);
+
+/* Suspend (KMS_STATE_SUSPENDED) or enable (KMS_STATE_ACTIVE) a key. -EKEYREVOKED when destroyed. */
+int keystore_set_state(const char *dir, const char *name, int state);
+
+/* Overwrite the key material, fsync, remove it, and leave a tombstone that says destroyed. */
+int keystore_destroy(const char *dir, const char *name);
+
+#endif

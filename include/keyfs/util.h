@@ -1,0 +1,32 @@
+/* util.h: small bounded helpers shared by every layer: files, numbers, uuids, time, JSON strings */
+#ifndef KEYFS_UTIL_H
+#define KEYFS_UTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+/* Read a whole regular file of at most max bytes, NUL-terminated, into a malloc'd buffer.
+ * dirfd/path as for openat. Returns 0, -EFBIG when larger than max, or -errno. */
+int util_read_file(int dirfd, const char *path, size_t max, char **ret_buf, size_t *ret_len);
+
+/* Replace dirfd/path atomically: write a temporary file with mode, fsync it, rename over
+ * path, fsync the directory. Returns 0 or -errno. */
+int util_write_file_atomic(int dirfd, const char *path, const void *buf, size_t len, unsigned mode);
+
+/* Parse a whole decimal string into [min, max]. Returns 0 or -EINVAL / -ERANGE. No atoi. */
+int util_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *ret);
+
+/* A random (version 4) uuid, lower-case, 36 chars + NUL. */
+void util_uuid4(char out[37]);
+
+/* Current time as RFC 3339 UTC with seconds ("2026-11-22T22:25:00Z"). */
+void util_now_rfc3339(char out[32]);
+
+/* Write s to f as a JSON string literal, quotes and escapes included. */
+void util_json_string(FILE *f, const char *s);
+
+/* Lower-case hex of n bytes into out (2n+1 bytes). */
+void util_hex(const uint8_t *in, size_t n, char *out);
+
+#endif

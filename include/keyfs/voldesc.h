@@ -1,0 +1,49 @@
+/* voldesc.h: the volume description kept at the backing root (never a secret); pure parse and format */
+#ifndef KEYFS_VOLDESC_H
+#define KEYFS_VOLDESC_H
+
+#include <limits.h>
+#include <stddef.h>
+
+/* Reserved entry at the backing root: hidden from the mount and refused as a name there. */
+#define VOLDESC_NAME            ".keyfs"
+#define VOLDESC_MAX             8192            /* largest description file accepted */
+#define VOLDESC_FORMAT          1
+
+#define VOLDESC_KMS_LOCAL       "local"
+#define VOLDESC_KMS_KEYPROTECT  "keyprotect"
+
+/*
+ * Text file, one "name=value" per line, '#' comments, UTF-8, no secrets:
+ *   format=1
+ *   volume=<uuid>                 random at init, bound into every wrapped DEK
+ *   kms=local|keyprotect
+ *   key=<name | key id | CRN>     what the user named at init
+ *   key_id=<id>                   the id written in file headers (local: the key's uuid)
+ *   keystore=<dir>                local only
+ *   endpoint=<url> instance=<guid> iam_endpoint=<url>    keyprotect only
+ *   created=<RFC 3339 UTC>
+ * Unknown names are an error (a newer format), so nothing is silently ignored.
+ */
+struct voldesc {
+	int format;
+	char volume[37];
+	char kms[16];
+	char key[256];
+	char key_id[256];
+	char keystore[PATH_MAX];
+	char endpoint[512];
+	char instance[64];
+	char iam_endpoint[512];
+	char created[32];
+};
+
+/* Parse len bytes of text. On failure returns -EINVAL (or -EPROTONOSUPPORT for a newer format)
+ * and writes a message naming the line into err. */
+int voldesc_parse(const char *text, size_t len, struct voldesc *ret, char *err, size_t errlen);
+
+/* Format v into buf. Returns the length written (without NUL), -EINVAL for a field that cannot
+ * be written (newline or missing required field), -ENOBUFS when buf is too small. */
+int voldesc_format(const struct voldesc *v, char *buf, size_t size);
+
+#endif

@@ -1,0 +1,210 @@
+/* test_content.c: the content layer against an in-memory model: random RMW, truncate, holes, seek */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "check.h"
+#include "keyfs/content.h"
+
+#define MAXSIZE (300 * 1024)
+
+static struct content_file f;
+static struct fmt_keys *keys;
+static uint8_t *model;
+static uint64_t model_size;
+
+static int open_file(char *path)
+{
+	struct fmt_header h;
+	uint8_t raw[FMT_HEADER_SIZE], dek[32];
+	int fd = mkstemp(path);
+
+	if (fd < 0)
+		return -1;
+	randombytes_buf(dek, sizeof(dek));
+	keys = sodium_malloc(sizeof(*keys));
+	fmt_keys_derive(dek, keys);
+	memset(&h, 0, sizeof(h));
+	randombytes_buf(h.file_id, sizeof(h.file_id));
+	strcpy(h.key_id, "test-key");
+	h.wrapped_len = 10;
+	if (fmt_header_encode(&h, keys, raw) < 0 || content_header_write(fd, raw) < 0)
+		return -1;
+	f.fd = fd;
+	f.keys = keys;
+	memcpy(f.file_id, h.file_id, sizeof(h.file_id));
+	return fd;
+}
+
+static void check_whole(unsigned op, unsigned seed)
+{
+	static uint8_t buf[MAXSIZE + 100];
+	uint64_t size;
+	struct stat st;
+	ssize_t n;
+
+	CHECK_EQ(content_size(f.fd, &size), 0);
+	n = content_read(&f, buf, sizeof(buf), 0);
+	fstat(f.fd, &st);
+	if (size != model_size || n != (ssize_t)model_size || memcmp(buf, model, model_size) != 0 ||
+	    (uint64_t)st.st_size != fmt_backing_size(model_size)) {
+		fprintf(stderr, "seed %u op %u: size %llu model %llu read %zd backing %lld\n", seed, op,
+			(unsigned long long)size, (unsigned long long)model_size, n, (long long)st.st_size);
+		CHECK(0);
+		exit(check_done());
+	}
+	check_passed++;
+}
+
+static void test_random(unsigned seed, unsigned ops)
+{
+	static uint8_t buf[MAXSIZE];
+
+	srandom(seed);
+	for (unsigned op = 0; op < ops; op++) {
+		int kind = (int)(random() % 10);
+		uint64_t off = (uint64_t)random() % MAXSIZE;
+		size_t len = (size_t)(random() % 3 == 0 ? random() % 20000 : random() % 300) + 1;
+
+		if (off + len > MAXSIZE)
+			len = MAXSIZE - off;
+		if (kind < 5) {
+			randombytes_buf(buf, len);
+			if (content_write(&f, buf, len, off) != (ssize_t)len) {
+				fprintf(stderr, "seed %u op %u: write failed\n", seed, op);
+				CHECK(0);
+				return;
+			}
+			if (off > model_size)
+				memset(model + model_size, 0, off - model_size);
+			memcpy(model + off, buf, len);
+			if (off + len > model_size)
+				model_size = off + len;
+		} else if (kind < 8) {
+			ssize_t want = off >= model_size ? 0 : (ssize_t)(off + len > model_size ? model_size - off : len);
+			ssize_t n = content_read(&f, buf, len, off);
+
+			if (n != want || memcmp(buf, model + off, (size_t)(n > 0 ? n : 0)) != 0) {
+				fprintf(stderr, "seed %u op %u: read at %llu len %zu: %zd want %zd\n", seed, op,
+					(unsigned long long)off, len, n, want);
+				CHECK(0);
+				return;
+			}
+		} else {
+			uint64_t size = kind == 8 ? off : (uint64_t)random() % 9000;
+
+			if (content_truncate(&f, size) != 0) {
+				fprintf(stderr, "seed %u op %u: truncate %llu failed\n", seed, op, (unsigned long long)size);
+				CHECK(0);
+				return;
+			}
+			if (size > model_size)
+				memset(model + model_size, 0, size - model_size);
+			model_size = size;
+		}
+		if (op % 97 == 0)
+			check_whole(op, seed);
+	}
+	check_whole(ops, seed);
+}
+
+static void test_holes_and_seek(void)
+{
+	uint8_t buf[8192];
+	uint64_t pos;
+	struct stat st;
+
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	CHECK_EQ(content_truncate(&f, 10ull << 30), 0);
+	fstat(f.fd, &st);
+	CHECK_EQ(st.st_size, (long long)fmt_backing_size(10ull << 30));
+	CHECK(st.st_blocks * 512 < (1 << 20));
+	CHECK_EQ(content_read(&f, buf, sizeof(buf), 5ull << 30), (long long)sizeof(buf));
+	CHECK(sodium_is_zero(buf, sizeof(buf)));
+	CHECK_EQ(content_read(&f, buf, 100, (10ull << 30) - 50), 50);
+	CHECK(sodium_is_zero(buf, 50));
+	memset(buf, 'x', 10);
+	CHECK_EQ(content_write(&f, buf, 10, (5ull << 30) + 4100), 10);
+	/* Seek works at chunk granularity. Chunks (4136 bytes) are not block-aligned, so a chunk
+	 * sharing a backing block with data counts as data: chunk 0 shares block 0 with the
+	 * header, and the written chunk may drag its predecessor along. Holes are never data. */
+	CHECK_EQ(content_lseek(&f, 0, SEEK_HOLE, &pos), 0);
+	CHECK_EQ(pos, 4096);
+	CHECK_EQ(content_lseek(&f, 1 << 20, SEEK_DATA, &pos), 0);
+	CHECK(pos == (5ull << 30) || pos == (5ull << 30) + 4096);
+	CHECK_EQ(content_lseek(&f, (5ull << 30) + 4096, SEEK_HOLE, &pos), 0);
+	CHECK(pos == (5ull << 30) + 8192 || pos == (5ull << 30) + 12288);
+	CHECK_EQ(content_read(&f, buf, 4096, pos), 4096);
+	CHECK(sodium_is_zero(buf, 4096));
+	CHECK_EQ(content_lseek(&f, 11ull << 30, SEEK_DATA, &pos), -ENXIO);
+	CHECK_EQ(content_read(&f, buf, 20, (5ull << 30) + 4095), 20);
+	CHECK_EQ(buf[0], 0);
+	CHECK_MEM(buf + 5, "xxxxxxxxxx", 10);
+	CHECK_EQ(buf[15], 0);
+
+	/* A cut inside the last chunk: the prefix reads, the end gives EIO, the size is the prefix. */
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	memset(buf, 'y', sizeof(buf));
+	CHECK_EQ(content_write(&f, buf, 5000, 0), 5000);
+	CHECK_EQ(ftruncate(f.fd, (off_t)fmt_backing_size(5000) - 900), 0);
+	CHECK_EQ(content_read(&f, buf, 4096, 0), 4096);
+	CHECK_EQ(content_read(&f, buf, 8192, 0), -EIO);
+	CHECK_EQ(ftruncate(f.fd, (off_t)fmt_backing_size(4096) + 20), 0);
+	CHECK_EQ(content_read(&f, buf, 8192, 0), -EIO);
+	CHECK_EQ(content_write(&f, buf, 1, 0), -EIO);
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	CHECK_EQ(content_read(&f, buf, 10, 0), 0);
+
+	/* fallocate grows with holes; KEEP_SIZE does not change the size. */
+	CHECK_EQ(content_fallocate(&f, 0, 0, 100000), 0);
+	CHECK_EQ(content_read(&f, buf, sizeof(buf), 96000), 4000);
+	CHECK(sodium_is_zero(buf, 4000));
+	CHECK_EQ(content_fallocate(&f, 1 /* FALLOC_FL_KEEP_SIZE */, 0, 300000), 0);
+	CHECK_EQ(content_size(f.fd, &pos), 0);
+	CHECK_EQ(pos, 100000);
+	CHECK_EQ(content_fallocate(&f, 2 /* PUNCH_HOLE */, 0, 10), -EOPNOTSUPP);
+	CHECK_EQ(content_write(&f, buf, 1, FMT_MAX_PLAIN_SIZE), -EFBIG);
+}
+
+static void test_tamper(void)
+{
+	uint8_t buf[12288], byte;
+
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	randombytes_buf(buf, sizeof(buf));
+	CHECK_EQ(content_write(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
+	CHECK_EQ(pread(f.fd, &byte, 1, 1024 + 4136 + 500), 1);
+	byte ^= 1;
+	CHECK_EQ(pwrite(f.fd, &byte, 1, 1024 + 4136 + 500), 1);
+	CHECK_EQ(content_read(&f, buf, 4096, 0), 4096);
+	CHECK_EQ(content_read(&f, buf, 10, 4096 + 5), -EIO);
+	CHECK_EQ(content_read(&f, buf, 10, 8192), 10);
+	/* A partial write into the damaged chunk refuses rather than re-sealing garbage. */
+	CHECK_EQ(content_write(&f, buf, 10, 4096 + 5), -EIO);
+}
+
+int main(int argc, char **argv)
+{
+	char path[] = "/tmp/keyfs-test-content-XXXXXX";
+	unsigned seed = argc > 1 ? (unsigned)strtoul(argv[1], NULL, 10) : 0;
+
+	if (sodium_init() < 0 || open_file(path) < 0)
+		return 2;
+	unlink(path);
+	model = calloc(1, MAXSIZE + 10000);
+	if (!seed) {
+		randombytes_buf(&seed, sizeof(seed));
+		seed = seed % 1000000 + 1;
+	}
+	printf("seed %u\n", seed);
+	test_random(seed, 4000);
+	test_holes_and_seek();
+	test_tamper();
+	close(f.fd);
+	sodium_free(keys);
+	return check_done();
+}
