@@ -28,6 +28,13 @@ int keystore_default_dir(char *buf, size_t size);
 /* Check a key name. Returns 0 or -EINVAL. */
 int keystore_name_valid(const char *name);
 
+/*
+ * Errors besides those named per function: -EPERM keystore dir or key file unsafe (group/other
+ * writable dir, key file with group/other bits, a symlink, foreign owner), -ENOTDIR keystore is
+ * not a directory, -EUCLEAN damaged key file, -EPROTONOSUPPORT key file of a newer format,
+ * -ETIMEDOUT the keystore lock stayed busy (another keyfsctl changing it).
+ */
+
 /* Create key name with fresh random material (creating dir 0700 when missing).
  * -EEXIST when a key or tombstone of that name exists. */
 int keystore_create(const char *dir, const char *name, struct keystore_info *ret);
@@ -35,10 +42,12 @@ int keystore_create(const char *dir, const char *name, struct keystore_info *ret
 /* Read a key's public facts. -ENOENT when there is no such key, -EACCES when unreadable. */
 int keystore_show(const char *dir, const char *name, struct keystore_info *ret);
 
-/* Suspend (KMS_STATE_SUSPENDED) or enable (KMS_STATE_ACTIVE) a key. -EKEYREVOKED when destroyed. */
+/* Suspend (KMS_STATE_SUSPENDED), enable (KMS_STATE_ACTIVE) or deactivate (KMS_STATE_DEACTIVATED)
+ * a key. -EKEYREVOKED when destroyed. */
 int keystore_set_state(const char *dir, const char *name, int state);
 
-/* Overwrite the key material, fsync, remove it, and leave a tombstone that says destroyed. */
+/* Overwrite the key material, fsync, remove it, and leave a tombstone that says destroyed.
+ * -EKEYREVOKED when already destroyed. */
 int keystore_destroy(const char *dir, const char *name);
 
 #endif

@@ -65,7 +65,7 @@ const char *kms_key_id(const struct kms *k);
 int kms_wrap(struct kms *k, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
 	     struct kms_wrapped *ret, struct kms_err *err);
 
-/* Unwrap into dek_out (32 bytes, caller's sodium_malloc memory). When the service re-wrapped the
+/* Unwrap into dek_out (32 bytes, caller's sodium_malloc memory; zeroed on failure). When the service re-wrapped the
  * DEK with a newer key version and rewrapped is non-NULL, *rewrapped receives it and
  * *ret_was_rewrapped is set; otherwise *ret_was_rewrapped is false. */
 int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,

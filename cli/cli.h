@@ -1,0 +1,45 @@
+/* cli.h: the keyfsctl subcommands and the few helpers they share, private to cli/ */
+#ifndef KEYFS_CLI_H
+#define KEYFS_CLI_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+/* Long-only option values start here, so getopt's optopt tells them from short options. */
+#define CLI_OPT_BASE 256
+
+struct cli_cmd {
+	const char *name;
+	int (*run)(int argc, char **argv);      /* argv[0] is the subcommand; returns a KEYFS_EXIT_* */
+	const char *args;
+	const char *help;
+};
+
+int cmd_init(int argc, char **argv);
+int cmd_inspect(int argc, char **argv);
+int cmd_key(int argc, char **argv);
+
+/* "usage: keyfsctl CMD ARGS" for one subcommand. */
+void cli_print_usage(FILE *f, const char *cmd);
+
+/* Print "keyfsctl: error: ..." and the subcommand's usage; returns KEYFS_EXIT_USAGE. */
+int cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Turn getopt_long's ':' or '?' (c) into a usage error. */
+int cli_option_error(const char *cmd, int c, char **argv);
+
+/* Copy src into dst of size bytes. Returns 0 or -ENAMETOOLONG (dst untouched). */
+int cli_copy(char *dst, size_t size, const char *src);
+
+/* An absolute form of path without resolving symlinks in it: cwd joined, '.', '..' and
+ * repeated or trailing slashes removed. Returns 0 or -errno. */
+int cli_abs_path(const char *path, char *buf, size_t size);
+
+/* The keystore dir to use: given (made absolute) or the default. Returns 0, or an exit code
+ * after printing the error. */
+int cli_keystore_dir(const char *given, char *buf, size_t size);
+
+/* Print the error of a keystore_* call on key name in dir; returns the exit code. */
+int cli_keystore_error(int r, const char *dir, const char *name);
+
+#endif

@@ -1,0 +1,44 @@
+/* kms-backend.h: the backend vtable behind struct kms, private to keyclient/ */
+#ifndef KEYFS_KMS_BACKEND_H
+#define KEYFS_KMS_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keyfs/kms.h"
+
+/*
+ * One backend. The state pointer is the backend's own object; kms.c never looks inside.
+ * wrap, unwrap and key_state are called concurrently from many threads: a backend keeps its
+ * state immutable after open or locks it itself. err is never NULL here (kms.c sees to that);
+ * arguments were checked by kms.c (pointers, naad <= KMS_AAD_MAX, each aad non-NULL).
+ */
+struct kms_backend {
+	const char *name;
+	int (*wrap)(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+		    struct kms_wrapped *ret, struct kms_err *err);
+	int (*unwrap)(void *state, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
+		      uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+		      struct kms_err *err);
+	int (*key_state)(void *state, int *ret_state, struct kms_err *err);
+	void (*free)(void *state);
+};
+
+/* Most associated strings any caller passes (keyfs uses KMS_AAD_COUNT). */
+#define KMS_AAD_MAX 8
+
+/* What a backend's open hands back to kms_open. */
+struct kms_backend_open {
+	const struct kms_backend *ops;
+	void *state;
+	char key_id[FMT_KEY_ID_MAX + 1];
+};
+
+/* The local keystore backend (kms_local.c). */
+int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, struct kms_err *err);
+
+/* Write a one-line message into err (truncated to fit). */
+void kms_err_set(struct kms_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#endif

@@ -1,0 +1,179 @@
+/* kms.c: the one key-service interface: picks the backend a volume names and checks every call's arguments */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sodium.h>
+
+#include "keyfs/kms.h"
+#include "kms-backend.h"
+
+struct kms {
+	const struct kms_backend *ops;
+	void *state;
+	char key_id[FMT_KEY_ID_MAX + 1];
+};
+
+void kms_err_set(struct kms_err *err, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+	va_end(ap);
+}
+
+const char *kms_state_name(int state)
+{
+	switch (state) {
+	case KMS_STATE_PREACTIVE: return "pre-active";
+	case KMS_STATE_ACTIVE: return "active";
+	case KMS_STATE_SUSPENDED: return "suspended";
+	case KMS_STATE_DEACTIVATED: return "deactivated";
+	case KMS_STATE_DESTROYED: return "destroyed";
+	case KMS_STATE_PURGED: return "purged";
+	default: return "unknown";
+	}
+}
+
+void kms_file_aad(const char *volume_uuid, const char file_id_hex[2 * FMT_FILE_ID_SIZE + 1],
+		  const char *aad[KMS_AAD_COUNT])
+{
+	aad[0] = volume_uuid;
+	aad[1] = file_id_hex;
+}
+
+/* Callers may pass err = NULL; backends always get a buffer. */
+static struct kms_err *err_or(struct kms_err *err, struct kms_err *scratch)
+{
+	err = err ? err : scratch;
+	err->msg[0] = '\0';
+	return err;
+}
+
+static int check_aad(const char *const *aad, size_t naad, struct kms_err *err)
+{
+	if (naad > KMS_AAD_MAX || (naad > 0 && !aad)) {
+		kms_err_set(err, "kms: bad associated data (%zu strings)", naad);
+		return -EINVAL;
+	}
+	for (size_t i = 0; i < naad; i++) {
+		if (!aad[i]) {
+			kms_err_set(err, "kms: associated data string %zu is missing", i);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
+int kms_open(const struct kms_config *cfg, struct kms **ret, struct kms_err *err)
+{
+	struct kms_err scratch;
+	struct kms_backend_open o;
+	struct kms *k;
+	int r;
+
+	err = err_or(err, &scratch);
+	if (!cfg || !cfg->vol || !ret) {
+		kms_err_set(err, "kms: no volume description given");
+		return -EINVAL;
+	}
+	/* Idempotent; done here so that it happens before the daemon starts its threads. */
+	if (sodium_init() < 0) {
+		kms_err_set(err, "kms: libsodium cannot be initialised");
+		return -EIO;
+	}
+	memset(&o, 0, sizeof(o));
+	if (strcmp(cfg->vol->kms, VOLDESC_KMS_LOCAL) == 0) {
+		r = kms_local_open(cfg, &o, err);
+	} else if (strcmp(cfg->vol->kms, VOLDESC_KMS_KEYPROTECT) == 0) {
+		kms_err_set(err, "the keyprotect backend is not available in this build");
+		r = -EOPNOTSUPP;
+	} else if (!cfg->vol->kms[0]) {
+		kms_err_set(err, "the volume description names no kms");
+		r = -EINVAL;
+	} else {
+		kms_err_set(err, "unknown kms '%s': expected '%s' or '%s'", cfg->vol->kms, VOLDESC_KMS_LOCAL,
+			    VOLDESC_KMS_KEYPROTECT);
+		r = -EINVAL;
+	}
+	if (r < 0)
+		return r;
+	k = calloc(1, sizeof(*k));
+	if (!k) {
+		o.ops->free(o.state);
+		kms_err_set(err, "kms: out of memory");
+		return -ENOMEM;
+	}
+	k->ops = o.ops;
+	k->state = o.state;
+	memcpy(k->key_id, o.key_id, sizeof(k->key_id));
+	*ret = k;
+	return 0;
+}
+
+void kms_free(struct kms *k)
+{
+	if (!k)
+		return;
+	k->ops->free(k->state);
+	free(k);
+}
+
+const char *kms_key_id(const struct kms *k)
+{
+	return k->key_id;
+}
+
+int kms_wrap(struct kms *k, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+	     struct kms_wrapped *ret, struct kms_err *err)
+{
+	struct kms_err scratch;
+	int r;
+
+	err = err_or(err, &scratch);
+	if (!k || !dek || !ret) {
+		kms_err_set(err, "kms: wrap called without a key, DEK or result");
+		return -EINVAL;
+	}
+	r = check_aad(aad, naad, err);
+	if (r < 0)
+		return r;
+	return k->ops->wrap(k->state, dek, aad, naad, ret, err);
+}
+
+int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
+	       uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+	       struct kms_err *err)
+{
+	struct kms_err scratch;
+	int r;
+
+	err = err_or(err, &scratch);
+	if (!k || !dek_out || (!blob && len > 0)) {
+		kms_err_set(err, "kms: unwrap called without a key, blob or DEK buffer");
+		return -EINVAL;
+	}
+	if (len == 0 || len > FMT_WRAPPED_MAX) {
+		kms_err_set(err, "wrapped key has a bad length (%zu bytes)", len);
+		return -EBADMSG;
+	}
+	r = check_aad(aad, naad, err);
+	if (r < 0)
+		return r;
+	return k->ops->unwrap(k->state, blob, len, aad, naad, dek_out, rewrapped, ret_was_rewrapped, err);
+}
+
+int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err)
+{
+	struct kms_err scratch;
+
+	err = err_or(err, &scratch);
+	if (!k || !ret_state) {
+		kms_err_set(err, "kms: key_state called without a key or result");
+		return -EINVAL;
+	}
+	return k->ops->key_state(k->state, ret_state, err);
+}

@@ -1,0 +1,355 @@
+/* kms_local.c: the local keystore backend: wraps DEKs with XChaCha20-Poly1305 under a key file's material */
+#include <errno.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sodium.h>
+
+#include "keyfs/keystore.h"
+#include "keyfs/kms.h"
+#include "keystore-priv.h"
+#include "kms-backend.h"
+
+/*
+ * The wrapped blob, 77 bytes, opaque to everything outside this file:
+ *   offset  0   1 byte   blob format, 1
+ *   offset  1   4 bytes  key version number, little endian (the key file's "version=N")
+ *   offset  5  24 bytes  random nonce
+ *   offset 29  48 bytes  XChaCha20-Poly1305 ciphertext of the 32-byte DEK, then its 16-byte tag
+ * Associated data: "keyfs-local-wrap-v1", then for each aad string its length (1 byte) and bytes,
+ * so { "ab", "c" } and { "a", "bc" } differ. Nothing else is bound: a blob moved to another
+ * volume or file, or opened with another key or version, does not authenticate.
+ */
+#define BLOB_FORMAT     1
+#define BLOB_NONCE_OFF  5
+#define BLOB_CT_OFF     (BLOB_NONCE_OFF + crypto_aead_xchacha20poly1305_ietf_NPUBBYTES)
+#define BLOB_CT_SIZE    (FMT_DEK_SIZE + crypto_aead_xchacha20poly1305_ietf_ABYTES)
+#define BLOB_SIZE       (BLOB_CT_OFF + BLOB_CT_SIZE)
+#define WRAP_DOMAIN     "keyfs-local-wrap-v1"
+#define AAD_STRING_MAX  255
+#define AD_MAX          (sizeof(WRAP_DOMAIN) - 1 + KMS_AAD_MAX * (1 + AAD_STRING_MAX))
+
+_Static_assert(BLOB_SIZE == 77, "local wrapped blob is 77 bytes");
+_Static_assert(BLOB_SIZE <= FMT_WRAPPED_MAX, "local wrapped blob fits a header");
+_Static_assert(crypto_aead_xchacha20poly1305_ietf_KEYBYTES == KEYSTORE_MATERIAL_SIZE, "key size");
+
+/* Immutable after open: wrap, unwrap and key_state run concurrently without a lock. */
+struct kms_local {
+	char dir[PATH_MAX];
+	char name[KEYSTORE_NAME_MAX + 1];
+	char id[37];                    /* the key the volume is bound to */
+};
+
+static int build_ad(const char *const *aad, size_t naad, uint8_t *ad, size_t *ret_len, struct kms_err *err)
+{
+	size_t pos = sizeof(WRAP_DOMAIN) - 1;
+
+	memcpy(ad, WRAP_DOMAIN, pos);
+	for (size_t i = 0; i < naad; i++) {
+		size_t n = strlen(aad[i]);
+
+		if (n > AAD_STRING_MAX) {
+			kms_err_set(err, "local kms: associated data string %zu is longer than %d bytes", i, AAD_STRING_MAX);
+			return -EINVAL;
+		}
+		ad[pos++] = (uint8_t)n;
+		memcpy(ad + pos, aad[i], n);
+		pos += n;
+	}
+	*ret_len = pos;
+	return 0;
+}
+
+/* Keystore errors become the errnos every backend shares (kms.h). */
+static int map_keystore_error(int r)
+{
+	switch (r) {
+	case -ENOENT:
+	case -EACCES:
+	case -EINVAL:
+	case -ETIMEDOUT:
+	case -ENOMEM:
+		return r;
+	case -EPERM:
+		return -EACCES;
+	case -ENOTDIR:
+		return -EINVAL;
+	default:
+		return -EIO;
+	}
+}
+
+/*
+ * Read the key file afresh: a suspend or destroy by keyfsctl takes effect at the next call,
+ * and material stays in memory no longer than one call. A key file whose id is not the
+ * volume's means the volume's key is gone and the name was reused: -EKEYREVOKED.
+ */
+static int local_load(const struct kms_local *kl, unsigned want, struct keystore_info *info,
+		      struct keystore_material *mat, struct kms_err *err)
+{
+	int r;
+
+	r = keystore_load(kl->dir, kl->name, want, info, mat, err->msg, sizeof(err->msg));
+	if (r < 0)
+		return map_keystore_error(r);
+	if (strcmp(info->id, kl->id) != 0) {
+		kms_err_set(err, "key '%s' in keystore '%s' has id %s, but this volume's key is %s: that key was destroyed and its name reused",
+			    kl->name, kl->dir, info->id, kl->id);
+		if (mat) {
+			sodium_memzero(mat->key, sizeof(mat->key));
+			mat->version = 0;
+		}
+		return -EKEYREVOKED;
+	}
+	return 0;
+}
+
+static int state_error(const struct kms_local *kl, int state, bool wrap, struct kms_err *err)
+{
+	switch (state) {
+	case KMS_STATE_ACTIVE:
+		return 0;
+	case KMS_STATE_DEACTIVATED:
+		if (!wrap)
+			return 0;
+		kms_err_set(err, "key '%s' in keystore '%s' is deactivated: it unwraps existing keys but wraps no new ones",
+			    kl->name, kl->dir);
+		return -EKEYEXPIRED;
+	case KMS_STATE_DESTROYED:
+		kms_err_set(err, "key '%s' in keystore '%s' is destroyed", kl->name, kl->dir);
+		return -EKEYREVOKED;
+	default:
+		kms_err_set(err, "key '%s' in keystore '%s' is %s: enable it with 'keyfsctl key enable %s --keystore %s'",
+			    kl->name, kl->dir, kms_state_name(state), kl->name, kl->dir);
+		return -ENOKEY;
+	}
+}
+
+static struct keystore_material *material_new(struct kms_err *err)
+{
+	struct keystore_material *mat = sodium_malloc(sizeof(*mat));
+
+	if (!mat)
+		kms_err_set(err, "local kms: out of locked memory");
+	else
+		mat->version = 0;
+	return mat;
+}
+
+static void material_free(struct keystore_material *mat)
+{
+	if (!mat)
+		return;
+	sodium_memzero(mat, sizeof(*mat));
+	sodium_free(mat);
+}
+
+static int local_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+		      struct kms_wrapped *ret, struct kms_err *err)
+{
+	const struct kms_local *kl = state;
+	struct keystore_material *mat;
+	struct keystore_info info;
+	struct kms_wrapped out;
+	uint8_t ad[AD_MAX];
+	unsigned long long ctlen = 0;
+	size_t adlen;
+	int r;
+
+	r = build_ad(aad, naad, ad, &adlen, err);
+	if (r < 0)
+		return r;
+	mat = material_new(err);
+	if (!mat)
+		return -ENOMEM;
+	r = local_load(kl, 0, &info, mat, err);
+	if (r < 0)
+		goto out;
+	r = state_error(kl, info.state, true, err);
+	if (r < 0)
+		goto out;
+	if (mat->version == 0) {
+		kms_err_set(err, "key '%s' in keystore '%s' has no key material", kl->name, kl->dir);
+		r = -EIO;
+		goto out;
+	}
+	memset(&out, 0, sizeof(out));
+	out.blob[0] = BLOB_FORMAT;
+	out.blob[1] = (uint8_t)mat->version;
+	out.blob[2] = (uint8_t)(mat->version >> 8);
+	out.blob[3] = (uint8_t)(mat->version >> 16);
+	out.blob[4] = (uint8_t)(mat->version >> 24);
+	randombytes_buf(out.blob + BLOB_NONCE_OFF, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES);
+	if (crypto_aead_xchacha20poly1305_ietf_encrypt(out.blob + BLOB_CT_OFF, &ctlen, dek, FMT_DEK_SIZE, ad, adlen,
+						       NULL, out.blob + BLOB_NONCE_OFF, mat->key) != 0 ||
+	    ctlen != BLOB_CT_SIZE) {
+		kms_err_set(err, "local kms: encryption failed");
+		r = -EIO;
+		goto out;
+	}
+	out.len = BLOB_SIZE;
+	snprintf(out.key_version, sizeof(out.key_version), "%u", mat->version);
+	*ret = out;
+	r = 0;
+out:
+	material_free(mat);
+	return r;
+}
+
+static int local_unwrap(void *state, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
+			uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+			struct kms_err *err)
+{
+	const struct kms_local *kl = state;
+	struct keystore_material *mat;
+	struct keystore_info info;
+	uint8_t ad[AD_MAX];
+	unsigned long long ptlen = 0;
+	unsigned version;
+	size_t adlen;
+	int r;
+
+	if (len != BLOB_SIZE || blob[0] != BLOB_FORMAT) {
+		kms_err_set(err, "wrapped key (%zu bytes) is not from the local keystore", len);
+		return -EBADMSG;
+	}
+	version = (unsigned)blob[1] | (unsigned)blob[2] << 8 | (unsigned)blob[3] << 16 | (unsigned)blob[4] << 24;
+	if (version == 0) {
+		kms_err_set(err, "wrapped key names key version 0, which never exists");
+		return -EBADMSG;
+	}
+	r = build_ad(aad, naad, ad, &adlen, err);
+	if (r < 0)
+		return r;
+	mat = material_new(err);
+	if (!mat)
+		return -ENOMEM;
+	r = local_load(kl, version, &info, mat, err);
+	if (r < 0)
+		goto out;
+	r = state_error(kl, info.state, false, err);
+	if (r < 0)
+		goto out;
+	if (mat->version != version) {
+		kms_err_set(err, "key '%s' in keystore '%s' has no version %u", kl->name, kl->dir, version);
+		r = -EBADMSG;
+		goto out;
+	}
+	if (crypto_aead_xchacha20poly1305_ietf_decrypt(dek_out, &ptlen, NULL, blob + BLOB_CT_OFF, BLOB_CT_SIZE,
+						       ad, adlen, blob + BLOB_NONCE_OFF, mat->key) != 0 ||
+	    ptlen != FMT_DEK_SIZE) {
+		sodium_memzero(dek_out, FMT_DEK_SIZE);
+		kms_err_set(err, "wrapped key does not unwrap with key '%s' version %u: another volume, file or key, or damaged",
+			    kl->name, version);
+		r = -EBADMSG;
+		goto out;
+	}
+	/* The local backend never re-wraps: rotation re-wraps through 'keyfsctl rewrap'. */
+	(void)rewrapped;
+	if (ret_was_rewrapped)
+		*ret_was_rewrapped = false;
+	r = 0;
+out:
+	material_free(mat);
+	return r;
+}
+
+static int local_key_state(void *state, int *ret_state, struct kms_err *err)
+{
+	const struct kms_local *kl = state;
+	struct keystore_info info;
+	int r;
+
+	r = local_load(kl, 0, &info, NULL, err);
+	/* The key file (or the whole keystore) removed, or replaced by another key: like a 404. */
+	if (r == -ENOENT || r == -EKEYREVOKED) {
+		*ret_state = KMS_STATE_PURGED;
+		return 0;
+	}
+	if (r < 0)
+		return r;
+	*ret_state = info.state;
+	return 0;
+}
+
+static void local_free(void *state)
+{
+	free(state);
+}
+
+static const struct kms_backend local_backend = {
+	.name = VOLDESC_KMS_LOCAL,
+	.wrap = local_wrap,
+	.unwrap = local_unwrap,
+	.key_state = local_key_state,
+	.free = local_free,
+};
+
+int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, struct kms_err *err)
+{
+	const struct voldesc *vol = cfg->vol;
+	struct keystore_info info;
+	struct kms_local *kl;
+	const char *dir;
+	char defdir[PATH_MAX];
+	int r, n;
+
+	if (cfg->keystore && cfg->keystore[0]) {
+		dir = cfg->keystore;
+	} else if (vol->keystore[0]) {
+		dir = vol->keystore;
+	} else {
+		r = keystore_default_dir(defdir, sizeof(defdir));
+		if (r < 0) {
+			kms_err_set(err, "no keystore dir given and no default: %s", strerrordesc_np(-r));
+			return -EINVAL;
+		}
+		dir = defdir;
+	}
+	if (!vol->key[0]) {
+		kms_err_set(err, "the volume description names no key");
+		return -EINVAL;
+	}
+	if (keystore_name_valid(vol->key) < 0) {
+		kms_err_set(err, "'%s' is not a valid local key name", vol->key);
+		return -EINVAL;
+	}
+	kl = calloc(1, sizeof(*kl));
+	if (!kl) {
+		kms_err_set(err, "local kms: out of memory");
+		return -ENOMEM;
+	}
+	n = snprintf(kl->dir, sizeof(kl->dir), "%s", dir);
+	if (n < 0 || (size_t)n >= sizeof(kl->dir)) {
+		kms_err_set(err, "keystore '%s': path too long", dir);
+		r = -ENAMETOOLONG;
+		goto fail;
+	}
+	n = snprintf(kl->name, sizeof(kl->name), "%s", vol->key);
+	if (n < 0 || (size_t)n >= sizeof(kl->name)) {
+		r = -EINVAL;
+		goto fail;
+	}
+	r = keystore_load(kl->dir, kl->name, 0, &info, NULL, err->msg, sizeof(err->msg));
+	if (r < 0) {
+		r = map_keystore_error(r);
+		goto fail;
+	}
+	/* A volume stays bound to the key it was made with, even when the name is reused later. */
+	n = snprintf(kl->id, sizeof(kl->id), "%s", vol->key_id[0] ? vol->key_id : info.id);
+	if (n < 0 || (size_t)n >= sizeof(kl->id)) {
+		kms_err_set(err, "the volume's key id '%s' is not a local key id", vol->key_id);
+		r = -EINVAL;
+		goto fail;
+	}
+	ret->ops = &local_backend;
+	ret->state = kl;
+	snprintf(ret->key_id, sizeof(ret->key_id), "%s", kl->id);
+	return 0;
+fail:
+	free(kl);
+	return r;
+}
