@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
-/* Read a whole regular file of at most max bytes, NUL-terminated, into a malloc'd buffer.
+/* Read a whole regular file (not a symlink) of at most max bytes, NUL-terminated, into a malloc'd buffer.
  * dirfd/path as for openat. Returns 0, -EFBIG when larger than max, or -errno. */
 int util_read_file(int dirfd, const char *path, size_t max, char **ret_buf, size_t *ret_len);
 

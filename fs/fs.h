@@ -1,0 +1,40 @@
+/* fs.h: the daemon context shared by the fs/ files, and the libfuse API level they are written against */
+#ifndef KEYFS_FS_FS_H
+#define KEYFS_FS_FS_H
+
+/* FUSE_MAKE_VERSION(3, 14): the libfuse of Debian 12, with fuse_loop_cfg_* and noflush. */
+#define FUSE_USE_VERSION 314
+
+#include <limits.h>
+#include <stdbool.h>
+
+#include <fuse_lowlevel.h>
+
+#include "keyfs/kms.h"
+#include "keyfs/voldesc.h"
+
+#include "inode.h"
+#include "keyslab.h"
+
+/*
+ * The one daemon context, passed to libfuse as session userdata. Everything in it is written
+ * before the session starts and read-only afterwards, except the inode table and the key slab,
+ * which lock themselves.
+ */
+struct keyfs {
+	struct voldesc vol;
+	struct kms *kms;
+	struct keyslab slab;            /* per-file keys, in sodium_malloc memory */
+	struct inode_table table;       /* includes the root inode */
+	char backing[PATH_MAX];         /* absolute */
+	char mountpoint[PATH_MAX];      /* absolute */
+	double timeout;                 /* entry and attribute timeout, seconds */
+	bool as_root;                   /* euid 0: new nodes are given to the caller (fchown) */
+	bool debug;
+	struct fuse_session *se;
+};
+
+/* The request handlers (ops.c). */
+extern const struct fuse_lowlevel_ops keyfs_ops;
+
+#endif

@@ -1,0 +1,461 @@
+/* main.c: the keyfs daemon: startup checks in order, each with its exit code, then mount, serve, unmount */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "keyfs-config.h"
+#include "keyfs/exitcode.h"
+#include "keyfs/log.h"
+#include "keyfs/util.h"
+
+#include "fs.h"
+#include "options.h"
+
+/* Open the backing dir as the root inode's fd. */
+static int open_backing(struct keyfs *fs, const char *arg, int *ret_fd, struct stat *st)
+{
+	int fd;
+
+	if (!realpath(arg, fs->backing)) {
+		log_err("backing dir '%s': %s", arg, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	fd = open(fs->backing, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno == ENOTDIR)
+			log_err("backing dir '%s' is not a directory", arg);
+		else
+			log_err("backing dir '%s': %s", arg, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	if (fstat(fd, st) < 0) {
+		log_err("backing dir '%s': %s", arg, strerror(errno));
+		close(fd);
+		return KEYFS_EXIT_CONFIG;
+	}
+	*ret_fd = fd;
+	return 0;
+}
+
+static int read_voldesc(struct keyfs *fs, const char *arg, int root_fd)
+{
+	char err[256], *text = NULL;
+	size_t len;
+	int r;
+
+	r = util_read_file(root_fd, VOLDESC_NAME, VOLDESC_MAX, &text, &len);
+	if (r == -ENOENT) {
+		log_err("'%s' is not a keyfs volume (no %s); create one with 'keyfsctl init %s'", arg, VOLDESC_NAME,
+			arg);
+		return KEYFS_EXIT_CONFIG;
+	}
+	if (r < 0) {
+		log_err("volume description '%s/%s': %s", fs->backing, VOLDESC_NAME,
+			r == -EFBIG ? "too large" : r == -EINVAL ? "not a regular file" : strerror(-r));
+		return KEYFS_EXIT_CONFIG;
+	}
+	err[0] = '\0';
+	r = voldesc_parse(text, len, &fs->vol, err, sizeof(err));
+	free(text);
+	if (r < 0) {
+		log_err("volume description '%s/%s': %s", fs->backing, VOLDESC_NAME, err[0] ? err : strerror(-r));
+		return KEYFS_EXIT_CONFIG;
+	}
+	return 0;
+}
+
+static bool dir_is_empty(const char *path, int *ret_err)
+{
+	struct dirent *de;
+	bool empty = true;
+	DIR *d = opendir(path);
+
+	if (!d) {
+		*ret_err = errno;
+		return false;
+	}
+	while ((de = readdir(d))) {
+		if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0) {
+			empty = false;
+			break;
+		}
+	}
+	closedir(d);
+	*ret_err = 0;
+	return empty;
+}
+
+static int check_mountpoint(struct keyfs *fs, const struct keyfs_options *o)
+{
+	size_t blen = strlen(fs->backing);
+	struct stat st;
+	int err;
+
+	if (stat(o->mountpoint, &st) < 0) {
+		log_err("mountpoint '%s': %s", o->mountpoint, strerror(errno));
+		return KEYFS_EXIT_MOUNT;
+	}
+	if (!S_ISDIR(st.st_mode)) {
+		log_err("mountpoint '%s' is not a directory", o->mountpoint);
+		return KEYFS_EXIT_MOUNT;
+	}
+	if (!realpath(o->mountpoint, fs->mountpoint)) {
+		log_err("mountpoint '%s': %s", o->mountpoint, strerror(errno));
+		return KEYFS_EXIT_MOUNT;
+	}
+	/* Mounting over the backing dir, or inside it, would make the volume serve itself. */
+	if (strcmp(fs->backing, "/") == 0 ||
+	    (strncmp(fs->mountpoint, fs->backing, blen) == 0 &&
+	     (fs->mountpoint[blen] == '\0' || fs->mountpoint[blen] == '/'))) {
+		log_err("mountpoint '%s' is inside the backing dir '%s'", o->mountpoint, fs->backing);
+		return KEYFS_EXIT_MOUNT;
+	}
+	if (!o->nonempty && !dir_is_empty(fs->mountpoint, &err)) {
+		if (err)
+			log_err("mountpoint '%s': %s", o->mountpoint, strerror(err));
+		else
+			log_err("mountpoint '%s' is not empty", o->mountpoint);
+		return KEYFS_EXIT_MOUNT;
+	}
+	return 0;
+}
+
+static int open_kms(struct keyfs *fs, const struct keyfs_options *o)
+{
+	struct kms_config cfg = {
+		.vol = &fs->vol,
+		.keystore = o->keystore,
+		.apikey_file = o->apikey_file,
+		.ca_file = o->ca_file,
+	};
+	struct kms_err err = { .msg = "" };
+	int r, state = -1;
+
+	r = kms_open(&cfg, &fs->kms, &err);
+	if (r < 0) {
+		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+	r = kms_key_state(fs->kms, &state, &err);
+	if (r == -EKEYREVOKED)
+		state = KMS_STATE_DESTROYED;
+	else if (r == -ENOKEY) {
+		log_err("key '%s' is not usable: %s: contents are unavailable", fs->vol.key,
+			err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_LOCKED;
+	} else if (r < 0) {
+		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+	switch (state) {
+	case KMS_STATE_ACTIVE:
+		return 0;
+	case KMS_STATE_DEACTIVATED:
+		log_warn("key '%s' is deactivated: files can be read and written, not created", fs->vol.key);
+		return 0;
+	case KMS_STATE_SUSPENDED:
+	case KMS_STATE_DESTROYED:
+	case KMS_STATE_PURGED:
+		log_err("key '%s' is %s: contents are unavailable", fs->vol.key, kms_state_name(state));
+		return KEYFS_EXIT_LOCKED;
+	default:
+		log_err("key '%s' is %s: it cannot protect a volume", fs->vol.key, kms_state_name(state));
+		return KEYFS_EXIT_KMS;
+	}
+}
+
+/*
+ * Every inode the kernel remembers holds one O_PATH fd here, and the kernel forgets inodes only
+ * under memory pressure: a default limit of 1024 (or 20000) files runs out on the first large
+ * tree. Raise the limit to the kernel's maximum when allowed, else to our hard limit.
+ */
+static void raise_nofile_limit(void)
+{
+	struct rlimit rl;
+	uint64_t nr_open = 1u << 20;
+	char *text = NULL;
+	size_t len;
+
+	if (util_read_file(AT_FDCWD, "/proc/sys/fs/nr_open", 32, &text, &len) == 0) {
+		while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == ' '))
+			text[--len] = '\0';
+		if (util_parse_u64(text, 1024, UINT32_MAX, &nr_open) < 0)
+			nr_open = 1u << 20;
+		free(text);
+	}
+	if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+		return;
+	if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < nr_open) {
+		struct rlimit up = { (rlim_t)nr_open, (rlim_t)nr_open };
+
+		if (setrlimit(RLIMIT_NOFILE, &up) == 0)
+			return;
+	}
+	if (rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
+/*
+ * Go to the background before the key service is opened, not after the mount as
+ * fuse_daemonize() would: threads a KMS backend starts and the mlock of sodium_malloc memory
+ * do not survive a fork. The parent stays until the child reports, so the exit code and the
+ * message still reach whoever started us. Returns the report fd (child only).
+ */
+static int daemon_fork(void)
+{
+	int p[2], status;
+	unsigned char code;
+	ssize_t n;
+	pid_t pid;
+
+	if (pipe2(p, O_CLOEXEC) < 0) {
+		log_err("cannot go to the background: %s", strerror(errno));
+		exit(KEYFS_EXIT_FAILURE);
+	}
+	fflush(stdout);
+	fflush(stderr);
+	pid = fork();
+	if (pid < 0) {
+		log_err("cannot go to the background: %s", strerror(errno));
+		exit(KEYFS_EXIT_FAILURE);
+	}
+	if (pid > 0) {
+		close(p[1]);
+		do
+			n = read(p[0], &code, 1);
+		while (n < 0 && errno == EINTR);
+		if (n == 1)
+			_exit(code);
+		/* The child died without a word. */
+		if (waitpid(pid, &status, 0) == pid && WIFEXITED(status))
+			_exit(WEXITSTATUS(status));
+		_exit(KEYFS_EXIT_FAILURE);
+	}
+	close(p[0]);
+	setsid();
+	return p[1];
+}
+
+static void daemon_report(int *fd, int code)
+{
+	unsigned char c = (unsigned char)code;
+
+	if (*fd < 0)
+		return;
+	if (write(*fd, &c, 1) < 0) {
+		/* The parent is gone; nobody is left to tell. */
+	}
+	close(*fd);
+	*fd = -1;
+}
+
+static void daemon_detach(void)
+{
+	int fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+	if (chdir("/") < 0) {
+		/* Relative paths are resolved already; staying put is harmless. */
+	}
+	if (fd >= 0) {
+		dup2(fd, STDIN_FILENO);
+		dup2(fd, STDOUT_FILENO);
+		dup2(fd, STDERR_FILENO);
+		if (fd > STDERR_FILENO)
+			close(fd);
+	}
+	log_to_syslog(true);
+}
+
+/* fsname=<backing>: commas and backslashes escaped for libfuse's option parser. */
+static int fuse_optstr(const struct keyfs *fs, const struct keyfs_options *o, char *buf, size_t size)
+{
+	size_t n = 0;
+	int w;
+
+	w = snprintf(buf, size, "fsname=");
+	n = (size_t)w;
+	for (const char *c = fs->backing; *c; c++) {
+		if (n + 3 > size)
+			return -ENAMETOOLONG;
+		if (*c == ',' || *c == '\\')
+			buf[n++] = '\\';
+		buf[n++] = *c;
+	}
+	/* The daemon runs with the mounter's rights (root under systemd) and checks no permissions
+	 * itself, so the kernel must always check them: without this, allow_other would let any
+	 * user read and delete every file. */
+	w = snprintf(buf + n, size - n, ",subtype=keyfs,default_permissions%s%s", o->fuse[0] ? "," : "", o->fuse);
+	if (w < 0 || (size_t)w >= size - n)
+		return -ENAMETOOLONG;
+	return 0;
+}
+
+static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd)
+{
+	char optstr[2 * PATH_MAX + OPTIONS_FUSE_MAX + 64];
+	char arg0[] = "keyfs", arg_o[] = "-o", arg_d[] = "-d";
+	char *argv[] = { arg0, arg_o, optstr, o->debug ? arg_d : NULL, NULL };
+	struct fuse_args args = FUSE_ARGS_INIT(o->debug ? 4 : 3, argv);
+	struct fuse_loop_config *cfg;
+	struct fuse_session *se;
+	int r, code = KEYFS_EXIT_OK;
+
+	if (fuse_optstr(fs, o, optstr, sizeof(optstr)) < 0) {
+		log_err("backing dir '%s': path too long for a mount source", fs->backing);
+		return KEYFS_EXIT_CONFIG;
+	}
+	se = fuse_session_new(&args, &keyfs_ops, sizeof(keyfs_ops), fs);
+	fuse_opt_free_args(&args);      /* libfuse may have copied our argv */
+	if (!se) {
+		/* libfuse printed why: in practice a combination of mount options it refuses. */
+		log_err("mount options '%s' refused by libfuse", optstr);
+		return KEYFS_EXIT_USAGE;
+	}
+	fs->se = se;
+	if (fuse_set_signal_handlers(se) != 0) {
+		log_err("cannot install signal handlers");
+		fuse_session_destroy(se);
+		return KEYFS_EXIT_FAILURE;
+	}
+	if (fuse_session_mount(se, fs->mountpoint) != 0) {
+		log_err("mountpoint '%s': mount failed", o->mountpoint);
+		fuse_remove_signal_handlers(se);
+		fuse_session_destroy(se);
+		return KEYFS_EXIT_MOUNT;
+	}
+	if (!o->foreground) {
+		daemon_report(report_fd, KEYFS_EXIT_OK);
+		daemon_detach();
+	}
+	log_info("'%s' mounted on '%s' (volume %s, key '%s')", fs->backing, fs->mountpoint, fs->vol.volume,
+		 fs->vol.key);
+
+	cfg = fuse_loop_cfg_create();
+	if (!cfg) {
+		log_err("out of memory");
+		code = KEYFS_EXIT_FAILURE;
+	} else {
+		fuse_loop_cfg_set_clone_fd(cfg, 1);
+		fuse_loop_cfg_set_idle_threads(cfg, 10);
+		r = fuse_session_loop_mt(se, cfg);
+		fuse_loop_cfg_destroy(cfg);
+		/* 0 after an unmount, a signal number after SIGTERM/SIGINT/SIGHUP: both are clean. */
+		if (r < 0) {
+			log_err("fuse session: %s", strerror(-r));
+			code = KEYFS_EXIT_FAILURE;
+		}
+	}
+	fuse_session_unmount(se);
+	fuse_remove_signal_handlers(se);
+	fuse_session_destroy(se);
+	fs->se = NULL;
+	log_info("'%s' unmounted", fs->mountpoint);
+	return code;
+}
+
+static int run(struct keyfs *fs, const struct keyfs_options *o)
+{
+	struct stat root_st;
+	int root_fd = -1, report_fd = -1, code, r;
+
+	code = open_backing(fs, o->backing, &root_fd, &root_st);
+	if (code)
+		return code;
+	code = read_voldesc(fs, o->backing, root_fd);
+	if (code == 0)
+		code = check_mountpoint(fs, o);
+	if (code) {
+		close(root_fd);
+		return code;
+	}
+	/* Files are reopened and xattrs reached through /proc/self/fd: no path strings, no races. */
+	if (access("/proc/self/fd", X_OK) < 0) {
+		log_err("'/proc/self/fd': %s: keyfs needs /proc mounted", strerror(errno));
+		close(root_fd);
+		return KEYFS_EXIT_FAILURE;
+	}
+	keyslab_init(&fs->slab);
+	r = inode_table_init(&fs->table, root_fd, &root_st, &fs->slab);
+	if (r < 0) {
+		log_err("inode table: %s", strerror(-r));
+		close(root_fd);
+		keyslab_destroy(&fs->slab);
+		return KEYFS_EXIT_FAILURE;
+	}
+	fs->timeout = 1.0;
+	fs->as_root = geteuid() == 0;
+	raise_nofile_limit();
+	fs->debug = o->debug;
+
+	if (!o->foreground)
+		report_fd = daemon_fork();
+	code = open_kms(fs, o);
+	if (code == 0)
+		code = serve(fs, o, &report_fd);
+	daemon_report(&report_fd, code);
+
+	inode_table_free(&fs->table);
+	keyslab_destroy(&fs->slab);
+	kms_free(fs->kms);
+	fs->kms = NULL;
+	return code;
+}
+
+int main(int argc, char *argv[])
+{
+	struct rlimit no_core = { 0, 0 };
+	struct keyfs_options opts;
+	struct keyfs *fs;
+	int code;
+
+	/* Keys live in this process: no core dumps, no ptrace by other users, no /proc/pid/mem. */
+	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+	setrlimit(RLIMIT_CORE, &no_core);
+	log_init("keyfs", LOG_LEVEL_INFO);
+	if (sodium_init() < 0) {
+		log_err("libsodium cannot be initialised");
+		return KEYFS_EXIT_FAILURE;
+	}
+	/* The kernel has applied the caller's umask to every mode we are given. */
+	umask(0);
+
+	if (options_parse(argc, argv, &opts) < 0)
+		return KEYFS_EXIT_USAGE;
+	if (opts.help) {
+		options_help(stdout);
+		options_free(&opts);
+		return KEYFS_EXIT_OK;
+	}
+	if (opts.version) {
+		printf("keyfs %s\n", KEYFS_VERSION);
+		options_free(&opts);
+		return KEYFS_EXIT_OK;
+	}
+	if (opts.debug)
+		log_init("keyfs", LOG_LEVEL_DEBUG);
+
+	fs = calloc(1, sizeof(*fs));
+	if (!fs) {
+		log_err("out of memory");
+		options_free(&opts);
+		return KEYFS_EXIT_FAILURE;
+	}
+	code = run(fs, &opts);
+	free(fs);
+	options_free(&opts);
+	return code;
+}

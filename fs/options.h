@@ -1,0 +1,30 @@
+/* options.h: the keyfs command line: BACKING MOUNTPOINT [-f] [-d] [-o opt,...], our options and FUSE's */
+#ifndef KEYFS_FS_OPTIONS_H
+#define KEYFS_FS_OPTIONS_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#define OPTIONS_FUSE_MAX 4096
+
+struct keyfs_options {
+	const char *backing;            /* as given */
+	const char *mountpoint;         /* as given */
+	bool foreground;                /* -f, also implied by -d */
+	bool debug;                     /* -d */
+	bool nonempty;                  /* -o nonempty */
+	bool help;                      /* --help */
+	bool version;                   /* --version */
+	char *keystore;                 /* -o keystore=DIR, absolute; malloc'd or NULL */
+	char *apikey_file;              /* -o apikey_file=F, absolute; malloc'd or NULL */
+	char *ca_file;                  /* -o ca_file=F, absolute; malloc'd or NULL */
+	char fuse[OPTIONS_FUSE_MAX];    /* FUSE mount options passed through, comma-separated */
+};
+
+/* Parse argv into ret. Returns 0, or -EINVAL after printing one message (exit KEYFS_EXIT_USAGE). */
+int options_parse(int argc, char *argv[], struct keyfs_options *ret);
+void options_free(struct keyfs_options *o);
+void options_usage(FILE *f);
+void options_help(FILE *f);
+
+#endif
