@@ -416,9 +416,32 @@ int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint
 	return end > p ? content_truncate(f, end) : 0;
 }
 
+/* True when chunk idx (a full one) is a hole: no backing data in its range, or only zero bytes
+ * there (a neighbouring chunk's data shares a backing block with it: chunks are 4136 bytes). */
+static int chunk_is_hole(const struct content_file *f, uint64_t idx, bool *ret)
+{
+	uint8_t ct[FMT_CHUNK_DISK_SIZE];
+	uint64_t cstart = fmt_chunk_offset(idx);
+	off_t data = lseek(f->fd, (off_t)cstart, SEEK_DATA);
+	ssize_t n;
+
+	if (data < 0 && errno != ENXIO)
+		return -errno;
+	if (data < 0 || (uint64_t)data >= cstart + CDS) {
+		*ret = true;
+		return 0;
+	}
+	n = pread_full(f->fd, ct, sizeof(ct), cstart);
+	if (n < 0)
+		return (int)n;
+	*ret = (size_t)n == sizeof(ct) && sodium_is_zero(ct, sizeof(ct));
+	return 0;
+}
+
 int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64_t *ret_off)
 {
 	uint64_t b = 0, p, idx;
+	bool hole;
 	off_t pos;
 	int r;
 
@@ -432,37 +455,49 @@ int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64
 		return -ENXIO;
 	idx = off / CS;
 
+	/* Both searches jump through the backing file with lseek and only read a chunk where a
+	 * backing block it shares with a neighbour makes the answer unclear. A partial last
+	 * chunk is always sealed data, never a hole. */
 	if (whence == SEEK_DATA) {
-		/* Any backing data inside a chunk makes the whole chunk data: reporting a hole as
-		 * data is allowed, the reverse would lose data in sparse-aware copies. */
-		pos = lseek(f->fd, (off_t)fmt_chunk_offset(idx), SEEK_DATA);
-		if (pos < 0)
-			return errno == ENXIO ? -ENXIO : -errno;
-		idx = ((uint64_t)pos - FMT_HEADER_SIZE) / CDS;
-		if (idx * CS >= p)
-			return -ENXIO;
+		for (;;) {
+			if (idx * CS >= p)
+				return -ENXIO;
+			pos = lseek(f->fd, (off_t)fmt_chunk_offset(idx), SEEK_DATA);
+			if (pos < 0)
+				return errno == ENXIO ? -ENXIO : -errno;
+			idx = ((uint64_t)pos - FMT_HEADER_SIZE) / CDS;
+			if (idx * CS >= p)
+				return -ENXIO;
+			if (chunk_len(idx, p) < CS)
+				break;
+			r = chunk_is_hole(f, idx, &hole);
+			if (r < 0)
+				return r;
+			if (!hole)
+				break;
+			idx++;
+		}
 		*ret_off = idx * CS > off ? idx * CS : off;
 		return 0;
 	}
 
-	/* SEEK_HOLE: the first chunk at or after off whose whole backing range is a hole. */
-	while (idx * CS < p) {
-		uint64_t cstart = fmt_chunk_offset(idx), cend = fmt_chunk_offset(idx + 1);
-		off_t data = lseek(f->fd, (off_t)cstart, SEEK_DATA);
-
-		if (data < 0 && errno != ENXIO)
-			return -errno;
-		if (data < 0 || (uint64_t)data >= cend) {
-			if (chunk_len(idx, p) < CS)
-				break;      /* a partial last chunk is sealed data, never a hole */
+	while (idx * CS < p && chunk_len(idx, p) == CS) {
+		r = chunk_is_hole(f, idx, &hole);
+		if (r < 0)
+			return r;
+		if (hole) {
 			*ret_off = idx * CS > off ? idx * CS : off;
 			return 0;
 		}
-		/* Data in this chunk: jump to the next backing hole. */
-		pos = lseek(f->fd, data, SEEK_HOLE);
+		/* Data here: jump to the next backing hole, to the first chunk that can lie in it. */
+		pos = lseek(f->fd, (off_t)fmt_chunk_offset(idx), SEEK_HOLE);
 		if (pos < 0)
 			return -errno;
-		idx = ((uint64_t)pos - FMT_HEADER_SIZE + CDS - 1) / CDS;
+		{
+			uint64_t next = ((uint64_t)pos - FMT_HEADER_SIZE) / CDS;
+
+			idx = next > idx ? next : idx + 1;
+		}
 	}
 	*ret_off = p;
 	return 0;
