@@ -1,0 +1,268 @@
+# conftest.py: the pytest harness that mounts real keyfs filesystems and always cleans them up
+#
+# Modelled on libfuse's test/util.py: wait for the mount by polling os.path.ismount with a
+# deadline, unmount in a finalizer, wait for and (only if it hangs) kill the daemon we started,
+# by pid, and fail a test whose daemon printed words that mean a crash or an unexpected error.
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import (BUILD_DIR, FUSERMOUNT, KEYFS, KEYFSCTL, MOUNT_TIMEOUT, binaries_missing,
+                     is_mounted, keyfsctl)
+
+# Words in a daemon's stderr that fail the test. "error:" is the prefix of every log_err line;
+# tests that provoke errors on purpose (tampering, missing keys) pass allow_errors=True.
+CRASH_PATTERNS = [
+    r"segmentation fault", r"segfault", r"sanitizer", r"double free", r"free\(\): ",
+    r"malloc\(\): ", r"corrupted (size|double-linked|top size)", r"assertion", r"stack smashing",
+    r"\baborted\b", r"core dumped", r"use-after-free", r"buffer-overflow", r"runtime error",
+    r"leak(ed|s)? ", r"\bbug\b", r"traceback",
+]
+ERROR_PATTERN = r"\berror:"
+
+
+# Modules of this suite that start keyfs; other modules are skipped only when they mount.
+FUSE_MODULES = {"test_basic.py", "test_fsx.py", "test_sparse.py", "test_semantics.py", "test_multiuser.py",
+                "test_tamper.py", "test_errors.py", "test_cli.py", "test_mount.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    # Without a usable /dev/fuse (or fusermount3) no mount can run: skip cleanly, with the reason.
+    reason = None
+    if not os.path.exists("/dev/fuse"):
+        reason = "/dev/fuse is missing: FUSE tests need it"
+    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        reason = "/dev/fuse is not usable by uid %d" % os.getuid()
+    elif FUSERMOUNT is None:
+        reason = "fusermount3 is missing"
+    if reason is None:
+        return
+    mark = pytest.mark.skip(reason=reason)
+    for item in items:
+        if os.path.basename(str(item.fspath)) in FUSE_MODULES or "mount" in getattr(item, "fixturenames", ()):
+            item.add_marker(mark)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keyfs_binaries():
+    # Missing binaries are a failure, not a skip: CI must never pass without having run.
+    missing = binaries_missing()
+    if missing:
+        pytest.fail("keyfs binaries missing (KEYFS_BUILD_DIR=%r): %s" % (BUILD_DIR, ", ".join(missing)),
+                    pytrace=False)
+    return KEYFS, KEYFSCTL
+
+
+@pytest.fixture
+def keystore(tmp_path):
+    """A keystore directory path; not created: keyfsctl creates it 0700."""
+    return str(tmp_path / "keystore")
+
+
+@pytest.fixture
+def volume(tmp_path, keystore):
+    """A freshly initialised backing dir with key 'test' created in `keystore`."""
+    backing = str(tmp_path / "backing")
+    keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key")
+    assert os.path.isfile(os.path.join(backing, ".keyfs"))
+    return backing
+
+
+def _read(path):
+    try:
+        with open(path, "r", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+class Mount:
+    """One keyfs daemon we started in the foreground, and its mountpoint."""
+
+    def __init__(self, backing, mnt, opts, logdir, allow_errors=False, extra_args=(), cwd=None):
+        # argv gets the paths as given (possibly relative to cwd); checks use absolute ones.
+        self.cwd = cwd
+        self.argv_paths = (backing, mnt)
+        self.backing = os.path.abspath(os.path.join(cwd or os.getcwd(), backing))
+        self.mnt = os.path.abspath(os.path.join(cwd or os.getcwd(), mnt))
+        self.opts = list(opts)
+        self.extra_args = list(extra_args)
+        self.logdir = logdir
+        self.allow_errors = allow_errors
+        self.proc = None
+        self.log = None
+        self.logs = []          # every daemon log this object produced (remounts append)
+        self.problems = []      # reasons to fail the test, collected at unmount
+
+    def argv(self):
+        argv = [KEYFS, *self.argv_paths, "-f"] + self.extra_args
+        if self.opts:
+            argv += ["-o", ",".join(self.opts)]
+        return argv
+
+    @property
+    def mounted(self):
+        return self.proc is not None
+
+    def start(self):
+        assert self.proc is None
+        assert not is_mounted(self.mnt), "%s is already a mountpoint" % self.mnt
+        self.log = os.path.join(self.logdir, "keyfs-%d.log" % len(_all_logs(self.logdir)))
+        self.logs.append(self.log)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, close_fds=True, cwd=self.cwd)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                rc = self.proc.returncode
+                self.proc = None
+                pytest.fail("keyfs exited with %s before mounting %s\nargv: %s\nstderr:\n%s"
+                            % (rc, self.mnt, self.argv(), _read(self.log)), pytrace=False)
+            # ismount alone is fooled by a dead mount (stat fails): check the mount table too.
+            if os.path.ismount(self.mnt) and is_mounted(self.mnt):
+                break
+            if time.monotonic() > deadline:
+                self._stop()
+                pytest.fail("keyfs did not mount %s within %d s\nstderr:\n%s"
+                            % (self.mnt, MOUNT_TIMEOUT, _read(self.log)), pytrace=False)
+            time.sleep(0.02)
+        return self
+
+    def _fusermount(self, *flags):
+        return subprocess.run([FUSERMOUNT, *flags, "-u", self.mnt], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _stop(self):
+        """Unmount OUR mountpoint, wait for OUR pid; kill it only if it hangs. Never raises."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None and is_mounted(self.mnt):
+            deadline = time.monotonic() + 5
+            while True:
+                r = self._fusermount()
+                if r.returncode == 0 or not is_mounted(self.mnt):
+                    break
+                if time.monotonic() > deadline:
+                    self.problems.append("fusermount3 -u %s kept failing: %s" % (self.mnt, r.stderr.strip()))
+                    self._fusermount("-z")
+                    break
+                time.sleep(0.05)
+        try:
+            rc = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.problems.append("keyfs (pid %d) did not exit within 10 s of the unmount: killed" % proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        if rc != 0:
+            self.problems.append("keyfs exited with status %s after unmount" % rc)
+        if is_mounted(self.mnt):
+            # The daemon is gone, so this is a dead mount: lazy-unmount OUR mountpoint.
+            self.problems.append("%s still mounted after the daemon exited" % self.mnt)
+            self._fusermount("-z")
+        self._check_log(self.log)
+
+    def _check_log(self, log):
+        text = _read(log)
+        pats = list(CRASH_PATTERNS)
+        if not self.allow_errors:
+            pats.append(ERROR_PATTERN)
+        for line in text.splitlines():
+            for p in pats:
+                if re.search(p, line, re.IGNORECASE):
+                    self.problems.append("suspicious daemon output (%s): %s" % (p, line))
+                    break
+
+    def umount(self):
+        """Unmount now; fails the test at once on any problem."""
+        self._stop()
+        self.raise_problems()
+
+    def remount(self):
+        self.umount()
+        return self.start()
+
+    def raise_problems(self):
+        if self.problems:
+            msg = "\n".join(self.problems)
+            self.problems = []
+            pytest.fail("%s\nlast daemon log %s:\n%s" % (msg, self.log, _read(self.log)), pytrace=False)
+
+    def path(self, *parts):
+        return os.path.join(self.mnt, *parts)
+
+    def bpath(self, *parts):
+        return os.path.join(self.backing, *parts)
+
+    def stderr(self):
+        return _read(self.log)
+
+
+def _all_logs(d):
+    return [n for n in os.listdir(d) if n.startswith("keyfs-") and n.endswith(".log")]
+
+
+@pytest.fixture
+def mount(request, tmp_path):
+    """Factory: mount(backing=None, mnt=None, opts=(), allow_errors=False) -> Mount.
+
+    backing defaults to the `volume` fixture, mnt to a fresh dir. Every mount made here is
+    unmounted in the finalizer, whatever happened in the test."""
+    mounts = []
+    counter = [0]
+
+    def factory(backing=None, mnt=None, opts=(), allow_errors=False, extra_args=(), cwd=None):
+        if backing is None:
+            backing = request.getfixturevalue("volume")
+        if mnt is None:
+            counter[0] += 1
+            mnt = str(tmp_path / ("mnt" if counter[0] == 1 else "mnt%d" % counter[0]))
+            os.makedirs(mnt, exist_ok=True)
+        m = Mount(backing, mnt, opts, str(tmp_path), allow_errors=allow_errors, extra_args=extra_args,
+                  cwd=cwd)
+        mounts.append(m)
+        return m.start()
+
+    try:
+        yield factory
+    finally:
+        for m in reversed(mounts):
+            m._stop()
+        problems = [p for m in mounts for p in m.problems]
+        if problems:
+            logs = "\n".join("%s:\n%s" % (m.log, _read(m.log)) for m in mounts if m.log)
+            pytest.fail("\n".join(problems) + "\n" + logs, pytrace=False)
+
+
+@pytest.fixture
+def mnt(mount):
+    """The common case: one mount of a fresh volume."""
+    return mount()
+
+
+@pytest.fixture
+def world_tmp():
+    """A directory under /tmp that other uids can traverse (pytest's tmp_path is 0700)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="keyfs-test-", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        # Never remove anything below a live mount: unmounting is the mount fixture's job,
+        # and it runs before this finalizer because fixtures are torn down in reverse order.
+        for root, dirs, files in os.walk(d):
+            for name in dirs:
+                if is_mounted(os.path.join(root, name)):
+                    return
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,214 @@
+# helpers.py: shared helpers of the pytest suite: binaries, keyfsctl runs, size formula, run_as
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+BUILD_DIR = os.environ.get("KEYFS_BUILD_DIR", "")
+KEYFS = os.path.join(BUILD_DIR, "fs", "keyfs") if BUILD_DIR else ""
+KEYFSCTL = os.path.join(BUILD_DIR, "cli", "keyfsctl") if BUILD_DIR else ""
+FUSERMOUNT = shutil.which("fusermount3")
+SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOUNT_TIMEOUT = 10
+
+HEADER_SIZE = 1024
+CHUNK = 4096
+NONCE = 24
+TAG = 16
+OVERHEAD = NONCE + TAG
+CHUNK_DISK = CHUNK + OVERHEAD
+
+# Exit codes (include/keyfs/exitcode.h).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_KMS = 0, 1, 2, 3, 4
+EXIT_MOUNT, EXIT_IO, EXIT_DAMAGED, EXIT_LOCKED, EXIT_EXISTS = 5, 6, 7, 8, 9
+
+
+def binaries_missing():
+    if not BUILD_DIR:
+        return ["KEYFS_BUILD_DIR is not set"]
+    return [p for p in (KEYFS, KEYFSCTL) if not os.access(p, os.X_OK)]
+
+
+def project_version():
+    with open(os.path.join(SRC_DIR, "meson.build")) as f:
+        m = re.search(r"project\(.*?version\s*:\s*'([^']+)'", f.read(), re.S)
+    assert m, "no version in meson.build"
+    return m.group(1)
+
+
+def backing_size(plain):
+    """Backing size of a file created through the mount holding `plain` bytes."""
+    n_full, r = divmod(plain, CHUNK)
+    return HEADER_SIZE + n_full * CHUNK_DISK + (r + OVERHEAD if r else 0)
+
+
+def chunk_offset(index):
+    return HEADER_SIZE + index * CHUNK_DISK
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run(argv, timeout=60, input=None, env=None, cwd=None):
+    return subprocess.run(argv, stdin=subprocess.DEVNULL if input is None else None, input=input,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def keyfsctl(*args, check=True, timeout=60):
+    r = run([KEYFSCTL, *args], timeout=timeout)
+    if check and r.returncode != 0:
+        pytest.fail("keyfsctl %s failed with %d\nstdout:\n%s\nstderr:\n%s"
+                    % (" ".join(args), r.returncode, r.stdout, r.stderr), pytrace=False)
+    return r
+
+
+def inspect_json(*paths):
+    """keyfsctl inspect --json PATH...: a list of one dict per path, in order."""
+    r = keyfsctl("inspect", "--json", *paths)
+    text = r.stdout.strip()
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        # One JSON object per line is acceptable too.
+        doc = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(doc, dict):
+        for k in ("files", "results"):
+            if isinstance(doc.get(k), list):
+                doc = doc[k]
+                break
+        else:
+            doc = [doc]
+    assert isinstance(doc, list) and len(doc) == len(paths), "inspect --json output: %r" % text
+    return doc
+
+
+def key_show(keystore, name):
+    """keyfsctl key show: (raw stdout, dict of 'field: value' / 'field=value' lines)."""
+    r = keyfsctl("key", "show", name, "--keystore", keystore)
+    fields = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_ -]*?)\s*[:=]\s*(.*?)\s*$", line)
+        if m:
+            fields.setdefault(m.group(1).strip().lower(), m.group(2))
+    return r.stdout, fields
+
+
+def wait_for(cond, timeout=10, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def proc_mounts_entry(mnt):
+    """(source, fstype) of mountpoint mnt in /proc/mounts, or None."""
+    def unescape(s):
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+    found = None
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and unescape(fields[1]) == mnt:
+                found = (unescape(fields[0]), fields[2])
+    return found
+
+
+def is_mounted(path):
+    """True when path is a mountpoint in our mount table (unlike os.path.ismount, also when the
+    mount is dead and stat() fails with ENOTCONN)."""
+    return proc_mounts_entry(os.path.abspath(path)) is not None
+
+
+def need_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+
+
+def _drop(uid, gid, groups):
+    def fn():
+        os.setgroups(list(groups))
+        os.setgid(gid)
+        os.setuid(uid)
+    return fn
+
+
+def run_as(uid, gid, argv, groups=(), timeout=60, **kw):
+    """Run argv as uid/gid (root only) and return the CompletedProcess."""
+    need_root()
+    return subprocess.run(argv, preexec_fn=_drop(uid, gid, groups), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, cwd="/", **kw)
+
+
+_PY_WRAPPER = r"""
+import json, os, sys
+def main():
+%s
+try:
+    res = main()
+    print(json.dumps({"ok": True, "result": res}))
+except OSError as e:
+    print(json.dumps({"ok": False, "errno": e.errno, "msg": str(e)}))
+"""
+
+
+def py_as(uid, gid, body, groups=()):
+    """Run an indented python function body as uid/gid. Returns ('ok', result) or ('errno', n)."""
+    code = _PY_WRAPPER % "\n".join("    " + line for line in body.strip("\n").splitlines())
+    r = run_as(uid, gid, [sys.executable, "-c", code], groups=groups)
+    assert r.returncode == 0, "child failed: %s %s" % (r.stdout, r.stderr)
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    if doc["ok"]:
+        return ("ok", doc["result"])
+    return ("errno", doc["errno"])
+
+
+def write_file(path, data, mode="wb"):
+    with open(path, mode) as f:
+        f.write(data)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def expect_errno(err, fn, *args, **kw):
+    """Call fn and assert it raises OSError with errno err; returns the exception."""
+    with pytest.raises(OSError) as ei:
+        fn(*args, **kw)
+    assert ei.value.errno == err, "expected %s, got %r" % (os.strerror(err), ei.value)
+    return ei.value
+
+
+def backing_files(backing):
+    """Every regular file of a backing tree except the volume description."""
+    out = []
+    for root, dirs, files in os.walk(backing):
+        for n in files:
+            p = os.path.join(root, n)
+            if root == backing and n == ".keyfs":
+                continue
+            if os.path.isfile(p) and not os.path.islink(p):
+                out.append(p)
+    return out

@@ -1,0 +1,160 @@
+# test_cli.py: keyfsctl key administration, inspect (human and --json), --version of both binaries
+import os
+import re
+import stat
+
+import pytest
+
+from helpers import (EXIT_EXISTS, KEYFS, KEYFSCTL, backing_size, inspect_json, key_show, keyfsctl,
+                     project_version, read_file, run, write_file)
+
+B64_MATERIAL = re.compile(r"[A-Za-z0-9+/]{42,}={0,2}")
+HEX_MATERIAL = re.compile(r"\b[0-9a-fA-F]{64}\b")
+
+
+def _state(keystore, name):
+    out, fields = key_show(keystore, name)
+    assert "state" in fields, "no state in key show output:\n%s" % out
+    return fields["state"].split()[0].strip("\"'(),").lower()
+
+
+def test_key_lifecycle(keystore):
+    r = keyfsctl("key", "create", "life", "--keystore", keystore)
+    assert stat.S_IMODE(os.stat(keystore).st_mode) == 0o700
+    kf = os.path.join(keystore, "life.key")
+    assert stat.S_IMODE(os.stat(kf).st_mode) == 0o600
+    text = read_file(kf).decode()
+    assert B64_MATERIAL.search(text) or HEX_MATERIAL.search(text), "no key material in a live key file"
+
+    out, fields = key_show(keystore, "life")
+    assert _state(keystore, "life") == "active"
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", fields.get("id", "")), out
+    # key show never prints material.
+    assert not B64_MATERIAL.search(out) and not HEX_MATERIAL.search(out), out
+
+    keyfsctl("key", "suspend", "life", "--keystore", keystore)
+    assert _state(keystore, "life") == "suspended"
+    keyfsctl("key", "enable", "life", "--keystore", keystore)
+    assert _state(keystore, "life") == "active"
+    assert stat.S_IMODE(os.stat(kf).st_mode) == 0o600
+
+    keyfsctl("key", "destroy", "life", "--keystore", keystore)
+    assert _state(keystore, "life") == "destroyed"
+    text = read_file(kf).decode()
+    assert "destroyed" in text.lower() or re.search(r"state\s*[=:]\s*5\b", text), text
+    for line in text.splitlines():
+        assert not B64_MATERIAL.search(line) and not HEX_MATERIAL.search(line), "material left: %r" % line
+
+    r = run([KEYFSCTL, "key", "create", "life", "--keystore", keystore])
+    assert r.returncode == EXIT_EXISTS, r.stderr
+    r = run([KEYFSCTL, "key", "enable", "life", "--keystore", keystore])
+    assert r.returncode != 0, "a destroyed key was enabled"
+    assert _state(keystore, "life") == "destroyed"
+
+
+def test_key_create_two_keys_differ(keystore):
+    keyfsctl("key", "create", "a", "--keystore", keystore)
+    keyfsctl("key", "create", "b", "--keystore", keystore)
+    _, fa = key_show(keystore, "a")
+    _, fb = key_show(keystore, "b")
+    assert fa["id"] != fb["id"]
+    ma = B64_MATERIAL.findall(read_file(os.path.join(keystore, "a.key")).decode())
+    mb = B64_MATERIAL.findall(read_file(os.path.join(keystore, "b.key")).decode())
+    assert ma != mb
+
+
+def test_init_writes_voldesc(volume, keystore):
+    p = os.path.join(volume, ".keyfs")
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o644
+    fields = dict(line.split("=", 1) for line in read_file(p).decode().splitlines()
+                  if line and not line.startswith("#"))
+    _, key = key_show(keystore, "test")
+    assert fields["format"] == "1"
+    assert fields["kms"] == "local"
+    assert fields["key"] == "test"
+    assert fields["key_id"] == key["id"]
+    assert os.path.abspath(fields["keystore"]) == os.path.abspath(keystore)
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", fields["volume"])
+    assert os.listdir(volume) == [".keyfs"]
+
+
+def _check_info(info, path, size, key_id):
+    assert info["path"] == path
+    assert info["format"] == 1
+    assert info["cipher"] == "xchacha20-poly1305"
+    assert info["chunk_size"] == 4096
+    assert re.fullmatch(r"[0-9a-f]{32}", info["file_id"]), info
+    assert info["key"] == key_id
+    assert info["key_version"] == "1"
+    assert info["plaintext_size"] == size
+    assert re.fullmatch(r"[0-9a-f]{64}", info["wrapped_dek_sha256"]), info
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 10000])
+def test_inspect_json(mnt, keystore, size):
+    write_file(mnt.path("f"), os.urandom(size))
+    write_file(mnt.path("g"), b"other")
+    _, key = key_show(keystore, "test")
+    bf, mf, bg = mnt.bpath("f"), mnt.path("f"), mnt.bpath("g")
+    assert os.stat(bf).st_size == backing_size(size)
+    via_backing, via_mount, other = inspect_json(bf, mf, bg)
+    _check_info(via_backing, bf, size, key["id"])
+    _check_info(via_mount, mf, size, key["id"])
+    _check_info(other, bg, 5, key["id"])
+    assert via_backing["file_id"] == via_mount["file_id"]
+    assert via_backing["wrapped_dek_sha256"] == via_mount["wrapped_dek_sha256"]
+    assert via_backing["file_id"] != other["file_id"]
+    assert via_backing["wrapped_dek_sha256"] != other["wrapped_dek_sha256"]
+    # The file id is in the header, in clear.
+    assert bytes.fromhex(via_backing["file_id"]) in read_file(bf)[:1024]
+
+
+def test_inspect_json_after_unmount_and_destroy(mnt, keystore):
+    write_file(mnt.path("f"), b"x" * 5000)
+    info = inspect_json(mnt.bpath("f"))[0]
+    mnt.umount()
+    keyfsctl("key", "destroy", "test", "--keystore", keystore)
+    # No key needed: still inspectable after a shred.
+    again = inspect_json(mnt.bpath("f"))[0]
+    for k in ("path", "format", "cipher", "chunk_size", "file_id", "key", "key_version", "plaintext_size",
+              "wrapped_dek_sha256"):
+        assert again[k] == info[k], k
+    assert again["plaintext_size"] == 5000
+
+
+def test_inspect_human(mnt, keystore):
+    write_file(mnt.path("f"), b"y" * 12345)
+    _, key = key_show(keystore, "test")
+    fid = inspect_json(mnt.bpath("f"))[0]["file_id"]
+    for p in (mnt.bpath("f"), mnt.path("f")):
+        r = keyfsctl("inspect", p)
+        assert p in r.stdout
+        assert fid in r.stdout
+        assert "12345" in r.stdout
+        assert "xchacha20-poly1305" in r.stdout
+        assert key["id"] in r.stdout
+
+
+def test_inspect_mount_root_dir_refused(mnt):
+    r = run([KEYFSCTL, "inspect", mnt.mnt])
+    assert r.returncode != 0
+    assert mnt.mnt in r.stderr
+
+
+def test_versions():
+    v = project_version()
+    assert v == "0.1.0"
+    for exe in (KEYFS, KEYFSCTL):
+        r = run([exe, "--version"])
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"(^|\s)v?%s(\s|$)" % re.escape(v), r.stdout), r.stdout
+
+
+def test_help():
+    for exe in (KEYFS, KEYFSCTL):
+        r = run([exe, "--help"])
+        assert r.returncode == 0, r.stderr
+        assert "usage" in r.stdout.lower()
+    r = run([KEYFSCTL, "help"])
+    assert r.returncode == 0
+    assert "inspect" in r.stdout and "init" in r.stdout

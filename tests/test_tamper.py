@@ -1,0 +1,346 @@
+# test_tamper.py: backing files changed while unmounted read as EIO, never as garbage
+import errno
+import os
+
+import pytest
+
+from helpers import CHUNK, CHUNK_DISK, HEADER_SIZE, NONCE, backing_size, chunk_offset, inspect_json, \
+    read_file, write_file
+
+
+@pytest.fixture
+def tm(mount):
+    """A mount that may log errors (the daemon should log the failed authentications)."""
+    return mount(allow_errors=True)
+
+
+def _flip(path, off, mask=0x01):
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        assert len(b) == 1, "offset %d is beyond the end of %s" % (off, path)
+        f.seek(off)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def _read_range(path, off, n):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def _expect_eio(fn, *args):
+    with pytest.raises(OSError) as ei:
+        fn(*args)
+    assert ei.value.errno == errno.EIO, "expected EIO, got %r" % ei.value
+
+
+def _open_and_read_eio(path):
+    """Either open or the first read fails with EIO; no bytes are returned."""
+    def go():
+        with open(path, "rb") as f:
+            return f.read()
+    _expect_eio(go)
+
+
+def _setup(m, files):
+    for name, data in files.items():
+        write_file(m.path(name), data)
+    m.umount()
+
+
+def test_flipped_chunk_byte(tm):
+    data = os.urandom(3 * CHUNK)
+    _setup(tm, {"f": data})
+    _flip(tm.bpath("f"), chunk_offset(1) + NONCE + 100)
+    tm.start()
+    p = tm.path("f")
+    assert _read_range(p, 0, CHUNK) == data[:CHUNK]
+    _expect_eio(_read_range, p, CHUNK, CHUNK)
+    _expect_eio(_read_range, p, CHUNK + 100, 1)
+    assert _read_range(p, 2 * CHUNK, CHUNK) == data[2 * CHUNK:]
+    _expect_eio(read_file, p)
+    # Metadata needs no content: the size is still right.
+    assert os.stat(p).st_size == 3 * CHUNK
+
+
+@pytest.mark.parametrize("where", ["nonce", "tag"])
+def test_flipped_nonce_or_tag(tm, where):
+    data = os.urandom(2 * CHUNK + 10)
+    _setup(tm, {"f": data})
+    off = chunk_offset(2) if where == "nonce" else chunk_offset(2) + NONCE + 10 + 5
+    _flip(tm.bpath("f"), off, 0x80)
+    tm.start()
+    p = tm.path("f")
+    assert _read_range(p, 0, 2 * CHUNK) == data[:2 * CHUNK]
+    _expect_eio(_read_range, p, 2 * CHUNK, 10)
+
+
+def _header(path):
+    with open(path, "rb") as f:
+        return f.read(HEADER_SIZE)
+
+
+def _padding_offset(hdr):
+    """The middle of the longest run of zero bytes in a header: unused padding."""
+    best, start, best_start = 0, None, None
+    for i, b in enumerate(hdr + b"\1"):
+        if b == 0 and start is None:
+            start = i
+        elif b != 0 and start is not None:
+            if i - start > best:
+                best, best_start = i - start, start
+            start = None
+    assert best >= 64, "no padding in the header?"
+    return best_start + best // 2
+
+
+def test_flipped_header_padding(tm):
+    data = b"header padding test " * 100
+    _setup(tm, {"f": data, "g": data})
+    _flip(tm.bpath("f"), _padding_offset(_header(tm.bpath("f"))))
+    tm.start()
+    _open_and_read_eio(tm.path("f"))
+    assert read_file(tm.path("g")) == data
+
+
+def test_flipped_header_file_id(tm):
+    data = b"file id test " * 100
+    _setup(tm, {"f": data, "g": data})
+    info = inspect_json(tm.bpath("f"))[0]
+    fid = bytes.fromhex(info["file_id"])
+    hdr = _header(tm.bpath("f"))
+    off = hdr.find(fid)
+    assert off > 0, "file id %s not found in the header" % info["file_id"]
+    _flip(tm.bpath("f"), off + 7)
+    tm.start()
+    _open_and_read_eio(tm.path("f"))
+    assert read_file(tm.path("g")) == data
+
+
+def test_flipped_header_tag_and_magic(tm):
+    data = os.urandom(5000)
+    _setup(tm, {"tag": data, "magic": data, "wrapped": data})
+    # The magic: the file is not a keyfs file any more.
+    _flip(tm.bpath("magic"), 3)
+    # The last non-zero byte of the header is part of its tag or the wrapped key.
+    hdr = _header(tm.bpath("tag"))
+    last = max(i for i, b in enumerate(hdr) if b != 0)
+    _flip(tm.bpath("tag"), last)
+    tm.start()
+    _open_and_read_eio(tm.path("magic"))
+    _open_and_read_eio(tm.path("tag"))
+    assert read_file(tm.path("wrapped")) == data
+
+
+def test_swapped_chunks(tm):
+    data = os.urandom(3 * CHUNK)
+    _setup(tm, {"f": data})
+    b = tm.bpath("f")
+    raw = bytearray(read_file(b))
+    c0 = raw[chunk_offset(0):chunk_offset(1)]
+    c1 = raw[chunk_offset(1):chunk_offset(2)]
+    raw[chunk_offset(0):chunk_offset(1)] = c1
+    raw[chunk_offset(1):chunk_offset(2)] = c0
+    write_file(b, bytes(raw))
+    tm.start()
+    p = tm.path("f")
+    _expect_eio(_read_range, p, 0, CHUNK)
+    _expect_eio(_read_range, p, CHUNK, CHUNK)
+    assert _read_range(p, 2 * CHUNK, CHUNK) == data[2 * CHUNK:]
+
+
+def test_chunk_copied_between_files(tm):
+    a, b = os.urandom(2 * CHUNK), os.urandom(2 * CHUNK)
+    _setup(tm, {"a": a, "b": b})
+    rb = read_file(tm.bpath("b"))
+    with open(tm.bpath("a"), "r+b") as f:
+        f.seek(chunk_offset(0))
+        f.write(rb[chunk_offset(0):chunk_offset(1)])
+    tm.start()
+    _expect_eio(_read_range, tm.path("a"), 0, CHUNK)
+    assert _read_range(tm.path("a"), CHUNK, CHUNK) == a[CHUNK:]
+    assert read_file(tm.path("b")) == b
+
+
+def test_swapped_headers(tm):
+    a, b = os.urandom(10000), os.urandom(10000)
+    _setup(tm, {"a": a, "b": b})
+    ha, hb = _header(tm.bpath("a")), _header(tm.bpath("b"))
+    assert ha != hb
+    for path, h in ((tm.bpath("a"), hb), (tm.bpath("b"), ha)):
+        with open(path, "r+b") as f:
+            f.write(h)
+    tm.start()
+    _open_and_read_eio(tm.path("a"))
+    _open_and_read_eio(tm.path("b"))
+    assert os.stat(tm.path("a")).st_size == 10000
+
+
+def test_truncated_inside_last_chunk(tm):
+    data = os.urandom(2 * CHUNK + 1808)
+    _setup(tm, {"f": data})
+    b = tm.bpath("f")
+    size = os.stat(b).st_size
+    assert size == backing_size(len(data))
+    os.truncate(b, size - 10)
+    tm.start()
+    p = tm.path("f")
+    assert os.stat(p).st_size == len(data) - 10
+    assert _read_range(p, 0, 2 * CHUNK) == data[:2 * CHUNK]
+    _expect_eio(read_file, p)
+    _expect_eio(_read_range, p, 2 * CHUNK, 100)
+
+
+def test_truncated_to_whole_chunks(tm):
+    # Cutting off a whole trailing chunk is undetectable by design (sizes come from the
+    # backing size alone): the rest must still read back exactly.
+    data = os.urandom(3 * CHUNK)
+    _setup(tm, {"f": data})
+    os.truncate(tm.bpath("f"), chunk_offset(2))
+    tm.start()
+    assert read_file(tm.path("f")) == data[:2 * CHUNK]
+
+
+def test_truncated_inside_header(tm):
+    _setup(tm, {"f": b"some content" * 10})
+    os.truncate(tm.bpath("f"), 500)
+    tm.start()
+    _open_and_read_eio(tm.path("f"))
+
+
+def test_zeroed_partial_chunk_is_not_a_hole(tm):
+    # Only a FULL chunk of zeros is a hole; a zeroed partial (last) chunk must not read as zeros.
+    data = os.urandom(CHUNK + 100)
+    _setup(tm, {"f": data})
+    with open(tm.bpath("f"), "r+b") as f:
+        f.seek(chunk_offset(1))
+        f.write(bytes(100 + 40))
+    tm.start()
+    assert _read_range(tm.path("f"), 0, CHUNK) == data[:CHUNK]
+    _expect_eio(_read_range, tm.path("f"), CHUNK, 100)
+
+
+def test_zeroed_full_chunk_reads_zeros(tm):
+    # Documented limitation (as in gocryptfs): an all-zero full chunk is a hole.
+    data = os.urandom(2 * CHUNK)
+    _setup(tm, {"f": data})
+    with open(tm.bpath("f"), "r+b") as f:
+        f.seek(chunk_offset(0))
+        f.write(bytes(CHUNK_DISK))
+    tm.start()
+    assert read_file(tm.path("f")) == bytes(CHUNK) + data[CHUNK:]
+
+
+def _header_fields(hdr):
+    """Offsets of every header field (docs/FORMAT.md, format v1)."""
+    lk, lv = hdr[32], hdr[33]
+    lw = hdr[34] | hdr[35] << 8
+    var = 40
+    return {
+        "magic": 0, "version": 8, "cipher": 10, "chunk_shift": 11, "header_size": 12, "file_id": 16 + 9,
+        "key_id_len": 32, "key_version_len": 33, "wrapped_len": 34, "flags": 36,
+        "key_id": var + lk // 2, "key_version": var + lk, "wrapped": var + lk + lv + lw // 2,
+        "padding_first": var + lk + lv + lw, "padding_last": 991, "tag_first": 992, "tag_last": 1023,
+    }
+
+
+FIELDS = ["magic", "version", "cipher", "chunk_shift", "header_size", "file_id", "key_id_len",
+          "key_version_len", "wrapped_len", "flags", "key_id", "key_version", "wrapped",
+          "padding_first", "padding_last", "tag_first", "tag_last"]
+
+
+def test_every_header_field_is_checked(tm):
+    data = os.urandom(6000)
+    _setup(tm, {f: data for f in FIELDS + ["untouched"]})
+    hdr = _header(tm.bpath("untouched"))
+    assert hdr[8:12] == b"\x01\x00\x01\x0c", "header layout changed: update this test and docs/FORMAT.md"
+    assert hdr[33] == 1, "key version of a new local key is '1'"
+    for f in FIELDS:
+        off = _header_fields(_header(tm.bpath(f)))[f]
+        _flip(tm.bpath(f), off, 0x01 if f not in ("key_id", "key_version") else 0x02)
+    tm.start()
+    bad = []
+    for f in FIELDS:
+        try:
+            with open(tm.path(f), "rb") as fh:
+                fh.read()
+            bad.append("%s: read succeeded" % f)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                bad.append("%s: %s instead of EIO" % (f, errno.errorcode.get(e.errno, e.errno)))
+    assert not bad, "\n".join(bad)
+    assert read_file(tm.path("untouched")) == data
+
+
+def test_foreign_files_in_backing(tm):
+    # Files put into the backing dir behind keyfs' back are never served as plaintext.
+    _setup(tm, {})
+    write_file(tm.bpath("plain-small"), b"hello, I am not encrypted\n")
+    write_file(tm.bpath("plain-big"), b"I am not encrypted either. " * 1000)
+    write_file(tm.bpath("zeros"), bytes(1024 + 4136))
+    tm.start()
+    for name in ("plain-small", "plain-big", "zeros"):
+        _open_and_read_eio(tm.path(name))
+
+
+def test_empty_backing_file_is_an_empty_file(tm):
+    # A backing file of size 0 is a valid empty file without a header yet (format.h).
+    _setup(tm, {})
+    write_file(tm.bpath("empty"), b"")
+    tm.start()
+    p = tm.path("empty")
+    assert os.stat(p).st_size == 0
+    assert read_file(p) == b""
+    with open(p, "ab") as f:
+        f.write(b"now with content " * 400)
+    assert read_file(p) == b"now with content " * 400
+    assert os.stat(tm.bpath("empty")).st_size == backing_size(17 * 400)
+    tm.remount()
+    assert read_file(p) == b"now with content " * 400
+
+
+def test_header_from_another_volume(tm, tmp_path, keystore):
+    # A file copied from another volume with another key does not open here.
+    from helpers import keyfsctl
+    other = str(tmp_path / "other")
+    keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "other", "--create-key")
+    write_file(tm.path("mine"), b"x" * 100)
+    tm.umount()
+    om = type(tm)(other, str(tmp_path / "omnt"), [], str(tmp_path), allow_errors=True)
+    os.mkdir(om.mnt)
+    try:
+        om.start()
+        write_file(om.path("theirs"), b"y" * 100)
+    finally:
+        om.umount()
+    with open(os.path.join(other, "theirs"), "rb") as src, open(tm.bpath("copied"), "wb") as dst:
+        dst.write(src.read())
+    tm.start()
+    _open_and_read_eio(tm.path("copied"))
+    assert read_file(tm.path("mine")) == b"x" * 100
+
+
+def test_same_key_other_volume(tm, tmp_path, keystore):
+    # Same root key, other volume: the volume uuid in the wrapping AAD keeps the file out.
+    p = os.path.join(tm.backing, ".keyfs")
+    with open(p) as f:
+        desc = f.read()
+    other = str(tmp_path / "other")
+    from helpers import keyfsctl
+    keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "test")
+    tm.umount()
+    om = type(tm)(other, str(tmp_path / "omnt"), [], str(tmp_path), allow_errors=True)
+    os.mkdir(om.mnt)
+    try:
+        om.start()
+        write_file(om.path("theirs"), b"y" * 100)
+    finally:
+        om.umount()
+    with open(os.path.join(other, "theirs"), "rb") as src, open(tm.bpath("copied"), "wb") as dst:
+        dst.write(src.read())
+    tm.start()
+    _open_and_read_eio(tm.path("copied"))
+    assert "volume=" in desc
