@@ -9,6 +9,7 @@
 
 #include "keyfs/kms.h"
 #include "kms-backend.h"
+#include "kms-keyprotect.h"
 
 struct kms {
 	const struct kms_backend *ops;
@@ -89,8 +90,7 @@ int kms_open(const struct kms_config *cfg, struct kms **ret, struct kms_err *err
 	if (strcmp(cfg->vol->kms, VOLDESC_KMS_LOCAL) == 0) {
 		r = kms_local_open(cfg, &o, err);
 	} else if (strcmp(cfg->vol->kms, VOLDESC_KMS_KEYPROTECT) == 0) {
-		kms_err_set(err, "the keyprotect backend is not available in this build");
-		r = -EOPNOTSUPP;
+		r = kms_keyprotect_open(cfg, &o, err);
 	} else if (!cfg->vol->kms[0]) {
 		kms_err_set(err, "the volume description names no kms");
 		r = -EINVAL;

@@ -1,0 +1,414 @@
+/* http.c: the only user of libcurl: one bounded HTTPS attempt per call over a pool of reusable easy handles */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <curl/curl.h>
+#include <sodium.h>
+
+#include "http.h"
+
+/*
+ * Idle handles are kept so that their connections (TCP + TLS) are reused by the next call;
+ * past this many, a returned handle is closed. Connections are not shared between handles
+ * (libcurl does not support that across concurrent threads), TLS sessions and DNS are.
+ */
+#define POOL_IDLE_MAX   8
+#define HEADER_LINE_MAX 256
+
+struct http_conn {
+	struct http *owner;
+	CURL *curl;
+	char *body;                     /* sodium_malloc, body_max + 1 bytes */
+	size_t len;
+	size_t body_max;
+	bool too_large;
+	long retry_after;
+	char *scratch;                  /* sodium_malloc, HTTP_SCRATCH_SIZE bytes */
+	char errbuf[CURL_ERROR_SIZE];
+};
+
+/* Lock order: pool_lock, then (inside libcurl) the share locks; none is held across a transfer
+ * except the share locks libcurl takes and releases itself. */
+struct http {
+	char *ca_file;
+	char *user_agent;
+	long connect_timeout_ms;
+	long timeout_ms;
+	size_t body_max;
+	CURLSH *share;
+	pthread_mutex_t share_locks[CURL_LOCK_DATA_LAST];
+	pthread_mutex_t pool_lock;
+	struct http_conn *idle[POOL_IDLE_MAX];
+	size_t nidle;
+};
+
+static pthread_once_t global_once = PTHREAD_ONCE_INIT;
+static int global_result;
+
+static void global_init_once(void)
+{
+	global_result = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -EIO;
+}
+
+int http_global_init(void)
+{
+	pthread_once(&global_once, global_init_once);
+	return global_result;
+}
+
+static void share_lock(CURL *handle, curl_lock_data data, curl_lock_access access, void *userp)
+{
+	struct http *h = userp;
+
+	(void)handle;
+	(void)access;
+	if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST)
+		pthread_mutex_lock(&h->share_locks[data]);
+}
+
+static void share_unlock(CURL *handle, curl_lock_data data, void *userp)
+{
+	struct http *h = userp;
+
+	(void)handle;
+	if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST)
+		pthread_mutex_unlock(&h->share_locks[data]);
+}
+
+int http_new(const struct http_settings *s, struct http **ret)
+{
+	struct http *h;
+	int r;
+
+	r = http_global_init();
+	if (r < 0)
+		return r;
+	h = calloc(1, sizeof(*h));
+	if (!h)
+		return -ENOMEM;
+	h->connect_timeout_ms = s->connect_timeout_ms;
+	h->timeout_ms = s->timeout_ms;
+	h->body_max = s->body_max;
+	if ((s->ca_file && !(h->ca_file = strdup(s->ca_file))) ||
+	    !(h->user_agent = strdup(s->user_agent ? s->user_agent : "keyfs"))) {
+		free(h->ca_file);
+		free(h);
+		return -ENOMEM;
+	}
+	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
+		pthread_mutex_init(&h->share_locks[i], NULL);
+	pthread_mutex_init(&h->pool_lock, NULL);
+	h->share = curl_share_init();
+	if (!h->share ||
+	    curl_share_setopt(h->share, CURLSHOPT_LOCKFUNC, share_lock) != CURLSHE_OK ||
+	    curl_share_setopt(h->share, CURLSHOPT_UNLOCKFUNC, share_unlock) != CURLSHE_OK ||
+	    curl_share_setopt(h->share, CURLSHOPT_USERDATA, h) != CURLSHE_OK ||
+	    curl_share_setopt(h->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK ||
+	    curl_share_setopt(h->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK) {
+		http_free(h);
+		return -ENOMEM;
+	}
+	*ret = h;
+	return 0;
+}
+
+static void conn_free(struct http_conn *c)
+{
+	if (!c)
+		return;
+	if (c->curl)
+		curl_easy_cleanup(c->curl);
+	if (c->body) {
+		sodium_memzero(c->body, c->body_max + 1);
+		sodium_free(c->body);
+	}
+	if (c->scratch) {
+		sodium_memzero(c->scratch, HTTP_SCRATCH_SIZE);
+		sodium_free(c->scratch);
+	}
+	free(c);
+}
+
+void http_free(struct http *h)
+{
+	if (!h)
+		return;
+	for (size_t i = 0; i < h->nidle; i++)
+		conn_free(h->idle[i]);
+	/* Every handle is gone, so the share is no longer in use. */
+	if (h->share)
+		curl_share_cleanup(h->share);
+	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
+		pthread_mutex_destroy(&h->share_locks[i]);
+	pthread_mutex_destroy(&h->pool_lock);
+	free(h->ca_file);
+	free(h->user_agent);
+	free(h);
+}
+
+int http_conn_get(struct http *h, struct http_conn **ret)
+{
+	struct http_conn *c = NULL;
+
+	pthread_mutex_lock(&h->pool_lock);
+	if (h->nidle > 0)
+		c = h->idle[--h->nidle];
+	pthread_mutex_unlock(&h->pool_lock);
+	if (c) {
+		*ret = c;
+		return 0;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	c->owner = h;
+	c->body_max = h->body_max;
+	c->curl = curl_easy_init();
+	c->body = sodium_malloc(c->body_max + 1);
+	c->scratch = sodium_malloc(HTTP_SCRATCH_SIZE);
+	if (!c->curl || !c->body || !c->scratch) {
+		conn_free(c);
+		return -ENOMEM;
+	}
+	c->body[0] = '\0';
+	*ret = c;
+	return 0;
+}
+
+void http_conn_put(struct http *h, struct http_conn *c)
+{
+	if (!c)
+		return;
+	sodium_memzero(c->body, c->len + 1 <= c->body_max + 1 ? c->len + 1 : c->body_max + 1);
+	c->len = 0;
+	sodium_memzero(c->scratch, HTTP_SCRATCH_SIZE);
+	pthread_mutex_lock(&h->pool_lock);
+	if (h->nidle < POOL_IDLE_MAX) {
+		h->idle[h->nidle++] = c;
+		c = NULL;
+	}
+	pthread_mutex_unlock(&h->pool_lock);
+	conn_free(c);
+}
+
+char *http_conn_scratch(struct http_conn *c)
+{
+	return c->scratch;
+}
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *userp)
+{
+	struct http_conn *c = userp;
+	size_t n = size * nmemb;
+
+	if (n > c->body_max - c->len) {
+		c->too_large = true;
+		return CURL_WRITEFUNC_ERROR;
+	}
+	memcpy(c->body + c->len, data, n);
+	c->len += n;
+	return n;
+}
+
+/* Retry-After is either delay-seconds or an HTTP-date (RFC 9110 10.2.3). */
+static long parse_retry_after(const char *v)
+{
+	char *end;
+	long long secs;
+	time_t when, now;
+
+	while (*v == ' ' || *v == '\t')
+		v++;
+	if (*v >= '0' && *v <= '9') {
+		errno = 0;
+		secs = strtoll(v, &end, 10);
+		while (*end == ' ' || *end == '\t')
+			end++;
+		if (errno || *end)
+			return -1;
+		return secs > 86400 ? 86400 : (long)secs;
+	}
+	when = curl_getdate(v, NULL);
+	if (when == (time_t)-1)
+		return -1;
+	now = time(NULL);
+	return when <= now ? 0 : when - now > 86400 ? 86400 : (long)(when - now);
+}
+
+static size_t on_header(char *data, size_t size, size_t nitems, void *userp)
+{
+	struct http_conn *c = userp;
+	size_t n = size * nitems;
+	char line[HEADER_LINE_MAX];
+	size_t len = n;
+
+	/* A new status line (after 100-continue, say) starts a new set of headers. */
+	if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+		c->retry_after = -1;
+		return n;
+	}
+	if (n < sizeof("retry-after:") - 1 || strncasecmp(data, "retry-after:", sizeof("retry-after:") - 1) != 0)
+		return n;
+	while (len > 0 && (data[len - 1] == '\r' || data[len - 1] == '\n'))
+		len--;
+	len -= sizeof("retry-after:") - 1;
+	if (len >= sizeof(line))
+		return n;
+	memcpy(line, data + sizeof("retry-after:") - 1, len);
+	line[len] = '\0';
+	c->retry_after = parse_retry_after(line);
+	return n;
+}
+
+/* Wipe curl's copies of our header lines: the authorization line carries a token. */
+static void slist_wipe_free(struct curl_slist *l)
+{
+	for (struct curl_slist *p = l; p; p = p->next)
+		if (p->data)
+			sodium_memzero(p->data, strlen(p->data));
+	curl_slist_free_all(l);
+}
+
+static int map_curl_error(CURLcode rc, bool too_large)
+{
+	switch (rc) {
+	case CURLE_COULDNT_RESOLVE_HOST:
+	case CURLE_COULDNT_RESOLVE_PROXY:
+	case CURLE_COULDNT_CONNECT:
+		return -EHOSTUNREACH;
+	case CURLE_SEND_ERROR:
+	case CURLE_RECV_ERROR:
+	case CURLE_GOT_NOTHING:
+	case CURLE_PARTIAL_FILE:
+	case CURLE_SSL_CONNECT_ERROR:
+	case CURLE_HTTP2:
+	case CURLE_HTTP2_STREAM:
+	case CURLE_WEIRD_SERVER_REPLY:
+		return -ECONNRESET;
+	case CURLE_OPERATION_TIMEDOUT:
+		return -ETIMEDOUT;
+	case CURLE_PEER_FAILED_VERIFICATION:
+	case CURLE_SSL_CACERT_BADFILE:
+	case CURLE_SSL_CERTPROBLEM:
+	case CURLE_SSL_ISSUER_ERROR:
+	case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+	case CURLE_SSL_INVALIDCERTSTATUS:
+		return -EPROTO;
+	case CURLE_FILESIZE_EXCEEDED:
+		return -EMSGSIZE;
+	case CURLE_WRITE_ERROR:
+		return too_large ? -EMSGSIZE : -EIO;
+	case CURLE_UNSUPPORTED_PROTOCOL:
+	case CURLE_URL_MALFORMAT:
+		return -EINVAL;
+	case CURLE_OUT_OF_MEMORY:
+		return -ENOMEM;
+	default:
+		return -EIO;
+	}
+}
+
+static int setup(struct http *h, struct http_conn *c, const struct http_request *rq, struct curl_slist *hdrs)
+{
+	CURL *e = c->curl;
+	CURLcode rc = CURLE_OK;
+
+#define SET(opt, val) do { if (rc == CURLE_OK) rc = curl_easy_setopt(e, opt, val); } while (0)
+	/* A fresh set of options each time; the handle keeps its live connections. */
+	curl_easy_reset(e);
+	SET(CURLOPT_URL, rq->url);
+	SET(CURLOPT_PROTOCOLS_STR, "https");
+	SET(CURLOPT_REDIR_PROTOCOLS_STR, "https");
+	SET(CURLOPT_FOLLOWLOCATION, 0L);
+	SET(CURLOPT_NOSIGNAL, 1L);
+	SET(CURLOPT_CONNECTTIMEOUT_MS, h->connect_timeout_ms);
+	SET(CURLOPT_TIMEOUT_MS, h->timeout_ms);
+	SET(CURLOPT_SSL_VERIFYPEER, 1L);
+	SET(CURLOPT_SSL_VERIFYHOST, 2L);
+	SET(CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+	if (h->ca_file)
+		SET(CURLOPT_CAINFO, h->ca_file);
+	SET(CURLOPT_SHARE, h->share);
+	SET(CURLOPT_USERAGENT, h->user_agent);
+	SET(CURLOPT_HTTPHEADER, hdrs);
+	SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)h->body_max);
+	SET(CURLOPT_WRITEFUNCTION, on_body);
+	SET(CURLOPT_WRITEDATA, c);
+	SET(CURLOPT_HEADERFUNCTION, on_header);
+	SET(CURLOPT_HEADERDATA, c);
+	SET(CURLOPT_ERRORBUFFER, c->errbuf);
+	SET(CURLOPT_TCP_KEEPALIVE, 1L);
+	/* https_proxy/no_proxy from the environment are honoured (sites that reach IBM Cloud only
+	 * through a proxy): the peer is verified end to end, so a proxy sees only TLS. */
+	if (strcmp(rq->method, "POST") == 0) {
+		SET(CURLOPT_POST, 1L);
+		SET(CURLOPT_POSTFIELDS, rq->body ? rq->body : "");
+		SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)(rq->body ? rq->body_len : 0));
+	} else if (strcmp(rq->method, "GET") == 0) {
+		SET(CURLOPT_HTTPGET, 1L);
+	} else {
+		return -EINVAL;
+	}
+#undef SET
+	return rc == CURLE_OK ? 0 : rc == CURLE_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
+}
+
+int http_perform(struct http_conn *c, const struct http_request *rq, struct http_response *ret,
+		 char why[HTTP_WHY_MAX])
+{
+	struct http *h;
+	struct curl_slist *hdrs = NULL, *tmp;
+	CURLcode rc;
+	long status = 0;
+	int r;
+
+	why[0] = '\0';
+	sodium_memzero(c->body, c->len + 1 <= c->body_max + 1 ? c->len + 1 : c->body_max + 1);
+	c->len = 0;
+	c->too_large = false;
+	c->retry_after = -1;
+	c->errbuf[0] = '\0';
+	for (size_t i = 0; i < rq->nheaders; i++) {
+		tmp = curl_slist_append(hdrs, rq->headers[i]);
+		if (!tmp) {
+			slist_wipe_free(hdrs);
+			snprintf(why, HTTP_WHY_MAX, "out of memory");
+			return -ENOMEM;
+		}
+		hdrs = tmp;
+	}
+	h = c->owner;
+	r = setup(h, c, rq, hdrs);
+	if (r < 0) {
+		slist_wipe_free(hdrs);
+		snprintf(why, HTTP_WHY_MAX, "cannot set up the request");
+		return r;
+	}
+	rc = curl_easy_perform(c->curl);
+	/* Drop our header list from the handle before freeing it. */
+	curl_easy_setopt(c->curl, CURLOPT_HTTPHEADER, NULL);
+	curl_easy_setopt(c->curl, CURLOPT_POSTFIELDS, NULL);
+	slist_wipe_free(hdrs);
+	c->body[c->len] = '\0';
+	if (rc != CURLE_OK) {
+		r = map_curl_error(rc, c->too_large);
+		if (r == -EMSGSIZE)
+			snprintf(why, HTTP_WHY_MAX, "response too large (over %zu bytes)", c->body_max);
+		else
+			snprintf(why, HTTP_WHY_MAX, "%s", c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc));
+		sodium_memzero(c->body, c->len + 1);
+		c->len = 0;
+		return r;
+	}
+	curl_easy_getinfo(c->curl, CURLINFO_RESPONSE_CODE, &status);
+	ret->status = status;
+	ret->body = c->body;
+	ret->len = c->len;
+	ret->retry_after = c->retry_after;
+	return 0;
+}
