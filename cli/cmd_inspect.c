@@ -334,7 +334,7 @@ static int read_one(struct result *res)
 			res->path, VOLDESC_NAME);
 		rc = KEYFS_EXIT_CONFIG;
 	} else if (r == -EIO) {
-		log_err("'%s' is not a keyfs file: %s", res->path, st.st_size < FMT_HEADER_SIZE ?
+		log_err("'%s' is not a keyfs file: %s", res->path, st.st_size < FMT_DATA_OFFSET ?
 			"it is shorter than a keyfs header" : "it has no valid keyfs header");
 		rc = KEYFS_EXIT_CONFIG;
 	} else if (r == -EPROTONOSUPPORT) {

@@ -97,32 +97,81 @@ static int backing_size(int fd, uint64_t *ret)
 	return 0;
 }
 
-int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE])
+int content_headers_read(int fd, struct content_headers *ret)
 {
-	uint8_t buf[FMT_HEADER_SIZE];
-	struct fmt_header h;
+	uint8_t area[FMT_DATA_OFFSET];
+	struct content_headers hs;
+	int first_err = -EIO;
 	ssize_t n;
-	int r;
 
-	n = pread_full(fd, buf, sizeof(buf), 0);
+	n = pread_full(fd, area, sizeof(area), 0);
 	if (n < 0)
 		return (int)n;
 	if (n == 0)
 		return -ENODATA;
-	if (n < (ssize_t)sizeof(buf))
+	if (n < (ssize_t)sizeof(area))
 		return -EIO;
-	r = fmt_header_parse(buf, &h);
-	if (r < 0)
-		return r == -EPROTONOSUPPORT ? r : -EIO;
-	*ret_hdr = h;
-	if (raw)
-		memcpy(raw, buf, sizeof(buf));
+	memset(&hs, 0, sizeof(hs));
+	for (unsigned i = 0; i < FMT_HEADER_SLOTS; i++) {
+		const uint8_t *raw = area + fmt_header_offset(i);
+		struct fmt_header h;
+		int r = fmt_header_parse(raw, &h);
+
+		if (r < 0) {
+			if (r == -EPROTONOSUPPORT)
+				first_err = r;
+			continue;
+		}
+		/* Keep newest first. */
+		unsigned at = hs.count == 1 && h.generation > hs.hdr[0].generation ? 0 : hs.count;
+
+		if (at == 0 && hs.count == 1) {
+			hs.hdr[1] = hs.hdr[0];
+			hs.slot[1] = hs.slot[0];
+			memcpy(hs.raw[1], hs.raw[0], FMT_HEADER_SIZE);
+		}
+		hs.hdr[at] = h;
+		hs.slot[at] = i;
+		memcpy(hs.raw[at], raw, FMT_HEADER_SIZE);
+		hs.count++;
+	}
+	if (hs.count == 0)
+		return first_err;
+	*ret = hs;
 	return 0;
 }
 
-int content_header_write(int fd, const uint8_t raw[FMT_HEADER_SIZE])
+int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE])
 {
-	return pwrite_full(fd, raw, FMT_HEADER_SIZE, 0);
+	struct content_headers hs;
+	int r = content_headers_read(fd, &hs);
+
+	if (r < 0)
+		return r;
+	*ret_hdr = hs.hdr[0];
+	if (raw)
+		memcpy(raw, hs.raw[0], FMT_HEADER_SIZE);
+	return 0;
+}
+
+int content_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE])
+{
+	uint8_t area[FMT_DATA_OFFSET] = { 0 };
+
+	memcpy(area, raw, FMT_HEADER_SIZE);
+	return pwrite_full(fd, area, sizeof(area), 0);
+}
+
+int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE])
+{
+	int r;
+
+	if (slot >= FMT_HEADER_SLOTS)
+		return -EINVAL;
+	r = pwrite_full(fd, raw, FMT_HEADER_SIZE, fmt_header_offset(slot));
+	if (r == 0 && fdatasync(fd) < 0)
+		r = -errno;
+	return r;
 }
 
 int content_size(int fd, uint64_t *ret_size)
@@ -343,11 +392,11 @@ int content_truncate(const struct content_file *f, uint64_t size)
 		return r;
 	if (b == 0)
 		return size == 0 ? 0 : -ENODATA;
-	if (b < FMT_HEADER_SIZE)
+	if (b < FMT_DATA_OFFSET)
 		return -EIO;
 	/* Truncating to 0 always works: it is how a damaged file is emptied and reused. */
 	if (size == 0)
-		return ftruncate(f->fd, FMT_HEADER_SIZE) < 0 ? -errno : 0;
+		return ftruncate(f->fd, FMT_DATA_OFFSET) < 0 ? -errno : 0;
 	if (!fmt_backing_size_valid(b))
 		return -EIO;
 	p = fmt_plain_size(b);
@@ -465,7 +514,7 @@ int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64
 			pos = lseek(f->fd, (off_t)fmt_chunk_offset(idx), SEEK_DATA);
 			if (pos < 0)
 				return errno == ENXIO ? -ENXIO : -errno;
-			idx = ((uint64_t)pos - FMT_HEADER_SIZE) / CDS;
+			idx = ((uint64_t)pos - FMT_DATA_OFFSET) / CDS;
 			if (idx * CS >= p)
 				return -ENXIO;
 			if (chunk_len(idx, p) < CS)
@@ -494,7 +543,7 @@ int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64
 		if (pos < 0)
 			return -errno;
 		{
-			uint64_t next = ((uint64_t)pos - FMT_HEADER_SIZE) / CDS;
+			uint64_t next = ((uint64_t)pos - FMT_DATA_OFFSET) / CDS;
 
 			idx = next > idx ? next : idx + 1;
 		}

@@ -7,7 +7,10 @@
 #include "keyfs/format.h"
 
 /*
- * Header layout v1 (docs/FORMAT.md), integers little-endian:
+ * A file starts with two header slots of 1024 bytes each (at 0 and 1024); chunks follow at
+ * 2048. A new file fills slot 0 and leaves slot 1 zero; a rewrite (a re-wrapped DEK) goes to
+ * the slot not in use with the next generation, so a torn write never loses the DEK.
+ * Slot layout v1 (docs/FORMAT.md), integers little-endian:
  *   0    8  magic "KEYFSHDR"
  *   8    2  format version (1)
  *  10    1  cipher id (1 = XChaCha20-Poly1305)
@@ -17,7 +20,7 @@
  *  32    1  key id length Lk (1..255)
  *  33    1  key version length Lv (0..64)
  *  34    2  wrapped DEK length Lw (1..600)
- *  36    4  flags, zero
+ *  36    4  generation (>= 1): of the two slots, the newest that authenticates is current
  *  40   Lk  key id, then Lv key version, then Lw wrapped DEK
  *  ...      zero padding up to 992
  * 992   32  tag: keyed BLAKE2b-256 of bytes 0..991 with the header subkey
@@ -30,7 +33,7 @@
 #define OFF_KEY_ID_LEN  32
 #define OFF_KEY_VER_LEN 33
 #define OFF_WRAPPED_LEN 34
-#define OFF_FLAGS       36
+#define OFF_GENERATION  36
 #define OFF_VAR         40
 #define OFF_TAG         (FMT_HEADER_SIZE - FMT_HEADER_TAG_SIZE)
 
@@ -103,8 +106,10 @@ int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret)
 	h.cipher = buf[OFF_CIPHER];
 	if (h.cipher != FMT_CIPHER_XCHACHA20_POLY1305)
 		return -EPROTONOSUPPORT;
-	if (buf[OFF_CHUNK_SHIFT] != FMT_CHUNK_SHIFT || get_le32(buf + OFF_HDR_SIZE) != FMT_HEADER_SIZE ||
-	    get_le32(buf + OFF_FLAGS) != 0)
+	if (buf[OFF_CHUNK_SHIFT] != FMT_CHUNK_SHIFT || get_le32(buf + OFF_HDR_SIZE) != FMT_HEADER_SIZE)
+		return -EBADMSG;
+	h.generation = get_le32(buf + OFF_GENERATION);
+	if (h.generation == 0)
 		return -EBADMSG;
 	h.chunk_size = FMT_CHUNK_SIZE;
 	memcpy(h.file_id, buf + OFF_FILE_ID, FMT_FILE_ID_SIZE);
@@ -143,7 +148,7 @@ int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, u
 	if (lk == 0 || lk > FMT_KEY_ID_MAX || lv > FMT_KEY_VERSION_MAX ||
 	    h->wrapped_len == 0 || h->wrapped_len > FMT_WRAPPED_MAX ||
 	    !printable(h->key_id, lk) || !printable(h->key_version, lv) ||
-	    sodium_is_zero(h->file_id, FMT_FILE_ID_SIZE))
+	    sodium_is_zero(h->file_id, FMT_FILE_ID_SIZE) || h->generation == 0)
 		return -EINVAL;
 
 	memset(buf, 0, FMT_HEADER_SIZE);
@@ -156,6 +161,7 @@ int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, u
 	buf[OFF_KEY_ID_LEN] = (uint8_t)lk;
 	buf[OFF_KEY_VER_LEN] = (uint8_t)lv;
 	put_le16(buf + OFF_WRAPPED_LEN, (uint16_t)h->wrapped_len);
+	put_le32(buf + OFF_GENERATION, h->generation);
 	p = buf + OFF_VAR;
 	memcpy(p, h->key_id, lk);
 	memcpy(p + lk, h->key_version, lv);
@@ -232,9 +238,9 @@ uint64_t fmt_plain_size(uint64_t backing_size)
 {
 	uint64_t data, full, rest;
 
-	if (backing_size <= FMT_HEADER_SIZE)
+	if (backing_size <= FMT_DATA_OFFSET)
 		return 0;
-	data = backing_size - FMT_HEADER_SIZE;
+	data = backing_size - FMT_DATA_OFFSET;
 	full = data / FMT_CHUNK_DISK_SIZE;
 	rest = data % FMT_CHUNK_DISK_SIZE;
 	return full * FMT_CHUNK_SIZE + (rest > FMT_CHUNK_OVERHEAD ? rest - FMT_CHUNK_OVERHEAD : 0);
@@ -246,9 +252,9 @@ bool fmt_backing_size_valid(uint64_t backing_size)
 
 	if (backing_size == 0)
 		return true;
-	if (backing_size < FMT_HEADER_SIZE)
+	if (backing_size < FMT_DATA_OFFSET)
 		return false;
-	rest = (backing_size - FMT_HEADER_SIZE) % FMT_CHUNK_DISK_SIZE;
+	rest = (backing_size - FMT_DATA_OFFSET) % FMT_CHUNK_DISK_SIZE;
 	return rest == 0 || rest > FMT_CHUNK_OVERHEAD;
 }
 
@@ -256,7 +262,7 @@ uint64_t fmt_backing_size(uint64_t plain_size)
 {
 	uint64_t full = plain_size / FMT_CHUNK_SIZE, rest = plain_size % FMT_CHUNK_SIZE;
 
-	return FMT_HEADER_SIZE + full * FMT_CHUNK_DISK_SIZE + (rest ? rest + FMT_CHUNK_OVERHEAD : 0);
+	return FMT_DATA_OFFSET + full * FMT_CHUNK_DISK_SIZE + (rest ? rest + FMT_CHUNK_OVERHEAD : 0);
 }
 
 void fmt_file_id_hex(const uint8_t file_id[FMT_FILE_ID_SIZE], char out[2 * FMT_FILE_ID_SIZE + 1])

@@ -34,6 +34,8 @@ struct kfs_inode {
 	 * after dropping keys_lock while it holds content (wiping them will need content exclusive). */
 	struct fmt_keys *keys;          /* keyslab slot; NULL: not loaded, or the file has no header yet */
 	uint8_t file_id[FMT_FILE_ID_SIZE];
+	unsigned header_slot;           /* keys_lock: the slot whose header authenticated, */
+	uint32_t header_generation;     /* and its generation: a rewrite goes to the other slot */
 };
 
 struct inode_table {

@@ -17,7 +17,8 @@ FUSERMOUNT = shutil.which("fusermount3")
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOUNT_TIMEOUT = 10
 
-HEADER_SIZE = 1024
+HEADER_SIZE = 1024                  # one header slot
+HEADER_AREA = 2 * HEADER_SIZE       # two slots; chunk 0 starts here
 CHUNK = 4096
 NONCE = 24
 TAG = 16
@@ -45,11 +46,11 @@ def project_version():
 def backing_size(plain):
     """Backing size of a file created through the mount holding `plain` bytes."""
     n_full, r = divmod(plain, CHUNK)
-    return HEADER_SIZE + n_full * CHUNK_DISK + (r + OVERHEAD if r else 0)
+    return HEADER_AREA + n_full * CHUNK_DISK + (r + OVERHEAD if r else 0)
 
 
 def chunk_offset(index):
-    return HEADER_SIZE + index * CHUNK_DISK
+    return HEADER_AREA + index * CHUNK_DISK
 
 
 def sha256(data):

@@ -20,11 +20,11 @@ def test_mount_shows_in_proc_mounts(mnt):
 
 def test_backing_size_formula():
     # The formula itself, against the worked examples of the format.
-    assert backing_size(0) == 1024
-    assert backing_size(1) == 1024 + 41
-    assert backing_size(4096) == 1024 + 4136
-    assert backing_size(4097) == 1024 + 4136 + 41
-    assert backing_size(8192) == 1024 + 2 * 4136
+    assert backing_size(0) == 2048
+    assert backing_size(1) == 2048 + 41
+    assert backing_size(4096) == 2048 + 4136
+    assert backing_size(4097) == 2048 + 4136 + 41
+    assert backing_size(8192) == 2048 + 2 * 4136
 
 
 def test_round_trip_sizes(mnt):
@@ -66,7 +66,7 @@ def test_stat_size_while_writing(mnt):
 def test_empty_file_backing_is_header(mnt):
     open(mnt.path("empty"), "wb").close()
     assert os.stat(mnt.path("empty")).st_size == 0
-    assert os.stat(mnt.bpath("empty")).st_size == 1024
+    assert os.stat(mnt.bpath("empty")).st_size == 2048
     assert read_file(mnt.path("empty")) == b""
     mnt.remount()
     assert os.stat(mnt.path("empty")).st_size == 0
@@ -316,7 +316,7 @@ def test_open_excl_race(mnt):
     for t in ts:
         t.join(30)
     assert sorted(results, key=str) == sorted(["created"] + [17] * 7, key=str)
-    assert os.stat(mnt.bpath("once")).st_size == 1024
+    assert os.stat(mnt.bpath("once")).st_size == 2048
 
 
 def _fd_count(pid):

@@ -473,7 +473,7 @@ def test_fallocate(mnt):
         assert os.pread(fd, 3, 0) == b"abc"
     finally:
         os.close(fd)
-    assert os.stat(mnt.bpath("f")).st_size == 1024 + 2 * 4136 + (10000 - 8192) + 40
+    assert os.stat(mnt.bpath("f")).st_size == 2048 + 2 * 4136 + (10000 - 8192) + 40
     mnt.remount()
     assert read_file(p) == b"abc" + bytes(9997)
 

@@ -22,13 +22,28 @@ struct content_file {
 	uint8_t file_id[FMT_FILE_ID_SIZE];
 };
 
-/* Read and check the header of fd into ret_hdr and the raw bytes into raw (may be NULL).
- * Returns 0, -ENODATA when the backing file is empty (no header yet), -EIO when it is
- * shorter than a header or its structure is invalid, -EPROTONOSUPPORT for an unknown version. */
+/* The header slots of one file that parse (structure only: authenticating needs the keys). */
+struct content_headers {
+	unsigned count;                         /* 0..2, newest generation first */
+	unsigned slot[FMT_HEADER_SLOTS];        /* which slot each came from */
+	struct fmt_header hdr[FMT_HEADER_SLOTS];
+	uint8_t raw[FMT_HEADER_SLOTS][FMT_HEADER_SIZE];
+};
+
+/* Read both header slots of fd. Returns 0 with at least one slot, -ENODATA when the backing
+ * file is empty (no header yet), -EIO when it is shorter than the header area or no slot
+ * parses, -EPROTONOSUPPORT when no slot parses and one has an unknown version or cipher. */
+int content_headers_read(int fd, struct content_headers *ret);
+
+/* The newest slot that parses, for readers without a key (inspect): as content_headers_read. */
 int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE]);
 
-/* Write an encoded header at offset 0 of fd. Returns 0 or -errno. */
-int content_header_write(int fd, const uint8_t raw[FMT_HEADER_SIZE]);
+/* Give an empty backing file its header area: raw in slot 0, slot 1 zero. Returns 0 or -errno. */
+int content_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE]);
+
+/* Write raw into one slot and make it durable (fdatasync) before returning: the other slot
+ * keeps the previous header until then, so a crash leaves one that authenticates. */
+int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE]);
 
 /* Plaintext size of the backing file fd. */
 int content_size(int fd, uint64_t *ret_size);

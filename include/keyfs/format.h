@@ -9,7 +9,10 @@
 #define FMT_MAGIC               "KEYFSHDR"      /* 8 bytes, no terminator on disk */
 #define FMT_MAGIC_SIZE          8
 #define FMT_VERSION             1
-#define FMT_HEADER_SIZE         1024            /* fixed in v1: sizes follow from the backing size alone */
+#define FMT_HEADER_SIZE         1024            /* one header record (a slot) */
+#define FMT_HEADER_SLOTS        2               /* rewritten headers go to the other slot: crash-safe */
+#define FMT_DATA_OFFSET         (FMT_HEADER_SLOTS * FMT_HEADER_SIZE)    /* 2048: chunk 0 starts here;
+							 * fixed in v1, so sizes follow from the backing size alone */
 #define FMT_HEADER_TAG_SIZE     32
 #define FMT_CIPHER_XCHACHA20_POLY1305 1
 #define FMT_CHUNK_SHIFT         12
@@ -24,10 +27,11 @@
 #define FMT_KEY_VERSION_MAX     64              /* key version id, printable ASCII, may be empty */
 #define FMT_WRAPPED_MAX         600             /* wrapped DEK, opaque bytes from the KMS */
 /* Largest plaintext size whose backing size still fits in an off_t. */
-#define FMT_MAX_PLAIN_SIZE      ((uint64_t)((INT64_MAX - FMT_HEADER_SIZE) / FMT_CHUNK_DISK_SIZE) * FMT_CHUNK_SIZE)
+#define FMT_MAX_PLAIN_SIZE      ((uint64_t)((INT64_MAX - FMT_DATA_OFFSET) / FMT_CHUNK_DISK_SIZE) * FMT_CHUNK_SIZE)
 
 /* A parsed header. Everything in it is public: it is readable without any key. */
 struct fmt_header {
+	uint32_t generation;            /* >= 1; the slot with the newest that authenticates is current */
 	uint16_t version;
 	uint8_t cipher;
 	uint32_t chunk_size;
@@ -54,7 +58,8 @@ void fmt_keys_derive(const uint8_t dek[FMT_DEK_SIZE], struct fmt_keys *out);
 int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret);
 
 /* Encode h into buf (exactly FMT_HEADER_SIZE bytes) and compute its tag with keys->header.
- * h->version, cipher and chunk_size are ignored: v1 values are written. Returns 0 or -EINVAL. */
+ * h->version, cipher and chunk_size are ignored: v1 values are written. Returns 0 or -EINVAL
+ * (also for generation 0). */
 int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, uint8_t buf[FMT_HEADER_SIZE]);
 
 /* Check a raw header's tag. Returns 0, or -EBADMSG when it does not authenticate. */
@@ -73,12 +78,18 @@ int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 
 /* Size arithmetic: no key needed. */
 
+/* Backing offset of header slot i (0 or 1). */
+static inline uint64_t fmt_header_offset(unsigned slot)
+{
+	return (uint64_t)slot * FMT_HEADER_SIZE;
+}
+
 /* Plaintext size of a backing file of backing_size bytes. For a size no valid file has
  * (see fmt_backing_size_valid) this is the size of the valid prefix. */
 uint64_t fmt_plain_size(uint64_t backing_size);
 
 /* True when backing_size is a size a well-formed keyfs file can have: 0 (no header yet),
- * or the header plus full chunks plus an optional partial chunk of more than the overhead. */
+ * or the header slots plus full chunks plus an optional partial chunk of more than the overhead. */
 bool fmt_backing_size_valid(uint64_t backing_size);
 
 /* Backing size of a file holding plain_size plaintext bytes (plain_size <= FMT_MAX_PLAIN_SIZE). */
@@ -87,7 +98,7 @@ uint64_t fmt_backing_size(uint64_t plain_size);
 /* Backing offset of chunk index. */
 static inline uint64_t fmt_chunk_offset(uint64_t index)
 {
-	return FMT_HEADER_SIZE + index * (uint64_t)FMT_CHUNK_DISK_SIZE;
+	return FMT_DATA_OFFSET + index * (uint64_t)FMT_CHUNK_DISK_SIZE;
 }
 
 /* Lower-case hex of a file id, as used in KMS associated data and by inspect. */

@@ -32,7 +32,8 @@ static int open_file(char *path)
 	randombytes_buf(h.file_id, sizeof(h.file_id));
 	strcpy(h.key_id, "test-key");
 	h.wrapped_len = 10;
-	if (fmt_header_encode(&h, keys, raw) < 0 || content_header_write(fd, raw) < 0)
+	h.generation = 1;
+	if (fmt_header_encode(&h, keys, raw) < 0 || content_header_init(fd, raw) < 0)
 		return -1;
 	f.fd = fd;
 	f.keys = keys;
@@ -176,14 +177,61 @@ static void test_tamper(void)
 	CHECK_EQ(content_truncate(&f, 0), 0);
 	randombytes_buf(buf, sizeof(buf));
 	CHECK_EQ(content_write(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
-	CHECK_EQ(pread(f.fd, &byte, 1, 1024 + 4136 + 500), 1);
+	CHECK_EQ(pread(f.fd, &byte, 1, 2048 + 4136 + 500), 1);
 	byte ^= 1;
-	CHECK_EQ(pwrite(f.fd, &byte, 1, 1024 + 4136 + 500), 1);
+	CHECK_EQ(pwrite(f.fd, &byte, 1, 2048 + 4136 + 500), 1);
 	CHECK_EQ(content_read(&f, buf, 4096, 0), 4096);
 	CHECK_EQ(content_read(&f, buf, 10, 4096 + 5), -EIO);
 	CHECK_EQ(content_read(&f, buf, 10, 8192), 10);
 	/* A partial write into the damaged chunk refuses rather than re-sealing garbage. */
 	CHECK_EQ(content_write(&f, buf, 10, 4096 + 5), -EIO);
+}
+
+static void test_header_slots(void)
+{
+	struct content_headers hs;
+	struct fmt_header h;
+	uint8_t raw[FMT_HEADER_SIZE], junk[FMT_HEADER_SIZE];
+
+	/* A new file: slot 0 only. */
+	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(hs.count, 1);
+	CHECK_EQ(hs.slot[0], 0);
+	CHECK_EQ(hs.hdr[0].generation, 1);
+
+	/* A rewrite lands in slot 1 with generation 2 and becomes the newest. */
+	h = hs.hdr[0];
+	h.generation = 2;
+	strcpy(h.key_version, "2");
+	CHECK_EQ(fmt_header_encode(&h, keys, raw), 0);
+	CHECK_EQ(content_header_store(f.fd, 1, raw), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(hs.count, 2);
+	CHECK_EQ(hs.slot[0], 1);
+	CHECK_EQ(hs.hdr[0].generation, 2);
+	CHECK(strcmp(hs.hdr[0].key_version, "2") == 0);
+	CHECK_EQ(hs.slot[1], 0);
+	CHECK_EQ(content_header_read(f.fd, &h, NULL), 0);
+	CHECK_EQ(h.generation, 2);
+
+	/* A torn rewrite of slot 0 (generation 3): it does not parse, slot 1 still serves. */
+	memcpy(junk, raw, sizeof(junk));
+	junk[0] = 'X';
+	CHECK_EQ(content_header_store(f.fd, 0, junk), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(hs.count, 1);
+	CHECK_EQ(hs.slot[0], 1);
+
+	/* No slot parses: EIO; a slot of a newer format version: EPROTONOSUPPORT. */
+	CHECK_EQ(content_header_store(f.fd, 1, junk), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), -EIO);
+	memcpy(junk, raw, sizeof(junk));
+	junk[8] = 9;
+	CHECK_EQ(content_header_store(f.fd, 1, junk), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), -EPROTONOSUPPORT);
+	CHECK_EQ(content_header_store(f.fd, 0, raw), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(hs.count, 1);
 }
 
 int main(int argc, char **argv)
@@ -200,6 +248,7 @@ int main(int argc, char **argv)
 		seed = seed % 1000000 + 1;
 	}
 	printf("seed %u\n", seed);
+	test_header_slots();
 	test_random(seed, 4000);
 	test_holes_and_seek();
 	test_tamper();

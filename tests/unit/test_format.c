@@ -13,16 +13,17 @@
 static void test_sizes(void)
 {
 	/* Worked examples of docs/FORMAT.md. */
-	CHECK_EQ(fmt_backing_size(0), 1024);
-	CHECK_EQ(fmt_backing_size(1), 1065);
-	CHECK_EQ(fmt_backing_size(4095), 5159);
-	CHECK_EQ(fmt_backing_size(4096), 5160);
-	CHECK_EQ(fmt_backing_size(4097), 5201);
-	CHECK_EQ(fmt_backing_size(1 << 20), 1024 + 256 * 4136);
-	CHECK_EQ(fmt_backing_size(10ull << 30), 1024 + 2621440ull * 4136);
+	CHECK_EQ(fmt_backing_size(0), 2048);
+	CHECK_EQ(fmt_backing_size(1), 2089);
+	CHECK_EQ(fmt_backing_size(4095), 6183);
+	CHECK_EQ(fmt_backing_size(4096), 6184);
+	CHECK_EQ(fmt_backing_size(4097), 6225);
+	CHECK_EQ(fmt_backing_size(1 << 20), 2048 + 256 * 4136);
+	CHECK_EQ(fmt_backing_size(10ull << 30), 2048 + 2621440ull * 4136);
 	CHECK_EQ(fmt_plain_size(0), 0);
+	CHECK_EQ(fmt_plain_size(2048), 0);
 	CHECK_EQ(fmt_plain_size(1024), 0);
-	CHECK_EQ(fmt_plain_size(5160), 4096);
+	CHECK_EQ(fmt_plain_size(6184), 4096);
 
 	/* Every plaintext size over four chunks round-trips, and every backing size in that range
 	 * is either the image of exactly one plaintext size or invalid. */
@@ -34,7 +35,7 @@ static void test_sizes(void)
 			break;
 		}
 	}
-	for (uint64_t b = 0; b <= 1024 + 4 * 4136; b++) {
+	for (uint64_t b = 0; b <= 2048 + 4 * 4136; b++) {
 		bool v = fmt_backing_size_valid(b);
 		valid += v;
 		if (v && b && fmt_backing_size(fmt_plain_size(b)) != b) {
@@ -46,15 +47,18 @@ static void test_sizes(void)
 	CHECK_EQ(valid, 2 + 4 * 4096);
 	/* Invalid: inside the header, or a last chunk no longer than the overhead. */
 	CHECK(!fmt_backing_size_valid(1));
-	CHECK(!fmt_backing_size_valid(1023));
-	CHECK(fmt_backing_size_valid(1024));
-	CHECK(!fmt_backing_size_valid(1025));
-	CHECK(!fmt_backing_size_valid(1064));
-	CHECK(fmt_backing_size_valid(1065));
-	CHECK(!fmt_backing_size_valid(5160 + 40));
-	CHECK_EQ(fmt_plain_size(5160 + 40), 4096);
-	CHECK_EQ(fmt_chunk_offset(0), 1024);
-	CHECK_EQ(fmt_chunk_offset(3), 1024 + 3 * 4136);
+	CHECK(!fmt_backing_size_valid(1024));       /* one slot is not a header area */
+	CHECK(!fmt_backing_size_valid(2047));
+	CHECK(fmt_backing_size_valid(2048));
+	CHECK(!fmt_backing_size_valid(2049));
+	CHECK(!fmt_backing_size_valid(2088));
+	CHECK(fmt_backing_size_valid(2089));
+	CHECK(!fmt_backing_size_valid(6184 + 40));
+	CHECK_EQ(fmt_plain_size(6184 + 40), 4096);
+	CHECK_EQ(fmt_chunk_offset(0), 2048);
+	CHECK_EQ(fmt_chunk_offset(3), 2048 + 3 * 4136);
+	CHECK_EQ(fmt_header_offset(0), 0);
+	CHECK_EQ(fmt_header_offset(1), 1024);
 	CHECK(fmt_backing_size(FMT_MAX_PLAIN_SIZE) <= (uint64_t)INT64_MAX);
 }
 
@@ -70,6 +74,7 @@ static void make_header(struct fmt_header *h, struct fmt_keys *keys)
 		h->file_id[i] = (uint8_t)(0xa0 + i);
 	strcpy(h->key_id, "0b5b4d0e-6c0a-4a8f-9d6e-3f1c2b7a9e10");
 	strcpy(h->key_version, "1");
+	h->generation = 7;
 	h->wrapped_len = 77;
 	memset(h->wrapped, 0x5a, h->wrapped_len);
 }
@@ -106,6 +111,8 @@ static void test_header(void)
 	CHECK_EQ(buf[11], 12);
 	CHECK_EQ(fmt_header_parse(buf, &p), 0);
 	CHECK_EQ(p.version, 1);
+	CHECK_EQ(p.generation, 7);
+	CHECK_EQ(buf[36], 7);
 	CHECK_EQ(p.chunk_size, 4096);
 	CHECK_MEM(p.file_id, h.file_id, 16);
 	CHECK(strcmp(p.key_id, h.key_id) == 0);
@@ -136,11 +143,17 @@ static void test_header(void)
 	bad[34] = 0xff;
 	bad[35] = 0xff;
 	CHECK_EQ(fmt_header_parse(bad, &p), -EBADMSG);
+	memcpy(bad, buf, sizeof(buf));
+	memset(bad + 36, 0, 4);                 /* generation 0 never exists */
+	CHECK_EQ(fmt_header_parse(bad, &p), -EBADMSG);
 
 	/* Encode refuses what parse would refuse. */
 	h.wrapped_len = FMT_WRAPPED_MAX + 1;
 	CHECK_EQ(fmt_header_encode(&h, &keys, buf), -EINVAL);
 	h.wrapped_len = 77;
+	h.generation = 0;
+	CHECK_EQ(fmt_header_encode(&h, &keys, buf), -EINVAL);
+	h.generation = 1;
 	h.key_id[0] = '\0';
 	CHECK_EQ(fmt_header_encode(&h, &keys, buf), -EINVAL);
 	strcpy(h.key_id, "has space");
