@@ -12,6 +12,7 @@ struct cli_cmd {
 	const char *name;
 	int (*run)(int argc, char **argv);      /* argv[0] is the subcommand; returns a KEYFS_EXIT_* */
 	const char *args;
+	const char *args_more;                  /* a second form of the command, or NULL */
 	const char *help;
 };
 

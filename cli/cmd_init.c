@@ -21,15 +21,38 @@
 #include "keyfs/voldesc.h"
 #include "cli.h"
 
-enum { OPT_KMS = CLI_OPT_BASE, OPT_KEYSTORE, OPT_KEY, OPT_CREATE_KEY, OPT_HELP };
+enum {
+	OPT_KMS = CLI_OPT_BASE, OPT_KEYSTORE, OPT_KEY, OPT_CREATE_KEY, OPT_ENDPOINT, OPT_INSTANCE, OPT_IAM_ENDPOINT,
+	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_HELP,
+};
 
 static const struct option init_options[] = {
 	{ "kms", required_argument, NULL, OPT_KMS },
 	{ "keystore", required_argument, NULL, OPT_KEYSTORE },
 	{ "key", required_argument, NULL, OPT_KEY },
 	{ "create-key", no_argument, NULL, OPT_CREATE_KEY },
+	{ "endpoint", required_argument, NULL, OPT_ENDPOINT },
+	{ "instance", required_argument, NULL, OPT_INSTANCE },
+	{ "iam-endpoint", required_argument, NULL, OPT_IAM_ENDPOINT },
+	{ "apikey-file", required_argument, NULL, OPT_APIKEY_FILE },
+	{ "ca-file", required_argument, NULL, OPT_CA_FILE },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
+};
+
+/* What the command line says; the paths in it as given (made absolute later). */
+struct init_args {
+	const char *backing;
+	const char *kms;
+	const char *keystore;
+	const char *key;
+	bool key_given;
+	bool create_key;
+	const char *endpoint;
+	const char *instance;
+	const char *iam_endpoint;
+	const char *apikey_file;
+	const char *ca_file;
 };
 
 /* BACKING must be missing or an empty dir. Returns 0 (ret_missing tells which) or an exit code. */
@@ -113,10 +136,49 @@ static int kms_exit(int r)
 	return r == -ENOKEY || r == -EKEYREVOKED || r == -EKEYEXPIRED ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_KMS;
 }
 
-/* Wrap and unwrap a random DEK the way the daemon will: the key service works before we commit. */
-static int prove_kms(struct kms *k, const char *volume)
+static bool is_keyprotect(const struct voldesc *vol)
 {
-	static const char zero_id[2 * 16 + 1] = "00000000000000000000000000000000";
+	return strcmp(vol->kms, VOLDESC_KMS_KEYPROTECT) == 0;
+}
+
+/* Where a Key Protect key lives, for messages: "URL (instance GUID)". */
+#define WHERE_MAX (sizeof(((struct voldesc *)0)->endpoint) + sizeof(((struct voldesc *)0)->instance) + 16)
+static void kp_where(const struct voldesc *vol, char where[WHERE_MAX])
+{
+	snprintf(where, WHERE_MAX, "%s (instance %s)", vol->endpoint, vol->instance);
+}
+
+#define KP_ACCESS_HINT \
+	"check the API key, and that its service ID has a Key Protect service role that allows wrap and unwrap (ReaderPlus or above) on this instance or key"
+
+static const char zero_id[2 * FMT_FILE_ID_SIZE + 1] = "00000000000000000000000000000000";
+
+/* A failed test wrap or unwrap: the message, and the exit code. */
+static int prove_failed(struct kms *k, const struct voldesc *vol, const char *op, int r, const struct kms_err *err)
+{
+	char where[WHERE_MAX];
+	struct kms_err scratch;
+	int state;
+
+	if (!is_keyprotect(vol)) {
+		log_err("test %s failed: %s", op, err->msg);
+		return kms_exit(r);
+	}
+	kp_where(vol, where);
+	/* -ENOKEY is a key state that refuses, or access that is refused: the state tells which. */
+	if (r == -ENOKEY && !(kms_key_state(k, &state, &scratch) == 0 && state != KMS_STATE_ACTIVE)) {
+		log_err("test %s with key '%s' at %s was denied: %s: %s", op, vol->key, where, KP_ACCESS_HINT,
+			err->msg);
+		return KEYFS_EXIT_KMS;
+	}
+	log_err("test %s with key '%s' at %s failed: %s", op, vol->key, where, err->msg);
+	return kms_exit(r);
+}
+
+/* Wrap and unwrap a random DEK the way the daemon will: the key service works before we commit.
+ * The associated data is the new volume's uuid and an all-zero file id, which no file has. */
+static int prove_kms(struct kms *k, const struct voldesc *vol, char *ret_version, size_t version_size)
+{
 	const char *aad[KMS_AAD_COUNT];
 	struct kms_wrapped w;
 	struct kms_err err;
@@ -132,23 +194,23 @@ static int prove_kms(struct kms *k, const char *volume)
 		goto out;
 	}
 	randombytes_buf(dek, FMT_DEK_SIZE);
-	kms_file_aad(volume, zero_id, aad);
+	kms_file_aad(vol->volume, zero_id, aad);
 	r = kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w, &err);
 	if (r < 0) {
-		log_err("test wrap failed: %s", err.msg);
-		rc = kms_exit(r);
+		rc = prove_failed(k, vol, "wrap", r, &err);
 		goto out;
 	}
 	r = kms_unwrap(k, w.blob, w.len, aad, KMS_AAD_COUNT, back, NULL, &rewrapped, &err);
 	if (r < 0) {
-		log_err("test unwrap failed: %s", err.msg);
-		rc = kms_exit(r);
+		rc = prove_failed(k, vol, "unwrap", r, &err);
 		goto out;
 	}
 	if (sodium_memcmp(dek, back, FMT_DEK_SIZE) != 0) {
 		log_err("test unwrap returned a different key: the key service is not usable");
 		rc = KEYFS_EXIT_KMS;
+		goto out;
 	}
+	snprintf(ret_version, version_size, "%s", w.key_version);
 out:
 	if (dek) {
 		sodium_memzero(dek, FMT_DEK_SIZE);
@@ -188,6 +250,74 @@ static int check_state(struct kms *k, const char *name, const char *keystore)
 	}
 }
 
+/*
+ * Why the service refuses a key that is not active, in its own words: the metadata call answers
+ * a state, not an error, and so names no correlation id; a test wrap's refusal does.
+ */
+static void kp_refusal(struct kms *k, const struct voldesc *vol, int state, struct kms_err *why)
+{
+	const char *aad[KMS_AAD_COUNT];
+	struct kms_wrapped w;
+	uint8_t *dek = sodium_malloc(FMT_DEK_SIZE);
+	int r = -ENOMEM;
+
+	why->msg[0] = '\0';
+	if (dek) {
+		randombytes_buf(dek, FMT_DEK_SIZE);
+		kms_file_aad(vol->volume, zero_id, aad);
+		r = kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w, why);
+		sodium_memzero(dek, FMT_DEK_SIZE);
+		sodium_free(dek);
+	}
+	if (r == 0 || !why->msg[0])
+		snprintf(why->msg, sizeof(why->msg), "its metadata gives state %d (%s)", state,
+			 kms_state_name(state));
+}
+
+/* The key must be active: every other answer is one message naming the endpoint and key. */
+static int kp_check_state(struct kms *k, const struct voldesc *vol)
+{
+	char where[WHERE_MAX];
+	struct kms_err err, why;
+	int r, state;
+
+	kp_where(vol, where);
+	r = kms_key_state(k, &state, &err);
+	if (r == -ENOKEY) {
+		log_err("access to key '%s' at %s was denied: %s: %s", vol->key, where, KP_ACCESS_HINT, err.msg);
+		return KEYFS_EXIT_KMS;
+	}
+	if (r < 0) {
+		log_err("key service at %s cannot be used: %s", where, err.msg);
+		return kms_exit(r);
+	}
+	if (state == KMS_STATE_ACTIVE)
+		return 0;
+	kp_refusal(k, vol, state, &why);
+	switch (state) {
+	case KMS_STATE_PURGED:
+		log_err("key '%s' not found at %s: check the key id and the instance (a purged key is gone for good): %s",
+			vol->key, where, why.msg);
+		return KEYFS_EXIT_KMS;
+	case KMS_STATE_SUSPENDED:
+		log_err("key '%s' at %s is suspended: enable it in Key Protect first ('ibmcloud kp key enable %s'): %s",
+			vol->key, where, vol->key_id[0] ? vol->key_id : vol->key, why.msg);
+		return KEYFS_EXIT_LOCKED;
+	case KMS_STATE_DEACTIVATED:
+		log_err("key '%s' at %s is deactivated (past its expiration date): it cannot protect a new volume; use another key: %s",
+			vol->key, where, why.msg);
+		return KEYFS_EXIT_LOCKED;
+	case KMS_STATE_DESTROYED:
+		log_err("key '%s' at %s is destroyed: use another key (a deleted key can be restored within 30 days): %s",
+			vol->key, where, why.msg);
+		return KEYFS_EXIT_LOCKED;
+	default:
+		log_err("key '%s' at %s is %s: only an active key can protect a volume: %s", vol->key, where,
+			kms_state_name(state), why.msg);
+		return KEYFS_EXIT_LOCKED;
+	}
+}
+
 static int write_voldesc(const char *backing, const struct voldesc *vol)
 {
 	char buf[VOLDESC_MAX];
@@ -218,15 +348,178 @@ static int write_voldesc(const char *backing, const struct voldesc *vol)
 	return 0;
 }
 
+/* An https:// URL for --endpoint or --iam-endpoint, trailing slashes dropped. Returns 0 or an exit code. */
+static int https_url(const char *opt, const char *in, char *out, size_t size)
+{
+	size_t n = strlen(in);
+
+	while (n > 0 && in[n - 1] == '/')
+		n--;
+	if (strncmp(in, "https://", 8) != 0 || n <= 8)
+		return cli_usage_error("init", "%s '%s' is not an https:// URL: keyfs talks to the key service over HTTPS only",
+				       opt, in);
+	if (n >= size)
+		return cli_usage_error("init", "%s is longer than %zu bytes", opt, size - 1);
+	memcpy(out, in, n);
+	out[n] = '\0';
+	return 0;
+}
+
+/* The instance GUID of a key CRN (crn:v1:CNAME:CTYPE:kms|hs-crypto:REGION:a/ACCOUNT:INSTANCE:key:ID).
+ * Returns 0 or -EINVAL; the Key Protect client checks the other fields. */
+static int crn_instance(const char *crn, char *out, size_t size)
+{
+	const char *f[10], *p = crn;
+	size_t len[10], n = 0;
+
+	for (;;) {
+		const char *colon = strchr(p, ':');
+
+		if (n == 10)
+			return -EINVAL;
+		f[n] = p;
+		len[n] = colon ? (size_t)(colon - p) : strlen(p);
+		n++;
+		if (!colon)
+			break;
+		p = colon + 1;
+	}
+#define FIELD_IS(i, s) (len[i] == sizeof(s) - 1 && memcmp(f[i], s, len[i]) == 0)
+	if (n != 10 || !FIELD_IS(0, "crn") || !FIELD_IS(1, "v1") || !(FIELD_IS(4, "kms") || FIELD_IS(4, "hs-crypto")) ||
+	    !FIELD_IS(8, "key") || len[7] == 0 || len[9] == 0 || len[7] >= size)
+		return -EINVAL;
+#undef FIELD_IS
+	memcpy(out, f[7], len[7]);
+	out[len[7]] = '\0';
+	return 0;
+}
+
+/*
+ * The Key Protect part of the volume description and of the client's configuration, from the
+ * command line. apikey_buf receives the absolute --apikey-file. Returns 0 or an exit code.
+ */
+static int kp_setup(const struct init_args *a, struct voldesc *vol, struct kms_config *cfg, char *apikey_buf,
+		    size_t apikey_size)
+{
+	char crn_inst[sizeof(vol->instance)];
+	const char *creds;
+	struct stat st;
+	int r, rc;
+
+	if (!a->key_given)
+		return cli_usage_error("init", "missing --key ID|CRN: the id or CRN of the root key in Key Protect");
+	if (!a->endpoint)
+		return cli_usage_error("init", "missing --endpoint URL (https://REGION.kms.cloud.ibm.com, or the Hyper Protect Crypto Services endpoint)");
+	rc = https_url("--endpoint", a->endpoint, vol->endpoint, sizeof(vol->endpoint));
+	if (rc)
+		return rc;
+	if (a->iam_endpoint) {
+		rc = https_url("--iam-endpoint", a->iam_endpoint, vol->iam_endpoint, sizeof(vol->iam_endpoint));
+		if (rc)
+			return rc;
+	}
+	if (strncmp(a->key, "crn:", 4) == 0) {
+		if (crn_instance(a->key, crn_inst, sizeof(crn_inst)) < 0)
+			return cli_usage_error("init", "'%s' is not a key CRN (crn:v1:...:kms|hs-crypto:REGION:a/ACCOUNT:INSTANCE:key:ID)",
+					       a->key);
+		if (a->instance && strcmp(a->instance, crn_inst) != 0)
+			return cli_usage_error("init", "--instance '%s' is not the instance '%s' named in the key CRN",
+					       a->instance, crn_inst);
+		snprintf(vol->instance, sizeof(vol->instance), "%s", crn_inst);
+	} else if (!a->instance || !a->instance[0]) {
+		return cli_usage_error("init", "missing --instance GUID (or give the key as a CRN, which names its instance)");
+	} else if (cli_copy(vol->instance, sizeof(vol->instance), a->instance) < 0) {
+		return cli_usage_error("init", "--instance is longer than %zu bytes", sizeof(vol->instance) - 1);
+	}
+
+	/* The API key never comes from argv or from an environment variable's contents. */
+	if (a->apikey_file) {
+		r = a->apikey_file[0] ? cli_abs_path(a->apikey_file, apikey_buf, apikey_size) : -ENOENT;
+		if (r < 0)
+			return cli_usage_error("init", "--apikey-file '%s': %s", a->apikey_file, strerror(-r));
+		cfg->apikey_file = apikey_buf;
+	} else {
+		creds = getenv("CREDENTIALS_DIRECTORY");
+		if (!creds || !creds[0]) {
+			log_err("no API key: give --apikey-file FILE (a file holding the service ID's API key), or set CREDENTIALS_DIRECTORY to a dir holding it as 'apikey'");
+			return KEYFS_EXIT_KMS;
+		}
+	}
+	if (a->ca_file) {
+		r = a->ca_file[0] ? cli_abs_path(a->ca_file, vol->ca_file, sizeof(vol->ca_file)) : -ENOENT;
+		if (r < 0)
+			return cli_usage_error("init", "--ca-file '%s': %s", a->ca_file, strerror(-r));
+		if (stat(vol->ca_file, &st) < 0) {
+			log_err("CA file '%s': %s", vol->ca_file, strerror(errno));
+			return KEYFS_EXIT_KMS;
+		}
+		if (!S_ISREG(st.st_mode)) {
+			log_err("CA file '%s' is not a regular file (give a PEM file of CA certificates)", vol->ca_file);
+			return KEYFS_EXIT_KMS;
+		}
+		cfg->ca_file = vol->ca_file;
+	}
+	return 0;
+}
+
+/* Print s as one shell word: as it is when plain, else single-quoted. */
+static void print_shell_word(const char *s)
+{
+	static const char plain[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:=,@%+-";
+
+	if (s[0] && strspn(s, plain) == strlen(s)) {
+		fputs(s, stdout);
+		return;
+	}
+	putchar('\'');
+	for (; *s; s++) {
+		if (*s == '\'')
+			fputs("'\\''", stdout);
+		else
+			putchar(*s);
+	}
+	putchar('\'');
+}
+
+/* The exact mount command: the API key file as -o apikey_file= ("\," is a comma inside a value),
+ * or the credentials dir it came from. */
+static void print_mount_command(const char *backing, const char *apikey_file)
+{
+	char opt[PATH_MAX * 2 + 16];
+	size_t n;
+
+	fputs("mount it with: ", stdout);
+	if (!apikey_file) {
+		fputs("CREDENTIALS_DIRECTORY=", stdout);
+		print_shell_word(getenv("CREDENTIALS_DIRECTORY"));
+		putchar(' ');
+	}
+	fputs("keyfs ", stdout);
+	print_shell_word(backing);
+	fputs(" MOUNTPOINT", stdout);
+	if (apikey_file) {
+		n = (size_t)snprintf(opt, sizeof(opt), "apikey_file=");
+		for (const char *p = apikey_file; *p && n + 3 < sizeof(opt); p++) {
+			if (*p == ',' || *p == '\\')
+				opt[n++] = '\\';
+			opt[n++] = *p;
+		}
+		opt[n] = '\0';
+		fputs(" -o ", stdout);
+		print_shell_word(opt);
+	}
+	putchar('\n');
+}
+
 int cmd_init(int argc, char **argv)
 {
-	const char *kms_kind = NULL, *keystore_arg = NULL, *key = "default", *backing_arg = NULL;
-	char keystore[PATH_MAX], backing[PATH_MAX];
+	struct init_args a = { .key = "default" };
+	char keystore[PATH_MAX], backing[PATH_MAX], apikey_file[PATH_MAX], version[FMT_KEY_VERSION_MAX + 1] = "";
 	struct kms_config cfg;
 	struct kms_err err;
 	struct voldesc vol;
 	struct kms *k = NULL;
-	bool create_key = false, missing = false;
+	bool missing = false, kp;
 	int c, r, rc;
 
 	optind = 0;
@@ -234,14 +527,19 @@ int cmd_init(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "-:h", init_options, NULL)) != -1) {
 		switch (c) {
 		case 1:
-			if (backing_arg)
+			if (a.backing)
 				return cli_usage_error("init", "unexpected argument '%s'", optarg);
-			backing_arg = optarg;
+			a.backing = optarg;
 			break;
-		case OPT_KMS: kms_kind = optarg; break;
-		case OPT_KEYSTORE: keystore_arg = optarg; break;
-		case OPT_KEY: key = optarg; break;
-		case OPT_CREATE_KEY: create_key = true; break;
+		case OPT_KMS: a.kms = optarg; break;
+		case OPT_KEYSTORE: a.keystore = optarg; break;
+		case OPT_KEY: a.key = optarg; a.key_given = true; break;
+		case OPT_CREATE_KEY: a.create_key = true; break;
+		case OPT_ENDPOINT: a.endpoint = optarg; break;
+		case OPT_INSTANCE: a.instance = optarg; break;
+		case OPT_IAM_ENDPOINT: a.iam_endpoint = optarg; break;
+		case OPT_APIKEY_FILE: a.apikey_file = optarg; break;
+		case OPT_CA_FILE: a.ca_file = optarg; break;
 		case 'h':
 		case OPT_HELP:
 			cli_print_usage(stdout, "init");
@@ -251,32 +549,46 @@ int cmd_init(int argc, char **argv)
 		}
 	}
 	for (; optind < argc; optind++) {
-		if (backing_arg)
+		if (a.backing)
 			return cli_usage_error("init", "unexpected argument '%s'", argv[optind]);
-		backing_arg = argv[optind];
+		a.backing = argv[optind];
 	}
-	if (!backing_arg || !backing_arg[0])
+	if (!a.backing || !a.backing[0])
 		return cli_usage_error("init", "missing BACKING dir");
-	if (!kms_kind)
+	if (!a.kms)
 		return cli_usage_error("init", "missing --kms (local or keyprotect)");
-	if (strcmp(kms_kind, VOLDESC_KMS_LOCAL) != 0 && strcmp(kms_kind, VOLDESC_KMS_KEYPROTECT) != 0)
-		return cli_usage_error("init", "unknown kms '%s': use local or keyprotect", kms_kind);
-	if (strcmp(kms_kind, VOLDESC_KMS_LOCAL) == 0) {
-		if (keystore_name_valid(key) < 0)
+	if (strcmp(a.kms, VOLDESC_KMS_LOCAL) != 0 && strcmp(a.kms, VOLDESC_KMS_KEYPROTECT) != 0)
+		return cli_usage_error("init", "unknown kms '%s': use local or keyprotect", a.kms);
+	kp = strcmp(a.kms, VOLDESC_KMS_KEYPROTECT) == 0;
+
+	memset(&vol, 0, sizeof(vol));
+	memset(&cfg, 0, sizeof(cfg));
+	vol.format = VOLDESC_FORMAT;
+	if (!kp) {
+		const char *kp_only = a.endpoint ? "--endpoint" : a.instance ? "--instance"
+				      : a.iam_endpoint ? "--iam-endpoint" : a.apikey_file ? "--apikey-file"
+				      : a.ca_file ? "--ca-file" : NULL;
+
+		if (kp_only)
+			return cli_usage_error("init", "%s works only with --kms keyprotect", kp_only);
+		if (keystore_name_valid(a.key) < 0)
 			return cli_usage_error("init", "'%s' is not a valid key name: use 1-%d letters, digits, '.', '_' or '-', starting with a letter or digit",
-					       key, KEYSTORE_NAME_MAX);
-		rc = cli_keystore_dir(keystore_arg, keystore, sizeof(keystore));
+					       a.key, KEYSTORE_NAME_MAX);
+		rc = cli_keystore_dir(a.keystore, keystore, sizeof(keystore));
 		if (rc)
 			return rc;
 	} else {
-		if (create_key || keystore_arg)
+		if (a.create_key || a.keystore)
 			return cli_usage_error("init", "%s works only with --kms local",
-					       create_key ? "--create-key" : "--keystore");
+					       a.create_key ? "--create-key" : "--keystore");
 		keystore[0] = '\0';
+		rc = kp_setup(&a, &vol, &cfg, apikey_file, sizeof(apikey_file));
+		if (rc)
+			return rc;
 	}
-	r = cli_abs_path(backing_arg, backing, sizeof(backing));
+	r = cli_abs_path(a.backing, backing, sizeof(backing));
 	if (r < 0) {
-		log_err("backing dir '%s': %s", backing_arg, strerror(-r));
+		log_err("backing dir '%s': %s", a.backing, strerror(-r));
 		return KEYFS_EXIT_USAGE;
 	}
 	if (sodium_init() < 0) {
@@ -288,36 +600,35 @@ int cmd_init(int argc, char **argv)
 	if (rc)
 		return rc;
 
-	if (create_key) {
+	if (a.create_key) {
 		struct keystore_info info;
 
-		r = keystore_create(keystore, key, &info);
+		r = keystore_create(keystore, a.key, &info);
 		if (r < 0)
-			return cli_keystore_error(r, keystore, key);
-		printf("created key '%s' (id %s) in keystore '%s'\n", key, info.id, keystore);
+			return cli_keystore_error(r, keystore, a.key);
+		printf("created key '%s' (id %s) in keystore '%s'\n", a.key, info.id, keystore);
 	}
 
-	memset(&vol, 0, sizeof(vol));
-	vol.format = VOLDESC_FORMAT;
 	util_uuid4(vol.volume);
 	util_now_rfc3339(vol.created);
-	if (cli_copy(vol.kms, sizeof(vol.kms), kms_kind) < 0 || cli_copy(vol.key, sizeof(vol.key), key) < 0 ||
+	if (cli_copy(vol.kms, sizeof(vol.kms), a.kms) < 0 || cli_copy(vol.key, sizeof(vol.key), a.key) < 0 ||
 	    cli_copy(vol.keystore, sizeof(vol.keystore), keystore) < 0)
 		return cli_usage_error("init", "key name or keystore path too long");
-	memset(&cfg, 0, sizeof(cfg));
 	cfg.vol = &vol;
 	r = kms_open(&cfg, &k, &err);
 	if (r < 0) {
 		log_err("%s", err.msg);
 		return kms_exit(r);
 	}
-	rc = check_state(k, key, keystore);
-	if (rc == 0)
-		rc = prove_kms(k, vol.volume);
-	if (rc == 0 && cli_copy(vol.key_id, sizeof(vol.key_id), kms_key_id(k)) < 0) {
-		log_err("key id of '%s' is too long", key);
-		rc = KEYFS_EXIT_KMS;
+	/* Messages name the key id from here on, as the service knows it. */
+	if (cli_copy(vol.key_id, sizeof(vol.key_id), kms_key_id(k)) < 0) {
+		log_err("key id of '%s' is too long", a.key);
+		kms_free(k);
+		return KEYFS_EXIT_KMS;
 	}
+	rc = kp ? kp_check_state(k, &vol) : check_state(k, a.key, keystore);
+	if (rc == 0)
+		rc = prove_kms(k, &vol, version, sizeof(version));
 	kms_free(k);
 	if (rc)
 		return rc;
@@ -335,11 +646,26 @@ int cmd_init(int argc, char **argv)
 
 	printf("created keyfs volume '%s'\n"
 	       "  volume:   %s\n"
-	       "  kms:      %s\n"
-	       "  key:      %s (id %s)\n",
-	       backing, vol.volume, vol.kms, vol.key, vol.key_id);
+	       "  kms:      %s\n",
+	       backing, vol.volume, vol.kms);
+	if (kp && strcmp(vol.key, vol.key_id) == 0)
+		printf("  key:      %s\n", vol.key);
+	else
+		printf("  key:      %s (id %s)\n", vol.key, vol.key_id);
 	if (keystore[0])
 		printf("  keystore: %s\n", keystore);
-	printf("mount it with: keyfs %s MOUNTPOINT\n", backing);
+	if (!kp) {
+		printf("mount it with: keyfs %s MOUNTPOINT\n", backing);
+		return KEYFS_EXIT_OK;
+	}
+	printf("  version:  %s\n"
+	       "  endpoint: %s\n"
+	       "  instance: %s\n",
+	       version, vol.endpoint, vol.instance);
+	if (vol.iam_endpoint[0])
+		printf("  iam:      %s\n", vol.iam_endpoint);
+	if (vol.ca_file[0])
+		printf("  ca file:  %s (the mount trusts it; -o ca_file= overrides)\n", vol.ca_file);
+	print_mount_command(backing, cfg.apikey_file);
 	return KEYFS_EXIT_OK;
 }

@@ -20,12 +20,13 @@ static int cmd_help(int argc, char **argv);
 
 static const struct cli_cmd commands[] = {
 	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key]",
+	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F]",
 	  "make an empty or missing dir a keyfs volume bound to a key" },
-	{ "inspect", cmd_inspect, "[--json] PATH...",
+	{ "inspect", cmd_inspect, "[--json] PATH...", NULL,
 	  "show the keyfs header of files (backing files or paths in a mount), no key needed" },
-	{ "key", cmd_key, "create|show|suspend|enable|destroy NAME [--keystore DIR]",
+	{ "key", cmd_key, "create|show|suspend|enable|destroy NAME [--keystore DIR]", NULL,
 	  "manage keys in the local keystore" },
-	{ "help", cmd_help, "[COMMAND]", "show this help, or one command's usage" },
+	{ "help", cmd_help, "[COMMAND]", NULL, "show this help, or one command's usage" },
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
@@ -42,10 +43,13 @@ void cli_print_usage(FILE *f, const char *cmd)
 {
 	const struct cli_cmd *c = find_command(cmd);
 
-	if (c)
+	if (c) {
 		fprintf(f, "usage: keyfsctl %s %s\n", c->name, c->args);
-	else
+		if (c->args_more)
+			fprintf(f, "       keyfsctl %s %s\n", c->name, c->args_more);
+	} else {
 		fprintf(f, "usage: keyfsctl COMMAND [ARGS...]; see 'keyfsctl --help'\n");
+	}
 }
 
 static void print_help(FILE *f)
@@ -54,9 +58,12 @@ static void print_help(FILE *f)
 		   "       keyfsctl --version | --help\n"
 		   "\n"
 		   "commands:\n");
-	for (size_t i = 0; i < NCOMMANDS; i++)
+	for (size_t i = 0; i < NCOMMANDS; i++) {
 		fprintf(f, "  %-8s  %s\n  %-8s    keyfsctl %s %s\n", commands[i].name, commands[i].help, "",
 			commands[i].name, commands[i].args);
+		if (commands[i].args_more)
+			fprintf(f, "  %-8s    keyfsctl %s %s\n", "", commands[i].name, commands[i].args_more);
+	}
 	fprintf(f, "\n"
 		   "exit codes: 0 ok, 1 failure, 2 usage, 3 config, 4 kms, 5 mount, 6 io, 7 damaged,\n"
 		   "8 locked (key suspended or destroyed), 9 exists\n");

@@ -15,7 +15,7 @@ struct field {
 #define FIELD(n) { #n, offsetof(struct voldesc, n), sizeof(((struct voldesc *)0)->n) }
 static const struct field fields[] = {
 	FIELD(volume), FIELD(kms), FIELD(key), FIELD(key_id), FIELD(keystore),
-	FIELD(endpoint), FIELD(instance), FIELD(iam_endpoint), FIELD(created),
+	FIELD(endpoint), FIELD(instance), FIELD(iam_endpoint), FIELD(ca_file), FIELD(created),
 };
 
 static bool uuid_valid(const char *s)
@@ -50,9 +50,18 @@ static int check(const struct voldesc *v, char *err, size_t errlen)
 			snprintf(err, errlen, "'keystore' must be an absolute path for kms=local");
 			return -EINVAL;
 		}
+		/* A CA file names a service to trust; with kms=local it would be a silent no-op. */
+		if (v->ca_file[0]) {
+			snprintf(err, errlen, "'ca_file' is for kms=keyprotect only");
+			return -EINVAL;
+		}
 	} else if (strcmp(v->kms, VOLDESC_KMS_KEYPROTECT) == 0) {
 		if (strncmp(v->endpoint, "https://", 8) != 0 || !v->instance[0]) {
 			snprintf(err, errlen, "kms=keyprotect needs an https 'endpoint' and an 'instance'");
+			return -EINVAL;
+		}
+		if (v->ca_file[0] && v->ca_file[0] != '/') {
+			snprintf(err, errlen, "'ca_file' must be an absolute path");
 			return -EINVAL;
 		}
 	} else {

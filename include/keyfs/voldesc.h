@@ -22,6 +22,8 @@
  *   key_id=<id>                   the id written in file headers (local: the key's uuid)
  *   keystore=<dir>                local only
  *   endpoint=<url> instance=<guid> iam_endpoint=<url>    keyprotect only
+ *   ca_file=<absolute path>       keyprotect only, optional: CA bundle the service's certificate
+ *                                 chains to (a private CA); the mount's -o ca_file= overrides it
  *   created=<RFC 3339 UTC>
  * Unknown names are an error (a newer format), so nothing is silently ignored.
  */
@@ -35,6 +37,7 @@ struct voldesc {
 	char endpoint[512];
 	char instance[64];
 	char iam_endpoint[512];
+	char ca_file[PATH_MAX];
 	char created[32];
 };
 

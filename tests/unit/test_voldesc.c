@@ -60,6 +60,36 @@ int main(void)
 		       "endpoint=http://plain\ninstance=x\n", &v), -EINVAL);
 	CHECK_EQ(parse("format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=keyprotect\nkey=a\nkey_id=b\n"
 		       "endpoint=https://us-south.kms.cloud.ibm.com\ninstance=x\n", &v), 0);
+	/* ca_file: optional, keyprotect only, absolute, and it round-trips. */
+	{
+		static const char kp[] =
+			"format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=keyprotect\nkey=a\nkey_id=a\n"
+			"endpoint=https://127.0.0.1:9443\ninstance=x\niam_endpoint=https://127.0.0.1:9443\n"
+			"ca_file=/etc/keyfs/ca.pem\ncreated=2026-11-22T22:25:00Z\n";
+		static const char relative_ca[] =
+			"format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=keyprotect\nkey=a\n"
+			"key_id=b\nendpoint=https://h\ninstance=x\nca_file=ca.pem\n";
+
+		CHECK_EQ(parse(kp, &v), 0);
+		CHECK(strcmp(v.ca_file, "/etc/keyfs/ca.pem") == 0);
+		n = voldesc_format(&v, buf, sizeof(buf));
+		CHECK(n > 0);
+		CHECK(strstr(buf, "\nca_file=/etc/keyfs/ca.pem\n") != NULL);
+		CHECK_EQ(voldesc_parse(buf, (size_t)n, &w, err, sizeof(err)), 0);
+		CHECK_MEM(&v, &w, sizeof(v));
+		/* Without it the field stays empty and is not written. */
+		CHECK_EQ(parse("format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=keyprotect\nkey=a\n"
+			       "key_id=b\nendpoint=https://h\ninstance=x\n", &v), 0);
+		CHECK_EQ(v.ca_file[0], 0);
+		n = voldesc_format(&v, buf, sizeof(buf));
+		CHECK(n > 0 && strstr(buf, "ca_file") == NULL);
+		CHECK_EQ(voldesc_parse(relative_ca, strlen(relative_ca), &v, err, sizeof(err)), -EINVAL);
+		CHECK(strstr(err, "ca_file") != NULL && strstr(err, "absolute") != NULL);
+		CHECK_EQ(parse("format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=keyprotect\nkey=a\n"
+			       "key_id=b\nendpoint=https://h\ninstance=x\nca_file=/a\nca_file=/b\n", &v), -EINVAL);
+		CHECK_EQ(parse("format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=local\nkey=a\nkey_id=b\n"
+			       "keystore=/k\nca_file=/etc/keyfs/ca.pem\n", &v), -EINVAL);
+	}
 	{
 		char big[1000] = "format=1\ninstance=";
 		memset(big + strlen(big), 'x', 200);
