@@ -10,7 +10,31 @@
 
 #include "keyfs/log.h"
 
+#include "dekpool.h"
 #include "filekeys.h"
+
+/*
+ * The KMS call that unwraps (or wraps) a file's DEK is made without keys_lock: one thread marks
+ * the inode keys_loading, unlocks, calls the KMS, and locks again to install what it got. Other
+ * threads needing the keys wait on keys_cond for that one call instead of making their own, so
+ * a file's DEK is unwrapped once however many readers arrive together, and a prefetch that is
+ * already under way serves the open that follows it.
+ *
+ * A prefetch holds no content lock, so the header may change under it: truncating a damaged
+ * file to 0 drops the header and the next write makes a new one. Both bump header_epoch under
+ * keys_lock; keys loaded from a header of an older epoch are discarded, never installed.
+ */
+
+/* What one load found: keys (a keyslab slot, NULL when the file has no header yet) and where. */
+struct loaded {
+	struct fmt_keys *keys;
+	uint8_t file_id[FMT_FILE_ID_SIZE];
+	unsigned slot;
+	uint32_t generation;
+	bool was_rewrapped;
+	struct kms_wrapped rewrapped;   /* when was_rewrapped: to store in the other slot */
+	struct fmt_header hdr;          /* when was_rewrapped: the header it replaces */
+};
 
 /* A KMS or format failure as the errno a file operation answers with. */
 static int file_errno(int r)
@@ -37,7 +61,9 @@ static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 
 /* Store a DEK the service re-wrapped with a newer key version, in the slot not in use, with
  * the next generation: until that write is durable the current slot still authenticates.
- * Best effort: the old blob keeps unwrapping while the service keeps that key version. */
+ * Best effort: the old blob keeps unwrapping while the service keeps that key version.
+ * Called with keys_lock held and the header epoch checked, so the header is still the one the
+ * keys came from. */
 static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old,
 			   const struct kms_wrapped *w, const struct fmt_keys *keys)
 {
@@ -72,14 +98,17 @@ static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old
 	}
 	inode->header_slot = slot;
 	inode->header_generation = h.generation;
+	inode->header_epoch++;
 	log_info("%s: key re-wrapped with key version '%s'", label, w->key_version);
 }
 
 /* Unwrap and authenticate one header slot into keys. Returns 0, -EBADMSG when this slot does
- * not open (another slot may), or a KMS errno that no slot would change. */
+ * not open (another slot may), or a KMS errno that no slot would change. A quiet caller (a
+ * prefetch) logs only at debug level: the open that needs the file reports its own failure. */
 static int slot_open(struct keyfs *fs, const char *label, const struct fmt_header *h, const uint8_t *raw,
-		     uint8_t *dek, struct fmt_keys *keys, struct kms_wrapped *rewrapped, bool *was_rewrapped)
+		     uint8_t *dek, struct fmt_keys *keys, struct loaded *ld, bool quiet)
 {
+	enum log_level lvl = quiet ? LOG_LEVEL_DEBUG : LOG_LEVEL_ERR;
 	char hex[2 * FMT_FILE_ID_SIZE + 1];
 	const char *aad[KMS_AAD_COUNT];
 	struct kms_err err;
@@ -87,45 +116,46 @@ static int slot_open(struct keyfs *fs, const char *label, const struct fmt_heade
 
 	fmt_file_id_hex(h->file_id, hex);
 	kms_file_aad(fs->vol.volume, hex, aad);
-	r = kms_unwrap(fs->kms, h->wrapped, h->wrapped_len, aad, KMS_AAD_COUNT, dek, rewrapped, was_rewrapped,
-		       &err);
+	r = kms_unwrap(fs->kms, h->wrapped, h->wrapped_len, aad, KMS_AAD_COUNT, dek, &ld->rewrapped,
+		       &ld->was_rewrapped, &err);
 	if (r < 0) {
 		if (r == -EBADMSG && strcmp(h->key_id, kms_key_id(fs->kms)) != 0)
-			log_err("%s: wrapped by key '%s', not by this volume's key '%s'", label, h->key_id,
+			log_msg(lvl, "%s: wrapped by key '%s', not by this volume's key '%s'", label, h->key_id,
 				kms_key_id(fs->kms));
 		else
-			log_err("%s: %s", label, err.msg);
+			log_msg(lvl, "%s: %s", label, err.msg);
 		return r;
 	}
 	fmt_keys_derive(dek, keys);
 	if (fmt_header_verify(raw, keys) < 0) {
-		log_err("%s: keyfs header (generation %u) does not authenticate", label, h->generation);
+		log_msg(lvl, "%s: keyfs header (generation %u) does not authenticate", label, h->generation);
+		ld->was_rewrapped = false;
 		return -EBADMSG;
 	}
 	return 0;
 }
 
-/* Called with inode->keys_lock held and inode->keys NULL. */
-static int keys_load(struct keyfs *fs, struct kfs_inode *inode, int fd)
+/* Read the header of fd and unwrap its DEK. Called with no lock held: this is the KMS round
+ * trip. Returns 0 (ld->keys NULL when the file has no header yet) or the errno of the header
+ * read or of the KMS, unmapped (file_errno maps it for a file operation). */
+static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, struct loaded *ld)
 {
+	enum log_level lvl = quiet ? LOG_LEVEL_DEBUG : LOG_LEVEL_ERR;
 	struct content_headers hs;
-	struct kms_wrapped rewrapped;
 	struct fmt_keys *keys;
-	char label[64];
 	uint8_t *dek;
-	bool was_rewrapped = false;
 	unsigned i;
 	int r;
 
+	memset(ld, 0, sizeof(*ld));
 	r = content_headers_read(fd, &hs);
 	if (r == -ENODATA)
 		return 0;
-	inode_label(inode, label, sizeof(label));
 	if (r < 0) {
-		log_err("%s: unreadable keyfs header: %s", label,
+		log_msg(lvl, "%s: unreadable keyfs header: %s", label,
 			r == -EIO ? "damaged or truncated"
 			: r == -EPROTONOSUPPORT ? "format version or cipher unknown to this keyfs" : strerror(-r));
-		return file_errno(r);
+		return r;
 	}
 	dek = keyslab_alloc(&fs->slab);
 	keys = keyslab_alloc(&fs->slab);
@@ -135,23 +165,21 @@ static int keys_load(struct keyfs *fs, struct kfs_inode *inode, int fd)
 	}
 	/* Newest slot first; an older one serves when a rewrite of the newer was torn. */
 	for (i = 0; i < hs.count; i++) {
-		r = slot_open(fs, label, &hs.hdr[i], hs.raw[i], dek, keys, &rewrapped, &was_rewrapped);
+		r = slot_open(fs, label, &hs.hdr[i], hs.raw[i], dek, keys, ld, quiet);
 		if (r != -EBADMSG)
 			break;
 	}
-	if (r < 0) {
-		r = file_errno(r);
+	if (r < 0)
 		goto out;
-	}
 	if (i > 0)
 		log_warn("%s: using the header of generation %u: the newer one does not open", label,
 			 hs.hdr[i].generation);
-	inode->header_slot = hs.slot[i];
-	inode->header_generation = hs.hdr[i].generation;
-	if (was_rewrapped)
-		header_rewrite(inode, &hs.hdr[i], &rewrapped, keys);
-	inode->keys = keys;
-	memcpy(inode->file_id, hs.hdr[i].file_id, FMT_FILE_ID_SIZE);
+	ld->slot = hs.slot[i];
+	ld->generation = hs.hdr[i].generation;
+	memcpy(ld->file_id, hs.hdr[i].file_id, FMT_FILE_ID_SIZE);
+	if (ld->was_rewrapped)
+		ld->hdr = hs.hdr[i];
+	ld->keys = keys;
 	keys = NULL;
 	r = 0;
 out:
@@ -160,80 +188,122 @@ out:
 	return r;
 }
 
-/* Called with inode->keys_lock held, inode->keys NULL and the backing file empty. */
-static int keys_create(struct keyfs *fs, struct kfs_inode *inode, int fd)
+/* A new header for an empty file, from the DEK pool (or a wrap made now when the pool has none).
+ * Called with no lock but inode->content held exclusively: the KMS call may happen here. */
+static int keys_create(struct keyfs *fs, const char *label, int fd, struct loaded *ld)
 {
 	uint8_t raw[FMT_HEADER_SIZE];
-	char hex[2 * FMT_FILE_ID_SIZE + 1], label[64];
-	const char *aad[KMS_AAD_COUNT];
+	struct dekpool_entry e;
 	struct fmt_header h;
-	struct kms_wrapped w;
 	struct kms_err err;
 	struct fmt_keys *keys;
-	uint8_t *dek;
 	int r;
 
+	memset(ld, 0, sizeof(*ld));
 	memset(&h, 0, sizeof(h));
 	h.generation = 1;
-	dek = keyslab_alloc(&fs->slab);
 	keys = keyslab_alloc(&fs->slab);
-	if (!dek || !keys) {
-		r = -ENOMEM;
-		goto out;
-	}
-	randombytes_buf(dek, FMT_DEK_SIZE);
-	do
-		randombytes_buf(h.file_id, sizeof(h.file_id));
-	while (sodium_is_zero(h.file_id, sizeof(h.file_id)));
-	fmt_file_id_hex(h.file_id, hex);
-	kms_file_aad(fs->vol.volume, hex, aad);
-	r = kms_wrap(fs->kms, dek, aad, KMS_AAD_COUNT, &w, &err);
+	if (!keys)
+		return -ENOMEM;
+	r = dekpool_get(fs->pool, &e, &err);
 	if (r < 0) {
-		inode_label(inode, label, sizeof(label));
 		log_err("%s: cannot create a file key: %s", label, err.msg);
-		r = file_errno(r);
-		goto out;
+		keyslab_free(&fs->slab, keys);
+		return file_errno(r);
 	}
+	memcpy(h.file_id, e.file_id, sizeof(h.file_id));
 	snprintf(h.key_id, sizeof(h.key_id), "%s", kms_key_id(fs->kms));
-	snprintf(h.key_version, sizeof(h.key_version), "%s", w.key_version);
-	memcpy(h.wrapped, w.blob, w.len);
-	h.wrapped_len = w.len;
-	fmt_keys_derive(dek, keys);
+	snprintf(h.key_version, sizeof(h.key_version), "%s", e.wrapped.key_version);
+	memcpy(h.wrapped, e.wrapped.blob, e.wrapped.len);
+	h.wrapped_len = e.wrapped.len;
+	fmt_keys_derive(e.dek, keys);
+	keyslab_free(&fs->slab, e.dek);
 	r = fmt_header_encode(&h, keys, raw);
 	if (r < 0) {
-		inode_label(inode, label, sizeof(label));
-		log_err("%s: cannot encode a keyfs header (key id '%s', %zu-byte wrapped key)", label,
-			h.key_id, h.wrapped_len);
+		log_err("%s: cannot encode a keyfs header (key id '%s', %zu-byte wrapped key)", label, h.key_id,
+			h.wrapped_len);
 		r = -EIO;
-		goto out;
+	} else {
+		r = content_header_init(fd, raw);
 	}
-	r = content_header_init(fd, raw);
-	if (r < 0)
-		goto out;
-	inode->header_slot = 0;
-	inode->header_generation = 1;
-	inode->keys = keys;
-	memcpy(inode->file_id, h.file_id, FMT_FILE_ID_SIZE);
-	keys = NULL;
-out:
-	keyslab_free(&fs->slab, dek);
-	keyslab_free(&fs->slab, keys);
-	return r;
+	if (r < 0) {
+		keyslab_free(&fs->slab, keys);
+		return r;
+	}
+	ld->keys = keys;
+	ld->slot = 0;
+	ld->generation = 1;
+	memcpy(ld->file_id, h.file_id, FMT_FILE_ID_SIZE);
+	return 0;
+}
+
+/* Make what a load or create found the inode's keys, unless the header changed meanwhile.
+ * Called with keys_lock held and keys_loading set by this thread. Returns true if installed
+ * (ld->keys then belongs to the inode). */
+static bool install(struct kfs_inode *inode, uint64_t epoch, struct loaded *ld)
+{
+	if (!ld->keys || inode->keys || inode->header_epoch != epoch)
+		return false;
+	inode->header_slot = ld->slot;
+	inode->header_generation = ld->generation;
+	memcpy(inode->file_id, ld->file_id, FMT_FILE_ID_SIZE);
+	if (ld->was_rewrapped)
+		header_rewrite(inode, &ld->hdr, &ld->rewrapped, ld->keys);
+	inode->keys = ld->keys;
+	ld->keys = NULL;
+	return true;
+}
+
+/* Called with keys_lock held by a thread that set keys_loading. */
+static void loading_done(struct kfs_inode *inode)
+{
+	inode->keys_loading = false;
+	pthread_cond_broadcast(&inode->keys_cond);
 }
 
 static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content_file *cf, bool create)
 {
-	int r = 0;
+	struct loaded ld;
+	char label[64];
+	uint64_t epoch;
+	int r;
 
 	pthread_mutex_lock(&inode->keys_lock);
-	if (!inode->keys)
-		r = keys_load(fs, inode, fd);
-	if (r == 0 && !inode->keys && create)
-		r = keys_create(fs, inode, fd);
-	if (r == 0)
-		fill(inode, fd, cf);
-	pthread_mutex_unlock(&inode->keys_lock);
-	return r;
+	for (;;) {
+		while (inode->keys_loading)
+			pthread_cond_wait(&inode->keys_cond, &inode->keys_lock);
+		if (inode->keys) {
+			fill(inode, fd, cf);
+			pthread_mutex_unlock(&inode->keys_lock);
+			return 0;
+		}
+		inode->keys_loading = true;
+		epoch = inode->header_epoch;
+		pthread_mutex_unlock(&inode->keys_lock);
+
+		inode_label(inode, label, sizeof(label));
+		r = keys_load(fs, label, fd, false, &ld);
+		if (r < 0)
+			r = file_errno(r);
+		/* An empty file: a writer gives it its header. The caller holds content exclusively,
+		 * so nothing else writes this file meanwhile; a prefetch sees keys_loading and skips. */
+		if (r == 0 && !ld.keys && create)
+			r = keys_create(fs, label, fd, &ld);
+
+		pthread_mutex_lock(&inode->keys_lock);
+		if (r == 0 && ld.keys && !install(inode, epoch, &ld)) {
+			/* The header changed under us (only a prefetch without the content lock can
+			 * see that happen to it, but be safe): load again. */
+			keyslab_free(&fs->slab, ld.keys);
+			loading_done(inode);
+			continue;
+		}
+		if (r == 0)
+			fill(inode, fd, cf);
+		loading_done(inode);
+		pthread_mutex_unlock(&inode->keys_lock);
+		return r;
+	}
 }
 
 int filekeys_get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content_file *cf)
@@ -244,4 +314,81 @@ int filekeys_get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct conte
 int filekeys_get_or_create(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content_file *cf)
 {
 	return get(fs, inode, fd, cf, true);
+}
+
+bool filekeys_wanted(struct kfs_inode *inode)
+{
+	bool wanted;
+
+	pthread_mutex_lock(&inode->keys_lock);
+	wanted = !inode->keys && !inode->keys_loading;
+	pthread_mutex_unlock(&inode->keys_lock);
+	return wanted;
+}
+
+int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
+{
+	char proc[32], label[64];
+	struct loaded ld;
+	uint64_t epoch;
+	int fd, r;
+
+	pthread_mutex_lock(&inode->keys_lock);
+	if (inode->keys || inode->keys_loading) {
+		pthread_mutex_unlock(&inode->keys_lock);
+		return 0;
+	}
+	inode->keys_loading = true;
+	epoch = inode->header_epoch;
+	pthread_mutex_unlock(&inode->keys_lock);
+
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
+	/* Reading ahead is not an access by anybody: leave the backing atime alone when we may. */
+	fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOATIME);
+	if (fd < 0 && errno == EPERM)
+		fd = open(proc, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		memset(&ld, 0, sizeof(ld));
+	} else {
+		inode_label(inode, label, sizeof(label));
+		r = keys_load(fs, label, fd, true, &ld);
+		close(fd);
+	}
+
+	pthread_mutex_lock(&inode->keys_lock);
+	if (r == 0 && ld.keys)
+		install(inode, epoch, &ld);
+	loading_done(inode);
+	pthread_mutex_unlock(&inode->keys_lock);
+	keyslab_free(&fs->slab, ld.keys);
+	return r;
+}
+
+int filekeys_drop_header(struct keyfs *fs, struct kfs_inode *inode, int fd)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&inode->keys_lock);
+	while (inode->keys_loading)
+		pthread_cond_wait(&inode->keys_cond, &inode->keys_lock);
+	/* A prefetch may have loaded the keys since the caller failed to: they go with the header.
+	 * Nobody else uses them: the caller holds content exclusively. */
+	keyslab_free(&fs->slab, inode->keys);
+	inode->keys = NULL;
+	inode->header_epoch++;
+	if (ftruncate(fd, 0) < 0)
+		r = -errno;
+	pthread_mutex_unlock(&inode->keys_lock);
+	return r;
+}
+
+void filekeys_forget(struct keyfs *fs, struct kfs_inode *inode)
+{
+	pthread_mutex_lock(&inode->keys_lock);
+	keyslab_free(&fs->slab, inode->keys);
+	inode->keys = NULL;
+	/* A load under way installs nothing now: its header epoch is stale. */
+	inode->header_epoch++;
+	pthread_mutex_unlock(&inode->keys_lock);
 }

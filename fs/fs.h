@@ -16,6 +16,9 @@
 #include "inode.h"
 #include "keyslab.h"
 
+struct dekpool;
+struct prefetch;
+
 /*
  * The one daemon context, passed to libfuse as session userdata. Everything in it is written
  * before the session starts and read-only afterwards, except the inode table and the key slab,
@@ -32,6 +35,9 @@ struct keyfs {
 	bool as_root;                   /* euid 0: new nodes are given to the caller (fchown) */
 	bool debug;
 	struct fuse_session *se;
+	struct dekpool *pool;           /* keys for new files; always set (capacity 0: none ready ahead) */
+	struct prefetch *prefetch;      /* NULL: no unwrapping ahead after a readdir */
+	unsigned prefetch_max;          /* files per directory listing */
 };
 
 /* The request handlers (ops.c). */

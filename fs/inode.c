@@ -41,6 +41,12 @@ static int inode_setup(struct kfs_inode *i, int fd, const struct stat *st)
 		pthread_rwlock_destroy(&i->content);
 		return -r;
 	}
+	r = pthread_cond_init(&i->keys_cond, NULL);
+	if (r) {
+		pthread_mutex_destroy(&i->keys_lock);
+		pthread_rwlock_destroy(&i->content);
+		return -r;
+	}
 	return 0;
 }
 
@@ -50,6 +56,7 @@ static void inode_release(struct inode_table *t, struct kfs_inode *i)
 	keyslab_free(t->slab, i->keys);
 	i->keys = NULL;
 	pthread_rwlock_destroy(&i->content);
+	pthread_cond_destroy(&i->keys_cond);
 	pthread_mutex_destroy(&i->keys_lock);
 }
 

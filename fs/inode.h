@@ -30,12 +30,17 @@ struct kfs_inode {
 	bool is_root;
 	pthread_rwlock_t content;
 	pthread_mutex_t keys_lock;
+	pthread_cond_t keys_cond;       /* with keys_lock: signalled when keys_loading ends */
 	/* keys_lock. Loaded lazily and kept until the inode is freed; a caller may use the pointer
 	 * after dropping keys_lock while it holds content (wiping them will need content exclusive). */
 	struct fmt_keys *keys;          /* keyslab slot; NULL: not loaded, or the file has no header yet */
 	uint8_t file_id[FMT_FILE_ID_SIZE];
 	unsigned header_slot;           /* keys_lock: the slot whose header authenticated, */
 	uint32_t header_generation;     /* and its generation: a rewrite goes to the other slot */
+	/* keys_lock. One thread at a time loads or creates the keys, without holding keys_lock
+	 * across the KMS call (filekeys.c); the others wait on keys_cond or, prefetching, skip. */
+	bool keys_loading;
+	uint64_t header_epoch;          /* keys_lock: bumped whenever the header is made or dropped */
 };
 
 struct inode_table {

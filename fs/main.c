@@ -20,8 +20,14 @@
 #include "keyfs/log.h"
 #include "keyfs/util.h"
 
+#include "dekpool.h"
 #include "fs.h"
 #include "options.h"
+#include "prefetch.h"
+
+/* Key Protect defaults of -o dek_pool= and -o prefetch= (the local keystore: 0 and 0). */
+#define DEFAULT_DEK_POOL 32
+#define DEFAULT_PREFETCH 64
 
 /* Open the backing dir as the root inode's fd. */
 static int open_backing(struct keyfs *fs, const char *arg, int *ret_fd, struct stat *st)
@@ -138,7 +144,8 @@ static int open_kms(struct keyfs *fs, const struct keyfs_options *o)
 		.vol = &fs->vol,
 		.keystore = o->keystore,
 		.apikey_file = o->apikey_file,
-		.ca_file = o->ca_file,
+		/* -o ca_file= overrides the CA bundle recorded at init. */
+		.ca_file = o->ca_file ? o->ca_file : fs->vol.ca_file[0] ? fs->vol.ca_file : NULL,
 	};
 	struct kms_err err = { .msg = "" };
 	int r, state = -1;
@@ -174,6 +181,58 @@ static int open_kms(struct keyfs *fs, const struct keyfs_options *o)
 		log_err("key '%s' is %s: it cannot protect a volume", fs->vol.key, kms_state_name(state));
 		return KEYFS_EXIT_KMS;
 	}
+}
+
+/* Is the mount read-only? Then no file is ever created: a pool would wrap keys for nothing. */
+static bool mount_ro(const struct keyfs_options *o)
+{
+	bool ro = false;
+	const char *p = o->fuse;
+
+	while (*p) {
+		size_t n = strcspn(p, ",");
+
+		if (n == 2 && strncmp(p, "ro", 2) == 0)
+			ro = true;
+		else if (n == 2 && strncmp(p, "rw", 2) == 0)
+			ro = false;
+		p += n;
+		if (*p == ',')
+			p++;
+	}
+	return ro;
+}
+
+/*
+ * What saves KMS round trips: keys for new files wrapped ahead (a pool), and keys of listed
+ * files unwrapped ahead (prefetch). Both pay off against a remote service; with the local
+ * keystore a wrap is a local computation, so they default to off there.
+ */
+static int start_ahead(struct keyfs *fs, const struct keyfs_options *o)
+{
+	bool remote = strcmp(fs->vol.kms, VOLDESC_KMS_LOCAL) != 0;
+	int pool = o->dek_pool >= 0 ? o->dek_pool : remote ? DEFAULT_DEK_POOL : 0;
+	int ahead = o->prefetch >= 0 ? o->prefetch : remote ? DEFAULT_PREFETCH : 0;
+	int r;
+
+	if (mount_ro(o))
+		pool = 0;
+	r = dekpool_new(fs->kms, fs->vol.volume, &fs->slab, (unsigned)pool, &fs->pool);
+	if (r < 0) {
+		log_err("dek pool: %s", strerror(-r));
+		return KEYFS_EXIT_FAILURE;
+	}
+	fs->prefetch_max = (unsigned)ahead;
+	if (ahead > 0) {
+		r = prefetch_new(fs, &fs->prefetch);
+		if (r < 0) {
+			log_err("prefetch: %s", strerror(-r));
+			return KEYFS_EXIT_FAILURE;
+		}
+	}
+	if (pool > 0 || ahead > 0)
+		log_debug("keys ahead: a pool of %d for new files, up to %d per directory listing", pool, ahead);
+	return 0;
 }
 
 /*
@@ -405,9 +464,17 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 		report_fd = daemon_fork();
 	code = open_kms(fs, o);
 	if (code == 0)
+		code = start_ahead(fs, o);
+	if (code == 0)
 		code = serve(fs, o, &report_fd);
 	daemon_report(&report_fd, code);
 
+	/* The session is gone: no request can queue a file or take a key any more. Join the
+	 * background threads before the inodes, keys and KMS they use go away. */
+	prefetch_free(fs->prefetch);
+	fs->prefetch = NULL;
+	dekpool_free(fs->pool);
+	fs->pool = NULL;
 	inode_table_free(&fs->table);
 	keyslab_destroy(&fs->slab);
 	kms_free(fs->kms);

@@ -19,6 +19,7 @@
 
 #include "filekeys.h"
 #include "fs.h"
+#include "prefetch.h"
 
 _Static_assert(sizeof(fuse_ino_t) >= sizeof(uintptr_t), "node ids are inode addresses");
 
@@ -39,6 +40,7 @@ struct kfs_dir {
 	DIR *dp;
 	struct dirent *entry;           /* read but not yet returned (did not fit the last reply) */
 	off_t offset;
+	unsigned prefetched;            /* files of this listing queued for an unwrap ahead */
 };
 
 static struct keyfs *fs_of(fuse_req_t req)
@@ -237,7 +239,7 @@ static int truncate_locked(struct keyfs *fs, struct kfs_inode *i, int fd, uint64
 	if (size == 0) {
 		r = filekeys_get(fs, i, fd, &cf);
 		if (r == -EIO || (r == 0 && !cf.keys))
-			return ftruncate(fd, 0) < 0 ? -errno : 0;
+			return filekeys_drop_header(fs, i, fd);
 	} else {
 		r = filekeys_get_or_create(fs, i, fd, &cf);
 	}
@@ -800,13 +802,36 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	}
 }
 
+/*
+ * Files listed by a readdirplus are about to be opened, often all of them (cp -a, tar, grep -r):
+ * queue the first prefetch_max regular files of a listing whose keys are not loaded for an
+ * unwrap ahead, so that the opens do not pay one serial KMS round trip each. Each queued inode
+ * holds one more reference, taken here, so a forget cannot free it while it waits.
+ */
+static void prefetch_note(struct keyfs *fs, struct kfs_dir *d, struct kfs_inode *child,
+			  struct kfs_inode ***pending, size_t *npending)
+{
+	struct kfs_inode **grown;
+
+	if (!fs->prefetch || !S_ISREG(child->type) || d->prefetched >= fs->prefetch_max || !filekeys_wanted(child))
+		return;
+	grown = realloc(*pending, (*npending + 1) * sizeof(**pending));
+	if (!grown)
+		return;
+	*pending = grown;
+	inode_ref(&fs->table, child);
+	grown[(*npending)++] = child;
+	d->prefetched++;
+}
+
 static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi,
 		       bool plus)
 {
 	struct keyfs *fs = fs_of(req);
 	struct kfs_dir *d = dir_of(fi);
 	struct kfs_inode *dir = inode_of(req, ino);
-	size_t rem = size;
+	struct kfs_inode **pending = NULL;
+	size_t rem = size, npending = 0;
 	char *buf, *p;
 	int err = 0;
 
@@ -878,6 +903,8 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
 		rem -= len;
 		d->offset = d->entry->d_off;
 		d->entry = NULL;
+		if (child)
+			prefetch_note(fs, d, child, &pending, &npending);
 	}
 	/* Entries already in the buffer carry lookup references: send them, report the error on
 	 * the next call. */
@@ -886,6 +913,9 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
 	else
 		fuse_reply_buf(req, buf, size - rem);
 	free(buf);
+	for (size_t k = 0; k < npending; k++)
+		prefetch_add(fs->prefetch, pending[k]);
+	free(pending);
 }
 
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)

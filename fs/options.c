@@ -6,8 +6,11 @@
 #include <unistd.h>
 
 #include "keyfs/log.h"
+#include "keyfs/util.h"
 
+#include "dekpool.h"
 #include "options.h"
+#include "prefetch.h"
 
 /* Mount options handed to the kernel mount through libfuse unchanged. */
 static const char *const fuse_passed[] = {
@@ -53,6 +56,10 @@ void options_help(FILE *f)
 	      "  -o keystore=DIR     local key store to use instead of the one recorded at init\n"
 	      "  -o apikey_file=F    Key Protect API key file (else $CREDENTIALS_DIRECTORY/apikey)\n"
 	      "  -o ca_file=F        extra trusted CA bundle for the key service\n"
+	      "  -o dek_pool=N       keys for new files wrapped ahead (0-1024; default 32 for\n"
+	      "                      Key Protect, 0 for the local keystore)\n"
+	      "  -o prefetch=N       after a directory listing, unwrap ahead the keys of up to N\n"
+	      "                      of its files (0-1024; default 64 for Key Protect, 0 local)\n"
 	      "  -o nonempty         allow a non-empty mountpoint\n"
 	      "  -o allow_other      let every user in (the kernel always checks permissions:\n"
 	      "                      default_permissions is implied)\n"
@@ -118,8 +125,24 @@ static int add_fuse(struct keyfs_options *o, const char *opt)
 	return 0;
 }
 
+static int set_count(int *dst, const char *name, const char *value, unsigned max)
+{
+	uint64_t v;
+
+	if (util_parse_u64(value, 0, max, &v) < 0) {
+		log_err("mount option '%s': '%s' is not a number from 0 to %u", name, value, max);
+		return -EINVAL;
+	}
+	*dst = (int)v;
+	return 0;
+}
+
 static int one_option(struct keyfs_options *o, const char *opt)
 {
+	if (strncmp(opt, "dek_pool=", 9) == 0)
+		return set_count(&o->dek_pool, "dek_pool", opt + 9, DEKPOOL_MAX);
+	if (strncmp(opt, "prefetch=", 9) == 0)
+		return set_count(&o->prefetch, "prefetch", opt + 9, PREFETCH_MAX);
 	if (strncmp(opt, "keystore=", 9) == 0)
 		return set_path(&o->keystore, "keystore", opt + 9);
 	if (strncmp(opt, "apikey_file=", 12) == 0)
@@ -171,6 +194,7 @@ int options_parse(int argc, char *argv[], struct keyfs_options *ret)
 	int r;
 
 	memset(&o, 0, sizeof(o));
+	o.dek_pool = o.prefetch = -1;
 	for (int k = 1; k < argc; k++) {
 		const char *a = argv[k];
 

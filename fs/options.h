@@ -18,6 +18,8 @@ struct keyfs_options {
 	char *keystore;                 /* -o keystore=DIR, absolute; malloc'd or NULL */
 	char *apikey_file;              /* -o apikey_file=F, absolute; malloc'd or NULL */
 	char *ca_file;                  /* -o ca_file=F, absolute; malloc'd or NULL */
+	int dek_pool;                   /* -o dek_pool=N, 0..DEKPOOL_MAX; -1: the kms's default */
+	int prefetch;                   /* -o prefetch=N, 0..PREFETCH_MAX; -1: the kms's default */
 	char fuse[OPTIONS_FUSE_MAX];    /* FUSE mount options passed through, comma-separated */
 };
 

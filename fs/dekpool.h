@@ -1,0 +1,54 @@
+/* dekpool.h: keys for new files made ahead of need: (file id, DEK, wrapped DEK) wrapped by background workers */
+#ifndef KEYFS_FS_DEKPOOL_H
+#define KEYFS_FS_DEKPOOL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "keyfs/format.h"
+#include "keyfs/kms.h"
+
+#include "keyslab.h"
+
+#define DEKPOOL_MAX     1024            /* largest -o dek_pool= */
+#define DEKPOOL_WORKERS 4               /* wraps in flight at most, per pool */
+
+/*
+ * What a new file needs from the KMS, made before the file exists: creating a file is then one
+ * local write, not a KMS round trip. The wrapped DEK is bound to aad = { volume uuid, file id
+ * hex }, so the file id is made here too. Every entry is handed out once, then forgotten.
+ */
+struct dekpool_entry {
+	uint8_t file_id[FMT_FILE_ID_SIZE];
+	uint8_t *dek;                   /* keyslab slot holding FMT_DEK_SIZE bytes: the taker frees it */
+	struct kms_wrapped wrapped;
+};
+
+struct dekpool;
+
+/*
+ * A pool of capacity entries (0..DEKPOOL_MAX; 0: no pool, every dekpool_get wraps at once),
+ * filled by up to DEKPOOL_WORKERS threads started here and refilled whenever fewer than three
+ * quarters are left. kms, volume_uuid and slab must outlive the pool. Returns 0, -ENOMEM or the
+ * errno of a thread that cannot be started.
+ */
+int dekpool_new(struct kms *kms, const char *volume_uuid, struct keyslab *slab, unsigned capacity,
+		struct dekpool **ret);
+/* Stop and join the workers (a wrap in flight is waited for), wipe every entry, log how many. */
+void dekpool_free(struct dekpool *p);
+
+/*
+ * A ready entry, or, when none is (empty, disabled, paused), one wrapped now by the caller's
+ * thread: a create never fails because the pool is empty. Returns 0 or a kms_wrap errno with
+ * err filled (-ENOKEY, -EKEYREVOKED, -EKEYEXPIRED, ...).
+ */
+int dekpool_get(struct dekpool *p, struct dekpool_entry *ret, struct kms_err *err);
+
+/* Wipe every ready entry and drop the results of wraps in flight. Returns how many were wiped.
+ * Workers refill afterwards unless the pool is paused. */
+unsigned dekpool_drain(struct dekpool *p);
+
+/* Paused: drained at once and not refilled until unpaused (the mount is locked). */
+void dekpool_pause(struct dekpool *p, bool paused);
+
+#endif

@@ -1,0 +1,28 @@
+/* prefetch.h: unwrap ahead the DEKs of files a directory listing showed, on a few background threads */
+#ifndef KEYFS_FS_PREFETCH_H
+#define KEYFS_FS_PREFETCH_H
+
+#include "fs.h"
+
+#define PREFETCH_MAX     1024           /* largest -o prefetch= (files per directory listing) */
+#define PREFETCH_THREADS 4              /* unwraps in flight at most */
+#define PREFETCH_QUEUE   4096           /* files waiting at most; more are not prefetched */
+
+struct prefetch;
+
+/* Start the threads. fs must outlive the prefetcher. Returns 0, -ENOMEM or a thread errno. */
+int prefetch_new(struct keyfs *fs, struct prefetch **ret);
+/* Stop and join the threads (an unwrap in flight is waited for) and drop what is queued. */
+void prefetch_free(struct prefetch *p);
+
+/*
+ * Queue a regular file for filekeys_prefetch. Takes over one lookup reference of inode (the
+ * caller took it with inode_ref): it is dropped once the file is done or not done after all
+ * (queue full, prefetching paused after a KMS failure, prefetcher stopping).
+ */
+void prefetch_add(struct prefetch *p, struct kfs_inode *inode);
+
+/* Drop every queued file (the mount is locked: no key is to be fetched now). */
+void prefetch_clear(struct prefetch *p);
+
+#endif
