@@ -12,6 +12,7 @@
 
 #include "dekpool.h"
 #include "filekeys.h"
+#include "keystate.h"
 
 /*
  * The KMS call that unwraps (or wraps) a file's DEK is made without keys_lock: one thread marks
@@ -272,6 +273,12 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 	for (;;) {
 		while (inode->keys_loading)
 			pthread_cond_wait(&inode->keys_cond, &inode->keys_lock);
+		/* Locking or locked: no key is loaded, and none is used once writes are refused. */
+		r = keystate_check(fs->ks, inode->keys ? KS_OP_WRITE : KS_OP_OPEN);
+		if (r) {
+			pthread_mutex_unlock(&inode->keys_lock);
+			return -r;
+		}
 		if (inode->keys) {
 			fill(inode, fd, cf);
 			pthread_mutex_unlock(&inode->keys_lock);
@@ -283,12 +290,14 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 
 		inode_label(inode, label, sizeof(label));
 		r = keys_load(fs, label, fd, false, &ld);
-		if (r < 0)
-			r = file_errno(r);
 		/* An empty file: a writer gives it its header. The caller holds content exclusively,
 		 * so nothing else writes this file meanwhile; a prefetch sees keys_loading and skips. */
 		if (r == 0 && !ld.keys && create)
 			r = keys_create(fs, label, fd, &ld);
+		/* The KMS says the key is unusable: the poller finds out now, not at its next poll. */
+		keystate_poke(fs->ks, r);
+		if (r < 0)
+			r = file_errno(r);
 
 		pthread_mutex_lock(&inode->keys_lock);
 		if (r == 0 && ld.keys && !install(inode, epoch, &ld)) {
@@ -334,7 +343,7 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 	int fd, r;
 
 	pthread_mutex_lock(&inode->keys_lock);
-	if (inode->keys || inode->keys_loading) {
+	if (inode->keys || inode->keys_loading || keystate_check(fs->ks, KS_OP_OPEN)) {
 		pthread_mutex_unlock(&inode->keys_lock);
 		return 0;
 	}
@@ -383,12 +392,16 @@ int filekeys_drop_header(struct keyfs *fs, struct kfs_inode *inode, int fd)
 	return r;
 }
 
-void filekeys_forget(struct keyfs *fs, struct kfs_inode *inode)
+bool filekeys_forget(struct keyfs *fs, struct kfs_inode *inode)
 {
+	bool had;
+
 	pthread_mutex_lock(&inode->keys_lock);
+	had = inode->keys != NULL;
 	keyslab_free(&fs->slab, inode->keys);
 	inode->keys = NULL;
 	/* A load under way installs nothing now: its header epoch is stale. */
 	inode->header_epoch++;
 	pthread_mutex_unlock(&inode->keys_lock);
+	return had;
 }

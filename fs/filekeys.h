@@ -39,6 +39,6 @@ int filekeys_drop_header(struct keyfs *fs, struct kfs_inode *inode, int fd);
  * discarded, not installed; a foreground load then loads again, so the caller must first make
  * new loads fail (the lock state). The caller holds inode->content exclusively: nobody is
  * using the keys. */
-void filekeys_forget(struct keyfs *fs, struct kfs_inode *inode);
+bool filekeys_forget(struct keyfs *fs, struct kfs_inode *inode);
 
 #endif

@@ -16,7 +16,9 @@
 #include "inode.h"
 #include "keyslab.h"
 
+struct control;
 struct dekpool;
+struct keystate;
 struct prefetch;
 
 /*
@@ -38,6 +40,9 @@ struct keyfs {
 	struct dekpool *pool;           /* keys for new files; always set (capacity 0: none ready ahead) */
 	struct prefetch *prefetch;      /* NULL: no unwrapping ahead after a readdir */
 	unsigned prefetch_max;          /* files per directory listing */
+	struct keystate *ks;            /* the root key's state: set before the session starts */
+	struct control *control;        /* the control socket; NULL before the mount is live */
+	int initial_key_state;          /* as read at startup */
 };
 
 /* The request handlers (ops.c). */

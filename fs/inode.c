@@ -207,3 +207,37 @@ void inode_unref(struct inode_table *t, struct kfs_inode *i, uint64_t n)
 	inode_release(t, i);
 	free(i);
 }
+
+size_t inode_table_snapshot(struct inode_table *t, struct kfs_inode ***ret)
+{
+	struct kfs_inode **v;
+	size_t n = 0;
+
+	pthread_mutex_lock(&t->lock);
+	v = malloc((t->count + 1) * sizeof(*v));
+	if (!v) {
+		pthread_mutex_unlock(&t->lock);
+		log_err("lock: out of memory listing %zu inodes", t->count);
+		*ret = NULL;
+		return 0;
+	}
+	for (size_t b = 0; b < t->nbuckets; b++) {
+		for (struct kfs_inode *i = t->buckets[b]; i; i = i->hnext) {
+			if (i->type != S_IFREG)
+				continue;
+			/* A reference of our own: a forget meanwhile cannot free it. */
+			i->nlookup++;
+			v[n++] = i;
+		}
+	}
+	pthread_mutex_unlock(&t->lock);
+	*ret = v;
+	return n;
+}
+
+void inode_table_release(struct inode_table *t, struct kfs_inode **inodes, size_t n)
+{
+	for (size_t k = 0; k < n; k++)
+		inode_unref(t, inodes[k], 1);
+	free(inodes);
+}

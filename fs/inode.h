@@ -63,6 +63,19 @@ int inode_get(struct inode_table *t, int fd, const struct stat *st, struct kfs_i
 /* "inode 254:1/1234": how a log line names a file; the daemon keeps no paths. */
 void inode_label(const struct kfs_inode *i, char *buf, size_t size);
 
+/* The FUSE node id of i. */
+static inline uint64_t inode_node_id(const struct kfs_inode *i)
+{
+	return i->is_root ? 1 /* FUSE_ROOT_ID */ : (uint64_t)(uintptr_t)i;
+}
+
+/* Every regular file in the table, each with a reference held for the caller, in a malloc'd
+ * array: what a lock must invalidate and wipe. Returns the count (0 on allocation failure,
+ * after logging). */
+size_t inode_table_snapshot(struct inode_table *t, struct kfs_inode ***ret);
+/* Drop the references of a snapshot and free it. */
+void inode_table_release(struct inode_table *t, struct kfs_inode **inodes, size_t n);
+
 /* One more lookup reference (link). */
 void inode_ref(struct inode_table *t, struct kfs_inode *i);
 /* Drop n lookup references; the inode is freed at zero. The root is never freed here. */

@@ -20,7 +20,10 @@
 #include "keyfs/log.h"
 #include "keyfs/util.h"
 
+#include "ctlsock.h"
 #include "dekpool.h"
+#include "keystate.h"
+#include "notify.h"
 #include "fs.h"
 #include "options.h"
 #include "prefetch.h"
@@ -166,6 +169,7 @@ static int open_kms(struct keyfs *fs, const struct keyfs_options *o)
 		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
 		return KEYFS_EXIT_KMS;
 	}
+	fs->initial_key_state = state;
 	switch (state) {
 	case KMS_STATE_ACTIVE:
 		return 0;
@@ -175,8 +179,12 @@ static int open_kms(struct keyfs *fs, const struct keyfs_options *o)
 	case KMS_STATE_SUSPENDED:
 	case KMS_STATE_DESTROYED:
 	case KMS_STATE_PURGED:
-		log_err("key '%s' is %s: contents are unavailable", fs->vol.key, kms_state_name(state));
-		return KEYFS_EXIT_LOCKED;
+		/* Mount anyway, locked: what a shredded volume held stays visible to admins, and the
+		 * mount unlocks by itself when the key is enabled or restored. */
+		log_warn("key '%s' is %s: mounting locked: names, sizes and times are visible, contents are not",
+			 fs->vol.key, kms_state_name(state));
+		fs->initial_key_state = state;
+		return 0;
 	default:
 		log_err("key '%s' is %s: it cannot protect a volume", fs->vol.key, kms_state_name(state));
 		return KEYFS_EXIT_KMS;
@@ -400,8 +408,13 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 		daemon_report(report_fd, KEYFS_EXIT_OK);
 		daemon_detach();
 	}
-	log_info("'%s' mounted on '%s' (volume %s, key '%s')", fs->backing, fs->mountpoint, fs->vol.volume,
-		 fs->vol.key);
+	log_info("'%s' mounted on '%s' (volume %s, key '%s'%s)", fs->backing, fs->mountpoint, fs->vol.volume,
+		 fs->vol.key, keystate_locked(fs->ks) ? ", locked" : "");
+	r = keystate_start(fs->ks);
+	if (r < 0)
+		log_err("key state poller: %s: the key is not watched", strerror(-r));
+	control_start(fs, fs->ks, &fs->control);
+	notify_send("READY=1\nSTATUS=%s: key %s", keystate_locked(fs->ks) ? "locked" : "unlocked", fs->vol.key);
 
 	cfg = fuse_loop_cfg_create();
 	if (!cfg) {
@@ -418,7 +431,13 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 			code = KEYFS_EXIT_FAILURE;
 		}
 	}
+	notify_send("STOPPING=1");
+	/* Unmount first: a lock under way then finds no kernel to wait for, and ends. */
 	fuse_session_unmount(se);
+	control_stop(fs->control);
+	fs->control = NULL;
+	keystate_free(fs->ks);
+	fs->ks = NULL;
 	fuse_remove_signal_handlers(se);
 	fuse_session_destroy(se);
 	fs->se = NULL;
@@ -463,14 +482,21 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 	if (!o->foreground)
 		report_fd = daemon_fork();
 	code = open_kms(fs, o);
+	if (code == 0 && keystate_new(fs, (unsigned)o->poll, (unsigned)o->grace, fs->initial_key_state, &fs->ks) < 0)
+		code = KEYFS_EXIT_FAILURE;
 	if (code == 0)
 		code = start_ahead(fs, o);
+	/* A mount that starts locked makes no keys ahead until it unlocks. */
+	if (code == 0 && keystate_locked(fs->ks))
+		dekpool_pause(fs->pool, true);
 	if (code == 0)
 		code = serve(fs, o, &report_fd);
 	daemon_report(&report_fd, code);
 
 	/* The session is gone: no request can queue a file or take a key any more. Join the
 	 * background threads before the inodes, keys and KMS they use go away. */
+	keystate_free(fs->ks);         /* when serve did not get to start it */
+	fs->ks = NULL;
 	prefetch_free(fs->prefetch);
 	fs->prefetch = NULL;
 	dekpool_free(fs->pool);

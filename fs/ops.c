@@ -18,6 +18,7 @@
 #include "keyfs/log.h"
 
 #include "filekeys.h"
+#include "keystate.h"
 #include "fs.h"
 #include "prefetch.h"
 
@@ -262,6 +263,9 @@ static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kf
 	bool writable = (flags & O_ACCMODE) != O_RDONLY || trunc;
 	int fd, r;
 
+	r = keystate_check(fs->ks, KS_OP_OPEN);
+	if (r)
+		return -r;
 	proc_path(i->fd, proc);
 	fd = open(proc, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & PASSED_OPEN_FLAGS));
 	if (fd < 0)
@@ -295,6 +299,9 @@ static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, 
 	gid_t gid;
 	int fd, pfd, r;
 
+	r = keystate_check(fs->ks, KS_OP_CREATE);
+	if (r)
+		return -r;
 	fd = openat(dir->fd, name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW | (flags & PASSED_OPEN_FLAGS),
 		    mode & 07777);
 	if (fd < 0)
@@ -432,6 +439,9 @@ static int do_setattr(struct keyfs *fs, struct kfs_inode *i, const struct stat *
 			return -EINVAL;
 		if (attr->st_size < 0)
 			return -EINVAL;
+		r = keystate_check(fs->ks, KS_OP_OPEN);
+		if (r)
+			return -r;
 		fd = f && f->writable ? f->fd : open(proc, O_RDWR | O_CLOEXEC);
 		if (fd < 0)
 			return -errno;
@@ -701,6 +711,12 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	ssize_t n;
 
 	(void)ino;
+	/* Also through a descriptor opened before a lock: no plaintext once locking began. */
+	n = keystate_check(fs_of(req)->ks, KS_OP_READ);
+	if (n) {
+		fuse_reply_err(req, (int)n);
+		return;
+	}
 	buf = malloc(size ? size : 1);
 	if (!buf) {
 		fuse_reply_err(req, ENOMEM);
@@ -737,6 +753,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 	ssize_t n;
 
 	(void)ino;
+	n = keystate_check(fs_of(req)->ks, KS_OP_WRITE);
+	if (n) {
+		fuse_reply_err(req, (int)n);
+		return;
+	}
 	pthread_rwlock_wrlock(&i->content);
 	n = filekeys_get_or_create(fs_of(req), i, f->fd, &cf);
 	if (n == 0 && f->append)
@@ -1027,6 +1048,11 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 	}
 	if (off < 0 || len <= 0) {
 		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	r = keystate_check(fs_of(req)->ks, KS_OP_WRITE);
+	if (r) {
+		fuse_reply_err(req, r);
 		return;
 	}
 	pthread_rwlock_wrlock(&i->content);

@@ -10,6 +10,7 @@
 
 #include "dekpool.h"
 #include "options.h"
+#include "keystate.h"
 #include "prefetch.h"
 
 /* Mount options handed to the kernel mount through libfuse unchanged. */
@@ -56,6 +57,9 @@ void options_help(FILE *f)
 	      "  -o keystore=DIR     local key store to use instead of the one recorded at init\n"
 	      "  -o apikey_file=F    Key Protect API key file (else $CREDENTIALS_DIRECTORY/apikey)\n"
 	      "  -o ca_file=F        extra trusted CA bundle for the key service\n"
+	      "  -o poll=SEC         read the root key's state every SEC seconds, +-10 % (default 30)\n"
+	      "  -o grace=SEC        lock after SEC seconds without an answer from the key service\n"
+	      "                      (default 300; 0: at once)\n"
 	      "  -o dek_pool=N       keys for new files wrapped ahead (0-1024; default 32 for\n"
 	      "                      Key Protect, 0 for the local keystore)\n"
 	      "  -o prefetch=N       after a directory listing, unwrap ahead the keys of up to N\n"
@@ -139,6 +143,15 @@ static int set_count(int *dst, const char *name, const char *value, unsigned max
 
 static int one_option(struct keyfs_options *o, const char *opt)
 {
+	if (strncmp(opt, "poll=", 5) == 0) {
+		if (strcmp(opt + 5, "0") == 0) {
+			log_err("mount option 'poll': '0' is not a number of seconds from 1 to %u", KS_POLL_MAX);
+			return -EINVAL;
+		}
+		return set_count(&o->poll, "poll", opt + 5, KS_POLL_MAX);
+	}
+	if (strncmp(opt, "grace=", 6) == 0)
+		return set_count(&o->grace, "grace", opt + 6, KS_GRACE_MAX);
 	if (strncmp(opt, "dek_pool=", 9) == 0)
 		return set_count(&o->dek_pool, "dek_pool", opt + 9, DEKPOOL_MAX);
 	if (strncmp(opt, "prefetch=", 9) == 0)
@@ -195,6 +208,8 @@ int options_parse(int argc, char *argv[], struct keyfs_options *ret)
 
 	memset(&o, 0, sizeof(o));
 	o.dek_pool = o.prefetch = -1;
+	o.poll = KS_POLL_DEFAULT;
+	o.grace = KS_GRACE_DEFAULT;
 	for (int k = 1; k < argc; k++) {
 		const char *a = argv[k];
 

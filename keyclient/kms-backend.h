@@ -22,6 +22,7 @@ struct kms_backend {
 		      uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 		      struct kms_err *err);
 	int (*key_state)(void *state, int *ret_state, struct kms_err *err);
+	void (*forget)(void *state);    /* optional: wipe cached key material */
 	void (*free)(void *state);
 };
 

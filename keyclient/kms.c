@@ -122,6 +122,12 @@ void kms_free(struct kms *k)
 	free(k);
 }
 
+void kms_forget(struct kms *k)
+{
+	if (k && k->ops->forget)
+		k->ops->forget(k->state);
+}
+
 const char *kms_key_id(const struct kms *k)
 {
 	return k->key_id;

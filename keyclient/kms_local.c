@@ -320,6 +320,16 @@ static int local_key_state(void *state, int *ret_state, struct kms_err *err)
 	return 0;
 }
 
+static void local_forget(void *state)
+{
+	struct kms_local *kl = state;
+
+	pthread_mutex_lock(&kl->lock);
+	kl->cached = false;
+	sodium_memzero(kl->mat, sizeof(*kl->mat));
+	pthread_mutex_unlock(&kl->lock);
+}
+
 static void local_free(void *state)
 {
 	struct kms_local *kl = state;
@@ -336,6 +346,7 @@ static const struct kms_backend local_backend = {
 	.wrap = local_wrap,
 	.unwrap = local_unwrap,
 	.key_state = local_key_state,
+	.forget = local_forget,
 	.free = local_free,
 };
 

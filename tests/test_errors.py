@@ -1,4 +1,5 @@
 # test_errors.py: every refused start gives the documented exit code, a clear message and no mount
+import errno
 import os
 import shutil
 import subprocess
@@ -6,7 +7,7 @@ import subprocess
 import pytest
 
 from helpers import (EXIT_CONFIG, EXIT_EXISTS, EXIT_KMS, EXIT_LOCKED, EXIT_MOUNT, EXIT_USAGE, FUSERMOUNT,
-                     KEYFS, KEYFSCTL, is_mounted, keyfsctl, run, write_file)
+                     KEYFS, KEYFSCTL, is_mounted, keyfsctl, read_file, run, wait_for, write_file)
 
 
 def keyfs_fails(argv, code, mentions, mnt=None, foreground=True):
@@ -155,25 +156,49 @@ def test_keystore_override_missing(volume, tmp_path, mp):
     keyfs_fails([volume, mp, "-o", "keystore=" + k], EXIT_KMS, [k], mnt=mp)
 
 
-@FG_BG
-def test_key_suspended(volume, keystore, mp, fg):
+def _volume_with_file(mount, volume, data):
+    m = mount(backing=volume)
+    write_file(m.path("f"), data)
+    m.umount()
+
+
+def test_key_suspended_mounts_locked_then_unlocks(volume, keystore, mount):
+    """A suspended key: the volume mounts locked (metadata visible, contents ENOKEY), and
+    unlocks by itself once the key is enabled (docs/LOCKING.md)."""
+    data = b"written while the key was active\n" * 100
+    _volume_with_file(mount, volume, data)
     keyfsctl("key", "suspend", "test", "--keystore", keystore)
-    err = keyfs_fails([volume, mp], EXIT_LOCKED, ["test"], mnt=mp, foreground=fg)
-    assert "suspended" in err
-
-
-def test_key_destroyed(volume, keystore, mp):
-    keyfsctl("key", "destroy", "test", "--keystore", keystore)
-    err = keyfs_fails([volume, mp], EXIT_LOCKED, ["test"], mnt=mp)
-    assert "destroyed" in err
-
-
-def test_key_enable_after_suspend_mounts(volume, keystore, mp, mount):
-    keyfsctl("key", "suspend", "test", "--keystore", keystore)
-    keyfs_fails([volume, mp], EXIT_LOCKED, [], mnt=mp)
+    m = mount(backing=volume, opts=("poll=1",), allow_errors=True)
+    assert "suspended: mounting locked" in m.stderr()
+    assert os.listdir(m.path()) == ["f"]
+    assert os.stat(m.path("f")).st_size == len(data)
+    with pytest.raises(OSError) as e:
+        open(m.path("f"), "rb")
+    assert e.value.errno == errno.ENOKEY
+    with pytest.raises(OSError) as e:
+        open(m.path("new"), "wb")
+    assert e.value.errno == errno.ENOKEY
     keyfsctl("key", "enable", "test", "--keystore", keystore)
-    m = mount(backing=volume, mnt=mp)
-    write_file(m.path("f"), b"ok")
+
+    def readable():
+        try:
+            return read_file(m.path("f")) == data
+        except OSError as err:
+            assert err.errno == errno.ENOKEY
+            return False
+    wait_for(readable, timeout=5, what="unlock after key enable")
+
+
+def test_key_destroyed_mounts_locked(volume, keystore, mount):
+    data = b"shredded\n" * 10
+    _volume_with_file(mount, volume, data)
+    keyfsctl("key", "destroy", "test", "--keystore", keystore)
+    m = mount(backing=volume, allow_errors=True)
+    assert "destroyed: mounting locked" in m.stderr()
+    assert os.stat(m.path("f")).st_size == len(data)
+    with pytest.raises(OSError) as e:
+        open(m.path("f"), "rb")
+    assert e.value.errno == errno.EKEYREVOKED
 
 
 # -- keyfsctl --------------------------------------------------------------------------------------

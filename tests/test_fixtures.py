@@ -1,10 +1,12 @@
 """Format fixtures: every keyfs must still read the volumes earlier versions wrote (docs/FORMAT.md)."""
+import errno
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import subprocess
+
+import pytest
 
 from helpers import inspect_json, keyfsctl
 
@@ -79,16 +81,16 @@ def test_v1_headers_without_key(tmp_path):
         assert len(doc["file_id"]) == 32 and len(doc["wrapped_dek_sha256"]) == 64
 
 
-def test_v1_wrong_key_refused(tmp_path):
-    """The fixture with another key of the same name: the volume is bound to its key's id."""
+def test_v1_with_another_key_is_locked(tmp_path, mount):
+    """The fixture with another key of the same name: the volume is bound to its key's id, so its
+    key is gone: the mount comes up locked, names and sizes visible, contents EKEYREVOKED."""
     vol = str(tmp_path / "v1")
-    copy_fixture("v1", vol)
+    manifest = copy_fixture("v1", vol)
     other = str(tmp_path / "other-keystore")
     keyfsctl("key", "create", "fixture", "--keystore", other)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run([os.path.join(os.environ["KEYFS_BUILD_DIR"], "fs", "keyfs"), os.path.join(vol, "backing"),
-                        str(mnt), "-f", "-o", "keystore=" + other], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 8
-    assert "key 'fixture'" in r.stderr
-    assert not os.path.ismount(str(mnt))
+    m = mount(backing=os.path.join(vol, "backing"), opts=("keystore=" + other,), allow_errors=True)
+    assert "mounting locked" in m.stderr()
+    assert os.stat(m.path("one")).st_size == manifest["files"]["one"]["size"]
+    with pytest.raises(OSError) as e:
+        open(m.path("one"), "rb")
+    assert e.value.errno == errno.EKEYREVOKED

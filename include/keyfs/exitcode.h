@@ -13,6 +13,7 @@ enum keyfs_exit {
 	KEYFS_EXIT_DAMAGED = 7,     /* fsck: damaged files found */
 	KEYFS_EXIT_LOCKED = 8,      /* the key is suspended or destroyed: contents unavailable */
 	KEYFS_EXIT_EXISTS = 9,      /* refusing to overwrite: volume or key already exists, dir not empty */
+	KEYFS_EXIT_DENIED = 10,     /* not allowed: the control socket is for root and the mount's owner */
 };
 
 #endif

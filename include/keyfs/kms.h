@@ -72,6 +72,10 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
 	       uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 	       struct kms_err *err);
 
+/* Wipe any root key material the backend caches (the local keystore keeps the newest version
+ * while its key file is unchanged); the next call reads it again. A locked mount calls this. */
+void kms_forget(struct kms *k);
+
 /* Current state of the root key (enum kms_key_state). */
 int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err);
 
