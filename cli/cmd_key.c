@@ -69,10 +69,10 @@ static int key_set_state(const char *dir, const char *name, int state)
 	if (r < 0)
 		return cli_keystore_error(r, dir, name);
 	if (state == KMS_STATE_SUSPENDED)
-		printf("suspended key '%s' (id %s): running mounts open no further files with it;\n"
-		       "files they already have open stay readable until they are unmounted\n", name, info.id);
+		printf("suspended key '%s' (id %s): mounts using it lock at their next key poll\n", name, info.id);
 	else
-		printf("enabled key '%s' (id %s): it is active again\n", name, info.id);
+		printf("enabled key '%s' (id %s): it is active again; mounts using it unlock at their next key poll\n",
+		       name, info.id);
 	return KEYFS_EXIT_OK;
 }
 
@@ -91,7 +91,7 @@ static int key_destroy(const char *dir, const char *name)
 	if (r < 0)
 		return cli_keystore_error(r, dir, name);
 	printf("destroyed key '%s' (id %s): its material was overwritten and removed; data it protected can no longer be decrypted\n"
-	       "running mounts open no further files with it; files they already have open stay readable until unmounted\n"
+	       "mounts using it lock at their next key poll\n"
 	       "tombstone left at '%s': the name '%s' cannot be reused\n",
 	       name, info.id, info.path, name);
 	return KEYFS_EXIT_OK;
