@@ -19,6 +19,9 @@ struct cli_cmd {
 int cmd_init(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_key(int argc, char **argv);
+int cmd_status(int argc, char **argv);
+int cmd_lock(int argc, char **argv);
+int cmd_unlock(int argc, char **argv);
 
 /* "usage: keyfsctl CMD ARGS" for one subcommand. */
 void cli_print_usage(FILE *f, const char *cmd);

@@ -24,6 +24,12 @@ static const struct cli_cmd commands[] = {
 	  "make an empty or missing dir a keyfs volume bound to a key" },
 	{ "inspect", cmd_inspect, "[--json] PATH...", NULL,
 	  "show the keyfs header of files (backing files or paths in a mount), no key needed" },
+	{ "status", cmd_status, "MOUNTPOINT [--json]", NULL,
+	  "show whether a mount is locked, why, and its key's state (exit 0 unlocked, 8 locked)" },
+	{ "lock", cmd_lock, "MOUNTPOINT", NULL,
+	  "lock a mount now: contents unavailable until 'keyfsctl unlock' (root or the mount's owner)" },
+	{ "unlock", cmd_unlock, "MOUNTPOINT", NULL,
+	  "undo 'keyfsctl lock'; stays locked (exit 8) while the key itself is unusable" },
 	{ "key", cmd_key, "create|show|suspend|enable|destroy NAME [--keystore DIR]", NULL,
 	  "manage keys in the local keystore" },
 	{ "help", cmd_help, "[COMMAND]", NULL, "show this help, or one command's usage" },
@@ -66,7 +72,8 @@ static void print_help(FILE *f)
 	}
 	fprintf(f, "\n"
 		   "exit codes: 0 ok, 1 failure, 2 usage, 3 config, 4 kms, 5 mount, 6 io, 7 damaged,\n"
-		   "8 locked (key suspended or destroyed), 9 exists\n");
+		   "8 locked (key suspended or destroyed; 'status' of a locked mount), 9 exists,\n"
+		   "10 denied (the control socket is for root and the mount's owner)\n");
 }
 
 int cli_usage_error(const char *cmd, const char *fmt, ...)

@@ -61,12 +61,9 @@ static void serve_one(struct control *c, int fd)
 	char req[CONTROL_REQUEST_MAX + 1], out[CONTROL_ANSWER_MAX];
 	size_t got = 0;
 
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0 ||
-	    (cred.uid != 0 && cred.uid != geteuid())) {
-		answer_error(fd, "permission denied: only root and the owner of the mount may use it");
-		return;
-	}
-	/* A peer that never sends a full line cannot hold the thread for long. */
+	/* Read the request first, even from a peer that is refused: answering before reading
+	 * would reset the connection and lose the answer. A peer that never sends a full line
+	 * cannot hold the thread for long. */
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	while (got < CONTROL_REQUEST_MAX && !memchr(req, '\n', got)) {
 		ssize_t n = recv(fd, req + got, CONTROL_REQUEST_MAX - got, 0);
@@ -76,6 +73,11 @@ static void serve_one(struct control *c, int fd)
 		if (n <= 0)
 			break;
 		got += (size_t)n;
+	}
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0 ||
+	    (cred.uid != 0 && cred.uid != geteuid())) {
+		answer_error(fd, "permission denied: only root and the owner of the mount may use it");
+		return;
 	}
 	req[got] = '\0';
 	if (strcmp(req, "lock\n") == 0) {

@@ -219,7 +219,7 @@ static void transition(struct keystate *ks, const struct verdict *was, const str
 		atomic_store(&ks->no_create, now->no_create);
 		dekpool_pause(ks->fs->pool, false);
 		atomic_store_explicit(&ks->phase, PHASE_UNLOCKED, memory_order_release);
-		log_info("unlocked: key '%s' is usable again", key);
+		log_info("unlocked: key '%s' is usable again%s%s", key, why[0] ? ": " : "", why);
 		notify_send("STATUS=unlocked: key %s%s", key, now->no_create ? " (deactivated: no new files)" : "");
 	}
 	if (!now->locked && now->no_create != was->no_create) {
@@ -245,7 +245,10 @@ static struct verdict poll_once(struct keystate *ks, const struct verdict *prev,
 		ks->key_state = state;
 		ks->last_good = now;
 		v = verdict_of_state(state);
-		snprintf(why, whylen, "the key service reports it %s", kms_state_name(state));
+		if (err.msg[0])
+			snprintf(why, whylen, "%s", err.msg);
+		else
+			snprintf(why, whylen, "the key service reports it %s", kms_state_name(state));
 	} else if (r == -EKEYREVOKED) {
 		ks->last_good = now;
 		ks->key_state = KMS_STATE_PURGED;

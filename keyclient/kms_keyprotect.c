@@ -983,6 +983,10 @@ static int kp_key_state(void *state, int *ret_state, struct kms_err *err)
 	if (r < 0)
 		return r;
 	r = metadata_call(&c, &st, err);
+	/* Which answer decided the state: the poller logs it with a lock or unlock. */
+	if (r == 0)
+		kms_err_set(err, "key protect: key '%s' is %s (correlation-id %s)", kp->key_id, kms_state_name(st),
+			    c.cid);
 	call_end(&c);
 	if (r < 0)
 		return r;

@@ -14,7 +14,7 @@
  *
  * Protocol: the client sends one request line, the daemon answers one line of JSON and closes.
  *   "status\n"  -> the status object (docs/LOCKING.md): state, reason, key, key_state, last_poll,
- *                  poll, grace, backing, mountpoint
+ *                  poll, grace, deactivated, backing, mountpoint
  *   "lock\n"    -> the status object after a manual lock took effect (locking is complete)
  *   "unlock\n"  -> the status object after a manual unlock (the mount may stay locked for a
  *                  KMS reason, which "reason" then names)

@@ -76,7 +76,8 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
  * while its key file is unchanged); the next call reads it again. A locked mount calls this. */
 void kms_forget(struct kms *k);
 
-/* Current state of the root key (enum kms_key_state). */
+/* Current state of the root key (enum kms_key_state). On success err may still carry a line
+ * naming the answer (Key Protect: its correlation id), for the log of a transition. */
 int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err);
 
 /* The associated data keyfs binds every wrapped DEK to: { volume uuid, file id hex }. */

@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import ssl
+import struct
 import threading
 import time
 import urllib.parse
@@ -212,21 +213,33 @@ def unauthorized_body():
 
 # ---- faults ----
 
-FAULT_KINDS = ("status", "drop", "malformed", "oversize", "latency", "expire_tokens")
+FAULT_KINDS = ("status", "drop", "malformed", "oversize", "latency", "expire_tokens", "down")
 
 
 class Fault:
     """One injected misbehaviour. count: how many matching requests it hits (-1: all);
     skip: how many matching requests pass untouched first; match: 'kms', 'iam', 'any' or a
-    path substring."""
+    path substring.
+
+    'down' is the service unreachable, for every client, until the fault is cleared or, with
+    seconds, until they have passed: new connections are reset at accept (before TLS, as a
+    firewall's tcp-reset), and IAM/KMS requests on connections already open are dropped. The
+    control API still answers on connections already open; count, skip and match do not apply."""
 
     def __init__(self, kind, count=1, match="kms", status=500, retry_after=None, ms=0, skip=0,
-                 size=100 * 1024):
+                 size=100 * 1024, seconds=None):
         if kind not in FAULT_KINDS:
             raise ValueError("unknown fault kind %r (one of %s)" % (kind, ", ".join(FAULT_KINDS)))
+        if kind == "down":
+            count, match, skip = -1, "any", 0
         self.kind, self.count, self.match, self.status = kind, int(count), match, int(status)
         self.retry_after, self.ms, self.skip, self.size = retry_after, int(ms), int(skip), int(size)
+        self.seconds = None if seconds is None else float(seconds)
+        self.until = None if seconds is None else time.monotonic() + self.seconds
         self.hits = 0
+
+    def active(self):
+        return self.count != 0 and (self.until is None or time.monotonic() < self.until)
 
     def matches(self, kind, path):
         if self.match in ("any", "*"):
@@ -237,7 +250,7 @@ class Fault:
 
     def to_json(self):
         return {k: getattr(self, k) for k in ("kind", "count", "match", "status", "retry_after", "ms",
-                                              "skip", "size", "hits")}
+                                              "skip", "size", "seconds", "hits")}
 
 
 # ---- the server ----
@@ -255,6 +268,13 @@ class _Server(http.server.ThreadingHTTPServer):
 
     def get_request(self):
         sock, addr = self.socket.accept()
+        if self.emu._down():
+            # Reset, not a polite close: the client sees what a firewall's tcp-reset gives.
+            with self.emu.lock:
+                self.emu.resets += 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            raise OSError("kpemu is down: connection reset")     # socketserver skips this accept
         # Headers and body leave in separate writes: without this, Nagle + delayed ACK add 40 ms.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.emu.lock:
@@ -321,6 +341,7 @@ class Emulator:
         self.log = []
         self.errors = []
         self.connections = 0            # TCP connections accepted: shows connection reuse
+        self.resets = 0                 # connections reset at accept while 'down'
         self._server = None
         self._thread = None
         if state_file and os.path.exists(state_file):
@@ -424,6 +445,18 @@ class Emulator:
         with self.lock:
             self.faults = []
 
+    def go_down(self, seconds=None):
+        """The service unreachable until come_up() (or clear_faults()), or for seconds."""
+        return self.add_fault("down", seconds=seconds)
+
+    def come_up(self):
+        with self.lock:
+            self.faults = [f for f in self.faults if f.kind != "down"]
+
+    def _down(self):
+        with self.lock:
+            return any(f.kind == "down" and f.active() for f in self.faults)
+
     def set_latency(self, ms, match="kms"):
         with self.lock:
             self.latency[match] = int(ms)
@@ -496,9 +529,12 @@ class Emulator:
         with self.lock:
             self.log.append(entry)
             latency = self.latency.get(kind, 0)
-            fault = None
-            for f in self.faults:
-                if f.count == 0 or not f.matches(kind, path):
+            # While down, nothing else happens: the request never reaches the service.
+            fault = next((f for f in self.faults if f.kind == "down" and f.active()), None)
+            if fault is not None:
+                fault.hits += 1
+            for f in self.faults if fault is None else ():
+                if f.kind == "down" or f.count == 0 or not f.matches(kind, path):
                     continue
                 if f.skip > 0:
                     f.skip -= 1
@@ -508,7 +544,7 @@ class Emulator:
                 f.hits += 1
                 fault = f
                 break
-        if latency:
+        if latency and (fault is None or fault.kind != "down"):
             time.sleep(latency / 1000.0)
         if fault is not None:
             entry["fault"] = fault.kind
@@ -516,7 +552,7 @@ class Emulator:
                 time.sleep(fault.ms / 1000.0)
             elif fault.kind == "expire_tokens":
                 self.expire_tokens()
-            elif fault.kind == "drop":
+            elif fault.kind in ("drop", "down"):
                 entry["status"] = "dropped"
                 h.close_connection = True
                 try:
@@ -866,7 +902,8 @@ class Emulator:
                 if path == "/_emu/log" and method == "GET":
                     return self._send_json(h, 200, self.log)
                 if path == "/_emu/stats" and method == "GET":
-                    return self._send_json(h, 200, {"connections": self.connections, "requests": len(self.log),
+                    return self._send_json(h, 200, {"connections": self.connections, "resets": self.resets,
+                                                    "requests": len(self.log),
                                                     "token_requests": len(self.token_requests())})
                 if path == "/_emu/log" and method == "DELETE":
                     self.log = []
