@@ -46,4 +46,7 @@ int cli_keystore_dir(const char *given, char *buf, size_t size);
 /* Print the error of a keystore_* call on key name in dir; returns the exit code. */
 int cli_keystore_error(int r, const char *dir, const char *name);
 
+/* Undo /proc/self/mountinfo's \ooo escapes of a field, in place. */
+void cli_mountinfo_unescape(char *s);
+
 #endif

@@ -38,22 +38,6 @@ static const struct option control_options[] = {
 
 /* ---- the mount table ---- */
 
-/* mountinfo escapes space, tab, newline and backslash as \ooo. */
-static void unescape(char *s)
-{
-	char *w = s;
-
-	for (char *p = s; *p; p++) {
-		if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' &&
-		    p[3] <= '7') {
-			*w++ = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
-			p += 3;
-		} else {
-			*w++ = *p;
-		}
-	}
-	*w = '\0';
-}
 
 /* The "user_id=N" of a FUSE mount's super options. */
 static int super_user_id(char *opts, uid_t *ret)
@@ -108,7 +92,7 @@ static int keyfs_mount_owner(const char *mountpoint, uid_t *ret_uid)
 		}
 		if (!mp || !fstype)
 			continue;
-		unescape(mp);
+		cli_mountinfo_unescape(mp);
 		if (strcmp(mp, mountpoint) != 0)
 			continue;
 		found = true;

@@ -56,22 +56,6 @@ struct result {
 	char wrapped_sha256[2 * crypto_hash_sha256_BYTES + 1];
 };
 
-/* mountinfo escapes space, tab, newline and backslash as \ooo. */
-static void unescape(char *s)
-{
-	char *w = s;
-
-	for (char *p = s; *p; p++) {
-		if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' &&
-		    p[3] <= '7') {
-			*w++ = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
-			p += 3;
-		} else {
-			*w++ = *p;
-		}
-	}
-	*w = '\0';
-}
 
 static void mounts_free(struct mounts *m)
 {
@@ -131,9 +115,9 @@ static int mounts_read(struct mounts *ret)
 		};
 		if (!v->mountpoint || !v->root || !v->fstype || !v->source)
 			goto nomem;
-		unescape(v->mountpoint);
-		unescape(v->root);
-		unescape(v->source);
+		cli_mountinfo_unescape(v->mountpoint);
+		cli_mountinfo_unescape(v->root);
+		cli_mountinfo_unescape(v->source);
 	}
 	free(line);
 	fclose(f);
