@@ -817,6 +817,38 @@ static bool wrapped_from(const cJSON *ct, const cJSON *version_obj, struct kms_w
 	return true;
 }
 
+/*
+ * POST one key action ("wrap", "unwrap") with the body {field: value, "aad": [...]}. On success
+ * the call is begun (the caller ends it with call_end) and resp holds the answer. The body, which
+ * may hold a DEK, is freed before returning: cJSON's hooks wipe it.
+ */
+static int action_post(struct kp *kp, struct kp_call *c, const char *action, const char *field, const char *value,
+		       const char *const *aad, size_t naad, struct http_response *resp, struct kms_err *err)
+{
+	char url[KP_URL_MAX], suffix[32];
+	char *body;
+	int r;
+
+	snprintf(suffix, sizeof(suffix), "/actions/%s", action);
+	if (key_url(kp, suffix, url) < 0) {
+		kms_err_set(err, "key protect: URL for key '%s' is too long", kp->key_id);
+		return -ENAMETOOLONG;
+	}
+	body = action_body(field, value, aad, naad);
+	if (!body) {
+		kms_err_set(err, "key protect: %s of key '%s' failed: out of memory", action, kp->key_id);
+		return -ENOMEM;
+	}
+	r = call_begin(kp, c, action, err);
+	if (r == 0) {
+		r = kp_send(c, "POST", url, kp->endpoint, true, true, body, strlen(body), resp, err);
+		if (r < 0)
+			call_end(c);
+	}
+	cJSON_free(body);
+	return r < 0 ? r : 0;
+}
+
 static int kp_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
 		   struct kms_wrapped *ret, struct kms_err *err)
 {
@@ -825,31 +857,17 @@ static int kp_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *con
 	struct http_response resp;
 	struct kms_wrapped out;
 	char b64[sodium_base64_ENCODED_LEN(FMT_DEK_SIZE, sodium_base64_VARIANT_ORIGINAL)];
-	char url[KP_URL_MAX];
-	char *body = NULL;
 	cJSON *root = NULL;
 	int r, st;
 
 	r = check_aad(kp, aad, naad, err);
 	if (r < 0)
 		return r;
-	if (key_url(kp, "/actions/wrap", url) < 0) {
-		kms_err_set(err, "key protect: URL for key '%s' is too long", kp->key_id);
-		return -ENAMETOOLONG;
-	}
 	sodium_bin2base64(b64, sizeof(b64), dek, FMT_DEK_SIZE, sodium_base64_VARIANT_ORIGINAL);
-	body = action_body("plaintext", b64, aad, naad);
+	r = action_post(kp, &c, "wrap", "plaintext", b64, aad, naad, &resp, err);
 	sodium_memzero(b64, sizeof(b64));
-	if (!body) {
-		kms_err_set(err, "key protect: wrap of key '%s' failed: out of memory", kp->key_id);
-		return -ENOMEM;
-	}
-	r = call_begin(kp, &c, "wrap", err);
 	if (r < 0)
-		goto out_body;
-	r = kp_send(&c, "POST", url, kp->endpoint, true, true, body, strlen(body), &resp, err);
-	if (r < 0)
-		goto out;
+		return r;
 	if (resp.status != 200 && resp.status != 201) {
 		r = status_error(&c, &resp, false, err);
 		/* 409 alike for suspended and deactivated keys: the key state tells them apart. */
@@ -882,8 +900,6 @@ static int kp_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *con
 out:
 	cJSON_Delete(root);
 	call_end(&c);
-out_body:
-	cJSON_free(body);
 	return r;
 }
 
@@ -896,8 +912,6 @@ static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *c
 	struct http_response resp;
 	struct kms_wrapped nw;
 	char ct[FMT_WRAPPED_MAX + 1];
-	char url[KP_URL_MAX];
-	char *body = NULL;
 	const cJSON *pt, *nct, *nver;
 	cJSON *root = NULL;
 	size_t declen = 0;
@@ -913,23 +927,11 @@ static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *c
 	r = check_aad(kp, aad, naad, err);
 	if (r < 0)
 		return r;
-	if (key_url(kp, "/actions/unwrap", url) < 0) {
-		kms_err_set(err, "key protect: URL for key '%s' is too long", kp->key_id);
-		return -ENAMETOOLONG;
-	}
 	memcpy(ct, blob, len);
 	ct[len] = '\0';
-	body = action_body("ciphertext", ct, aad, naad);
-	if (!body) {
-		kms_err_set(err, "key protect: unwrap of key '%s' failed: out of memory", kp->key_id);
-		return -ENOMEM;
-	}
-	r = call_begin(kp, &c, "unwrap", err);
+	r = action_post(kp, &c, "unwrap", "ciphertext", ct, aad, naad, &resp, err);
 	if (r < 0)
-		goto out_body;
-	r = kp_send(&c, "POST", url, kp->endpoint, true, true, body, strlen(body), &resp, err);
-	if (r < 0)
-		goto out;
+		goto out_ct;
 	if (resp.status != 200 && resp.status != 201) {
 		r = status_error(&c, &resp, true, err);
 		goto out;
@@ -967,8 +969,7 @@ static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *c
 out:
 	cJSON_Delete(root);
 	call_end(&c);
-out_body:
-	cJSON_free(body);
+out_ct:
 	sodium_memzero(ct, sizeof(ct));
 	return r;
 }
