@@ -174,6 +174,32 @@ int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZ
 	return r;
 }
 
+static int header_lock_op(int fd, short type)
+{
+	struct flock fl = {
+		.l_type = type,
+		.l_whence = SEEK_SET,
+		.l_start = 0,
+		.l_len = FMT_DATA_OFFSET,
+	};
+
+	while (fcntl(fd, F_OFD_SETLKW, &fl) < 0) {
+		if (errno != EINTR)
+			return -errno;
+	}
+	return 0;
+}
+
+int content_header_lock(int fd)
+{
+	return header_lock_op(fd, F_WRLCK);
+}
+
+void content_header_unlock(int fd)
+{
+	(void)header_lock_op(fd, F_UNLCK);
+}
+
 int content_size(int fd, uint64_t *ret_size)
 {
 	uint64_t b;

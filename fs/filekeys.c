@@ -53,6 +53,24 @@ static int file_errno(int r)
 	}
 }
 
+/* The header lock, where the backing filesystem has OFD locks (without them keyfsctl rewrap
+ * refuses to run: nothing else would then need it). Returns 0 with *locked set or not. */
+static int header_lock(int fd, bool *locked)
+{
+	int r = content_header_lock(fd);
+
+	*locked = r == 0;
+	if (r == -ENOLCK || r == -EOPNOTSUPP || r == -EINVAL)
+		r = 0;
+	return r;
+}
+
+static void header_unlock(int fd, bool locked)
+{
+	if (locked)
+		content_header_unlock(fd);
+}
+
 static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 {
 	cf->fd = fd;
@@ -63,15 +81,18 @@ static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 /* Store a DEK the service re-wrapped with a newer key version, in the slot not in use, with
  * the next generation: until that write is durable the current slot still authenticates.
  * Best effort: the old blob keeps unwrapping while the service keeps that key version.
- * Called with keys_lock held and the header epoch checked, so the header is still the one the
- * keys came from. */
+ * Called with keys_lock held and the header epoch checked. Under the header lock the header
+ * is read again: 'keyfsctl rewrap' may have stored a newer one meanwhile, and then there is
+ * nothing left to do. */
 static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old,
 			   const struct kms_wrapped *w, const struct fmt_keys *keys)
 {
 	struct fmt_header h = *old;
+	struct content_headers hs;
 	uint8_t raw[FMT_HEADER_SIZE];
 	char proc[32], label[64];
-	unsigned slot = 1 - inode->header_slot;
+	unsigned slot = 0;
+	bool locked;
 	int fd, r = -EOVERFLOW;
 
 	inode_label(inode, label, sizeof(label));
@@ -82,16 +103,32 @@ static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old
 		h.generation = old->generation + 1;
 		r = fmt_header_encode(&h, keys, raw);
 	}
-	if (r == 0) {
-		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
-		fd = open(proc, O_WRONLY | O_CLOEXEC);
-		if (fd < 0) {
-			r = -errno;
-		} else {
-			r = content_header_store(fd, slot, raw);
-			close(fd);
-		}
+	if (r < 0)
+		goto fail;
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
+	fd = open(proc, O_WRONLY | O_CLOEXEC);
+	if (fd < 0) {
+		r = -errno;
+		goto fail;
 	}
+	r = header_lock(fd, &locked);
+	if (r == 0) {
+		r = content_headers_read(fd, &hs);
+		if (r == 0 && (hs.hdr[0].generation != old->generation ||
+			       memcmp(hs.hdr[0].file_id, old->file_id, FMT_FILE_ID_SIZE) != 0))
+			r = 1;          /* rewritten or replaced since we read it */
+		if (r == 0) {
+			slot = 1 - hs.slot[0];
+			r = content_header_store(fd, slot, raw);
+		}
+		header_unlock(fd, locked);
+	}
+	close(fd);
+	if (r == 1) {
+		log_debug("%s: header changed since it was read: not storing the re-wrapped key", label);
+		return;
+	}
+fail:
 	if (r < 0) {
 		log_warn("%s: cannot store the re-wrapped key (version '%s'): %s", label, w->key_version,
 			 strerror(-r));
@@ -225,7 +262,15 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 			h.wrapped_len);
 		r = -EIO;
 	} else {
-		r = content_header_init(fd, raw);
+		/* keyfsctl rewrap never writes an empty file's header, but takes the lock
+		 * and reads again before writing any header: this must not slip under it. */
+		bool locked;
+
+		r = header_lock(fd, &locked);
+		if (r == 0) {
+			r = content_header_init(fd, raw);
+			header_unlock(fd, locked);
+		}
 	}
 	if (r < 0) {
 		keyslab_free(&fs->slab, keys);
@@ -376,7 +421,8 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 
 int filekeys_drop_header(struct keyfs *fs, struct kfs_inode *inode, int fd)
 {
-	int r = 0;
+	bool locked;
+	int r;
 
 	pthread_mutex_lock(&inode->keys_lock);
 	while (inode->keys_loading)
@@ -386,8 +432,12 @@ int filekeys_drop_header(struct keyfs *fs, struct kfs_inode *inode, int fd)
 	keyslab_free(&fs->slab, inode->keys);
 	inode->keys = NULL;
 	inode->header_epoch++;
-	if (ftruncate(fd, 0) < 0)
-		r = -errno;
+	/* Under the header lock: a rewrap that read the old header must not store it again. */
+	r = header_lock(fd, &locked);
+	if (r == 0) {
+		r = ftruncate(fd, 0) < 0 ? -errno : 0;
+		header_unlock(fd, locked);
+	}
 	pthread_mutex_unlock(&inode->keys_lock);
 	return r;
 }

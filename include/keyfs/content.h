@@ -45,6 +45,15 @@ int content_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE]);
  * keeps the previous header until then, so a crash leaves one that authenticates. */
 int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE]);
 
+/*
+ * An exclusive OFD lock on the header area of fd (open for writing), waiting for it. Whoever
+ * changes a header takes it and, under it, re-reads before writing: the daemon (new headers,
+ * re-wrapped keys, dropping a header) and keyfsctl rewrap, which runs alongside a live mount.
+ * Returns 0, or -errno (-ENOLCK, -EOPNOTSUPP: the backing filesystem has no such locks).
+ */
+int content_header_lock(int fd);
+void content_header_unlock(int fd);
+
 /* Plaintext size of the backing file fd. */
 int content_size(int fd, uint64_t *ret_size);
 
