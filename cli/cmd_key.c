@@ -1,4 +1,4 @@
-/* cmd_key.c: keyfsctl key: create, show, suspend, enable and destroy keys of the local keystore */
+/* cmd_key.c: keyfsctl key: create, show, rotate, suspend, enable and destroy keys of the local keystore */
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
@@ -76,6 +76,32 @@ static int key_set_state(const char *dir, const char *name, int state)
 	return KEYFS_EXIT_OK;
 }
 
+static int key_rotate(const char *dir, const char *name)
+{
+	struct keystore_info info;
+	int r = keystore_rotate(dir, name, &info);
+
+	if (r == -ENOKEY) {
+		if (keystore_show(dir, name, &info) == 0)
+			log_err("key '%s' (id %s) is %s: only an active key can be rotated", name, info.id,
+				kms_state_name(info.state));
+		else
+			log_err("key '%s' is not active: only an active key can be rotated", name);
+		return KEYFS_EXIT_LOCKED;
+	}
+	if (r == -ENOBUFS || r == -EOVERFLOW) {
+		log_err("key '%s' in keystore '%s' has as many versions as its key file holds: create a new key for new volumes",
+			name, dir);
+		return KEYFS_EXIT_KMS;
+	}
+	if (r < 0)
+		return cli_keystore_error(r, dir, name);
+	printf("rotated key '%s' (id %s): new files are wrapped with version %u; older versions still unwrap\n"
+	       "to re-wrap the keys of existing files: keyfsctl rewrap BACKING (for each volume on this key)\n",
+	       name, info.id, info.version);
+	return KEYFS_EXIT_OK;
+}
+
 static int key_destroy(const char *dir, const char *name)
 {
 	struct keystore_info info;
@@ -127,10 +153,11 @@ int cmd_key(int argc, char **argv)
 		pos[npos++] = argv[optind];
 	}
 	if (npos == 0)
-		return cli_usage_error("key", "missing action: create, show, suspend, enable or destroy");
-	if (strcmp(pos[0], "create") != 0 && strcmp(pos[0], "show") != 0 && strcmp(pos[0], "suspend") != 0 &&
-	    strcmp(pos[0], "enable") != 0 && strcmp(pos[0], "destroy") != 0)
-		return cli_usage_error("key", "unknown action '%s': use create, show, suspend, enable or destroy", pos[0]);
+		return cli_usage_error("key", "missing action: create, show, rotate, suspend, enable or destroy");
+	if (strcmp(pos[0], "create") != 0 && strcmp(pos[0], "show") != 0 && strcmp(pos[0], "rotate") != 0 &&
+	    strcmp(pos[0], "suspend") != 0 && strcmp(pos[0], "enable") != 0 && strcmp(pos[0], "destroy") != 0)
+		return cli_usage_error("key", "unknown action '%s': use create, show, rotate, suspend, enable or destroy",
+				       pos[0]);
 	if (npos < 2)
 		return cli_usage_error("key", "missing key NAME");
 	if (keystore_name_valid(pos[1]) < 0)
@@ -143,6 +170,8 @@ int cmd_key(int argc, char **argv)
 		return key_create(dir, pos[1]);
 	if (strcmp(pos[0], "show") == 0)
 		return key_show(dir, pos[1]);
+	if (strcmp(pos[0], "rotate") == 0)
+		return key_rotate(dir, pos[1]);
 	if (strcmp(pos[0], "suspend") == 0)
 		return key_set_state(dir, pos[1], KMS_STATE_SUSPENDED);
 	if (strcmp(pos[0], "enable") == 0)

@@ -863,6 +863,72 @@ out:
 	return r;
 }
 
+int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret)
+{
+	const size_t linesize = sizeof("version=4294967295 \n") + B64_SIZE;
+	char err[KMS_ERR_MAX], *line = NULL;
+	uint8_t *material = NULL;
+	struct keyfile kf;
+	struct ks k;
+	int r, n;
+
+	if (sodium_init() < 0)
+		return -EIO;
+	r = ks_init(&k, dir, name, err, sizeof(err));
+	if (r < 0)
+		return r;
+	r = ks_load(&k, LOCK_EX, O_RDONLY, 0, NULL, NULL, NULL);
+	if (r < 0)
+		goto out;
+	if (k.kf.state == KMS_STATE_DESTROYED) {
+		r = -EKEYREVOKED;
+		goto out;
+	}
+	/* As Key Protect: only an active key gets new material. */
+	if (k.kf.state != KMS_STATE_ACTIVE) {
+		r = -ENOKEY;
+		goto out;
+	}
+	if (k.kf.newest == UINT_MAX) {
+		r = -EOVERFLOW;
+		goto out;
+	}
+	material = sodium_malloc(KEYSTORE_MATERIAL_SIZE + B64_SIZE);
+	line = sodium_malloc(linesize);
+	if (!material || !line) {
+		r = -ENOMEM;
+		goto out;
+	}
+	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
+	sodium_bin2base64((char *)material + KEYSTORE_MATERIAL_SIZE, B64_SIZE, material, KEYSTORE_MATERIAL_SIZE,
+			  sodium_base64_VARIANT_ORIGINAL);
+	n = snprintf(line, linesize, "version=%u %s\n", k.kf.newest + 1, (char *)material + KEYSTORE_MATERIAL_SIZE);
+	if (n < 0 || (size_t)n >= linesize) {
+		r = -ENOBUFS;
+		goto out;
+	}
+	kf = k.kf;
+	kf.newest++;
+	util_now_rfc3339(kf.updated);
+	r = ks_write(&k, &kf, k.text, k.len, line);
+	if (r == 0) {
+		k.kf = kf;
+		if (ret)
+			ks_info(&k, ret);
+	}
+out:
+	if (material) {
+		sodium_memzero(material, KEYSTORE_MATERIAL_SIZE + B64_SIZE);
+		sodium_free(material);
+	}
+	if (line) {
+		sodium_memzero(line, linesize);
+		sodium_free(line);
+	}
+	ks_done(&k);
+	return r;
+}
+
 /* Overwrite the open key file's len bytes with zeros and make that durable. */
 static int zero_fd(int fd, off_t len)
 {

@@ -46,6 +46,11 @@ int keystore_show(const char *dir, const char *name, struct keystore_info *ret);
  * a key. -EKEYREVOKED when destroyed. */
 int keystore_set_state(const char *dir, const char *name, int state);
 
+/* Add a version with fresh random material; older versions stay for unwrapping. -ENOKEY
+ * when the key is not active, -EKEYREVOKED when destroyed, -ENOBUFS when the key file would
+ * outgrow its limit. */
+int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret);
+
 /* Overwrite the key material, fsync, remove it, and leave a tombstone that says destroyed.
  * -EKEYREVOKED when already destroyed. */
 int keystore_destroy(const char *dir, const char *name);
