@@ -7,9 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <spawn.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -106,22 +109,115 @@ static bool dir_is_empty(const char *path, int *ret_err)
 	return empty;
 }
 
+/* The absolute path of arg without asking arg itself (a dead mount answers nothing): the
+ * real path of its parent joined with its last component. Returns 0 or -errno. */
+static int parent_real_path(const char *arg, char *out, size_t size)
+{
+	char buf[PATH_MAX], dir[PATH_MAX];
+	const char *base, *parent;
+	char *slash;
+	size_t n;
+	int r;
+
+	n = strlen(arg);
+	if (n == 0 || n >= sizeof(buf))
+		return -ENAMETOOLONG;
+	memcpy(buf, arg, n + 1);
+	while (n > 1 && buf[n - 1] == '/')
+		buf[--n] = '\0';
+	slash = strrchr(buf, '/');
+	if (slash) {
+		*slash = '\0';
+		parent = slash == buf ? "/" : buf;
+		base = slash + 1;
+	} else {
+		parent = ".";
+		base = buf;
+	}
+	if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
+		return -EINVAL;
+	if (!realpath(parent, dir))
+		return -errno;
+	r = snprintf(out, size, "%s%s%s", dir, strcmp(dir, "/") == 0 ? "" : "/", base);
+	return r < 0 || (size_t)r >= size ? -ENAMETOOLONG : 0;
+}
+
+/* Detach the dead mount at path, as 'fusermount3 -uz' would. Returns 0 or -errno. */
+static int detach(const char *path)
+{
+	char *argv[] = { "fusermount3", "-u", "-z", "--", (char *)path, NULL };
+	int status, r;
+	pid_t pid;
+
+	if (geteuid() == 0)
+		return umount2(path, MNT_DETACH) < 0 ? -errno : 0;
+	r = posix_spawnp(&pid, "fusermount3", NULL, NULL, argv, environ);
+	if (r != 0)
+		return -r;
+	if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		return -EPERM;
+	return 0;
+}
+
+/*
+ * What is mounted at fs->mountpoint already. A live keyfs there is refused: a second daemon
+ * would take over its control socket. A keyfs of this very backing dir whose daemon died (a
+ * crash, SIGKILL) leaves a dead mount, on which a restart (systemd's Restart=on-failure) would
+ * fail for ever: nobody serves it and nothing can be lost by removing it, so it is detached,
+ * as an admin would. Any other dead mount is left to the admin. Returns 0 or an exit code.
+ */
+static int check_mounted(struct keyfs *fs, const char *arg)
+{
+	char fstype[64], source[PATH_MAX];
+	struct statfs sfs;
+	int r;
+
+	if (util_mount_at(fs->mountpoint, fstype, sizeof(fstype), source, sizeof(source)) < 0)
+		return 0;
+	/* statfs always reaches the daemon; a cached stat may not. */
+	r = statfs(fs->mountpoint, &sfs) < 0 ? errno : 0;
+	if (r != ENOTCONN) {
+		if (strcmp(fstype, "fuse.keyfs") != 0)
+			return 0;
+		log_err("mountpoint '%s' is already a keyfs mount (of '%s')", arg, source);
+		return KEYFS_EXIT_MOUNT;
+	}
+	if (strcmp(fstype, "fuse.keyfs") != 0 || strcmp(source, fs->backing) != 0) {
+		log_err("mountpoint '%s' is a dead FUSE mount (%s, of '%s'): unmount it with 'fusermount3 -uz %s'",
+			arg, fstype, source, fs->mountpoint);
+		return KEYFS_EXIT_MOUNT;
+	}
+	r = detach(fs->mountpoint);
+	if (r < 0) {
+		log_err("mountpoint '%s' holds a dead keyfs mount of '%s' and it cannot be removed: %s; run 'fusermount3 -uz %s'",
+			arg, fs->backing, strerror(-r), fs->mountpoint);
+		return KEYFS_EXIT_MOUNT;
+	}
+	log_warn("mountpoint '%s' held a dead keyfs mount of '%s' (its daemon died): removed it", arg, fs->backing);
+	return 0;
+}
+
 static int check_mountpoint(struct keyfs *fs, const struct keyfs_options *o)
 {
 	size_t blen = strlen(fs->backing);
 	struct stat st;
-	int err;
+	int err, code;
 
-	if (stat(o->mountpoint, &st) < 0) {
+	/* A dead mount answers nothing: its path comes from its parent's. */
+	if (!realpath(o->mountpoint, fs->mountpoint) &&
+	    (errno != ENOTCONN || parent_real_path(o->mountpoint, fs->mountpoint, sizeof(fs->mountpoint)) < 0)) {
+		log_err("mountpoint '%s': %s", o->mountpoint, strerror(errno));
+		return KEYFS_EXIT_MOUNT;
+	}
+	code = check_mounted(fs, o->mountpoint);
+	if (code)
+		return code;
+	if (stat(fs->mountpoint, &st) < 0) {
 		log_err("mountpoint '%s': %s", o->mountpoint, strerror(errno));
 		return KEYFS_EXIT_MOUNT;
 	}
 	if (!S_ISDIR(st.st_mode)) {
 		log_err("mountpoint '%s' is not a directory", o->mountpoint);
-		return KEYFS_EXIT_MOUNT;
-	}
-	if (!realpath(o->mountpoint, fs->mountpoint)) {
-		log_err("mountpoint '%s': %s", o->mountpoint, strerror(errno));
 		return KEYFS_EXIT_MOUNT;
 	}
 	/* Mounting over the backing dir, or inside it, would make the volume serve itself. */

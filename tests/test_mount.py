@@ -183,3 +183,75 @@ def test_fstab_style_mount_helper(volume, tmp_path):
     finally:
         _cleanup_background(mnt)
     assert not is_mounted(mnt)
+
+
+def test_second_keyfs_on_a_live_mount_is_refused(mount, volume):
+    m = mount()
+    write_file(m.path("f"), b"first")
+    for extra in ([], ["-o", "nonempty"]):
+        r = run([KEYFS, volume, m.mnt, "-f", *extra], timeout=20)
+        assert r.returncode == 5, r
+        assert "mountpoint '%s' is already a keyfs mount (of '%s')" % (m.mnt, volume) in r.stderr
+    # The first mount is untouched and still answers.
+    assert read_file(m.path("f")) == b"first"
+
+
+def _start_foreground(backing, mnt):
+    proc = subprocess.Popen([KEYFS, backing, mnt, "-f"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: proc.poll() is not None or (os.path.ismount(mnt) and is_mounted(mnt)), timeout=10,
+             what="keyfs to mount %s" % mnt)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def _stop_foreground(proc, mnt):
+    if proc.poll() is None:
+        if is_mounted(mnt):
+            subprocess.run([FUSERMOUNT, "-u", mnt])
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if is_mounted(mnt):
+        subprocess.run([FUSERMOUNT, "-u", "-z", mnt])
+
+
+def test_restart_after_a_crash_removes_its_dead_mount(volume, tmp_path):
+    """What systemd's Restart=on-failure relies on: a daemon killed with SIGKILL leaves a dead
+    mount, and the next start on the same backing dir clears it instead of failing on it."""
+    mnt = str(tmp_path / "m")
+    os.mkdir(mnt)
+    proc = _start_foreground(volume, mnt)
+    try:
+        write_file(os.path.join(mnt, "f"), b"before the crash")
+        proc.kill()
+        proc.wait(timeout=10)
+        expect_errno(errno.ENOTCONN, os.stat, mnt)
+        proc = _start_foreground(volume, mnt)
+        assert read_file(os.path.join(mnt, "f")) == b"before the crash"
+    finally:
+        _stop_foreground(proc, mnt)
+    err = proc.stderr.read()
+    assert "mountpoint '%s' held a dead keyfs mount of '%s' (its daemon died): removed it" % (mnt, volume) in err
+    assert not is_mounted(mnt)
+
+
+def test_dead_mount_of_another_volume_is_left_alone(volume, tmp_path):
+    other = str(tmp_path / "other")
+    r = run([os.path.join(os.path.dirname(os.path.dirname(KEYFS)), "cli", "keyfsctl"), "init", other, "--kms",
+             "local", "--keystore", str(tmp_path / "keystore"), "--key", "test"])
+    assert r.returncode == 0, r
+    mnt = str(tmp_path / "m")
+    os.mkdir(mnt)
+    proc = _start_foreground(other, mnt)
+    try:
+        proc.kill()
+        proc.wait(timeout=10)
+        r = run([KEYFS, volume, mnt, "-f"], timeout=20)
+        assert r.returncode == 5, r
+        assert "mountpoint '%s' is a dead FUSE mount (fuse.keyfs, of '%s'): unmount it with 'fusermount3 -uz %s'" % (mnt, other, mnt) in r.stderr
+        assert is_mounted(mnt)
+    finally:
+        _stop_foreground(proc, mnt)

@@ -29,4 +29,11 @@ void util_json_string(FILE *f, const char *s);
 /* Lower-case hex of n bytes into out (2n+1 bytes). */
 void util_hex(const uint8_t *in, size_t n, char *out);
 
+/* Undo /proc/self/mountinfo's \ooo escapes of a field, in place. */
+void util_mountinfo_unescape(char *s);
+
+/* The mount on top at exactly the absolute, normalised path: its fstype ("fuse.keyfs") and
+ * source. Returns 0, -ENOENT when nothing is mounted there, or -errno. Never touches path. */
+int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size);
+
 #endif
