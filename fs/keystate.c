@@ -40,6 +40,9 @@ static const char *const reason_names[] = {
 	[REASON_MANUAL] = "manual",
 };
 
+/* During an outage within grace, one log line this often: not one per poll. */
+#define OUTAGE_LOG_EVERY 300.0
+
 /* What the KMS answers mean for the mount: the pure part of the state machine. */
 struct verdict {
 	bool locked;
@@ -72,6 +75,7 @@ struct keystate {
 	int key_state;                  /* lock: last state the KMS gave, -1 before any */
 	char last_poll[32];             /* lock: RFC 3339 of the last answer (good or bad) */
 	struct timespec last_good;      /* lock: CLOCK_MONOTONIC of the last definite answer */
+	double outage_logged;           /* lock: seconds into the current outage of its last log line; <0: none */
 	bool started;
 	pthread_t thread;
 };
@@ -107,6 +111,7 @@ int keystate_new(struct keyfs *fs, unsigned poll, unsigned grace, int initial_st
 	ks->key_state = initial_state;
 	util_now_rfc3339(ks->last_poll);
 	clock_gettime(CLOCK_MONOTONIC, &ks->last_good);
+	ks->outage_logged = -1;
 	/* Nothing is cached yet: a mount that starts locked has nothing to flush or wipe. */
 	atomic_store(&ks->phase, ks->verdict.locked ? PHASE_LOCKED : PHASE_UNLOCKED);
 	atomic_store(&ks->err, ks->verdict.err);
@@ -241,6 +246,13 @@ static struct verdict poll_once(struct keystate *ks, const struct verdict *prev,
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	pthread_mutex_lock(&ks->lock);
 	util_now_rfc3339(ks->last_poll);
+	/* An outage is logged when it starts, every OUTAGE_LOG_EVERY s while it lasts, and when it ends. */
+	if (r == 0 || r == -EKEYREVOKED || r == -ENOKEY || r == -EACCES) {
+		if (ks->outage_logged >= 0)
+			log_info("key service answers again after %.0f s without an answer",
+				 (double)(now.tv_sec - ks->last_good.tv_sec));
+		ks->outage_logged = -1;
+	}
 	if (r == 0) {
 		ks->key_state = state;
 		ks->last_good = now;
@@ -269,8 +281,11 @@ static struct verdict poll_once(struct keystate *ks, const struct verdict *prev,
 		} else {
 			/* Within grace an outage changes nothing, the lock it may have caused included. */
 			v = *prev;
-			if (!prev->locked || prev->reason != REASON_UNREACHABLE)
+			if ((!prev->locked || prev->reason != REASON_UNREACHABLE) &&
+			    (ks->outage_logged < 0 || quiet - ks->outage_logged >= OUTAGE_LOG_EVERY)) {
 				log_warn("key service unreachable for %.0f s (grace %u s): %s", quiet, ks->grace, err.msg);
+				ks->outage_logged = quiet;
+			}
 			why[0] = '\0';
 		}
 	}

@@ -640,6 +640,11 @@ def test_kms_unreachable_shorter_then_longer_than_grace(kp, mount, outage):
         emu.clear_faults()
         wait_good_poll(emu, time.time())
         assert control(m.mnt)["state"] == "unlocked"
+        # One line when the outage starts and one when it ends, not one per poll.
+        with open(m.log) as f:
+            log = f.read()
+        assert len(re.findall(r"key service unreachable for \d+ s \(grace 4 s\)", log)) == 1, log
+        assert len(re.findall(r"key service answers again after \d+ s without an answer", log)) == 1, log
 
         # Longer than grace: locked once grace has run out since the last good answer, not before.
         wait_good_poll(emu, time.time())
