@@ -1,0 +1,120 @@
+# test_fstab.py: an /etc/fstab line "BACKING MNT fuse.keyfs OPTIONS 0 0" mounted by mount(8) itself, as at boot
+#
+# mount(8) runs /sbin/mount.fuse3, which runs "keyfs" through /bin/sh with the standard PATH,
+# whatever the caller's PATH: keyfs must be installed there. Each test runs in a private mount
+# namespace (unshare) where a temporary dir holding keyfs is bind-mounted over /usr/local/bin
+# and a temporary fstab over /etc/fstab, so the real mount(8), mount.fuse3 and umount(8) run
+# with neither the host's fstab nor its /usr/local/bin touched. The namespace, its mounts and
+# the daemon end with the script.
+import os
+import secrets
+import shutil
+import subprocess
+
+import pytest
+
+from helpers import EXIT_OK, KEYFS, KEYFSCTL, run
+from kpemu import Emulator, make_certs
+
+APIKEY = "kpi-fstab-" + secrets.token_hex(20)
+
+SCRIPT = r"""
+set -eu
+mnt=$1 bin=$2 fstab=$3
+trap 'umount -l "$mnt" 2>/dev/null || true' EXIT
+mount --make-rprivate /
+mount --bind "$bin" /usr/local/bin
+mount --bind "$fstab" /etc/fstab
+mount "$mnt"
+awk -v m="$mnt" '$5 == m { for (i = 7; $i != "-"; i++); print "MOUNTED", $(i+1), $(i+2) }' /proc/self/mountinfo
+printf 'written through an fstab mount' > "$mnt/f"
+echo "READ $(cat "$mnt/f")"
+umount "$mnt"
+trap - EXIT
+awk -v m="$mnt" '$5 == m { print "STILL MOUNTED" }' /proc/self/mountinfo
+echo DONE
+"""
+
+
+def need_mount_tools():
+    if os.geteuid() != 0:
+        pytest.skip("mounting from fstab needs root")
+    missing = [t for t in ("unshare", "mount", "umount") if shutil.which(t) is None]
+    if not os.path.exists("/sbin/mount.fuse3") and not os.path.exists("/usr/sbin/mount.fuse3"):
+        missing.append("mount.fuse3 (package fuse3)")
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail("missing in CI: " + ", ".join(missing))
+        pytest.skip("missing: " + ", ".join(missing))
+
+
+def fstab_mount(tmp_path, backing, options):
+    """Mount BACKING through a one-line fstab, write and read a file, unmount; returns the lines printed."""
+    need_mount_tools()
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    bindir = tmp_path / "usr-local-bin"
+    bindir.mkdir()
+    os.symlink(KEYFS, str(bindir / "keyfs"))
+    fstab = tmp_path / "fstab"
+    fstab.write_text("# written by test_fstab.py\n%s %s fuse.keyfs %s 0 0\n" % (backing, mnt, options))
+    r = subprocess.run(["unshare", "--mount", "bash", "-c", SCRIPT, "fstab-test", mnt, str(bindir), str(fstab)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r
+    return r.stdout.splitlines(), r.stderr
+
+
+def test_fstab_line_local_keystore(volume, keystore, tmp_path):
+    out, err = fstab_mount(tmp_path, volume, "keystore=%s,nofail,_netdev,noatime,x-systemd.automount" % keystore)
+    assert out == ["MOUNTED fuse.keyfs %s" % volume, "READ written through an fstab mount", "DONE"], err
+    # What was written is in the backing dir, encrypted.
+    with open(os.path.join(volume, "f"), "rb") as f:
+        assert b"written through" not in f.read()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
+
+
+def test_fstab_line_keyprotect_with_apikey_file(certs, tmp_path):
+    """The line of the issue: BACKING MNT fuse.keyfs apikey_file=F,nofail,_netdev 0 0."""
+    emu = Emulator(certs, apikeys={APIKEY: "manager"}).start()
+    try:
+        kid = emu.create_key("keyfs-root")
+        sec = tmp_path / "secrets"
+        sec.mkdir(mode=0o700)
+        apikey = str(sec / "data.apikey")
+        fd = os.open(apikey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(APIKEY + "\n")
+        backing = str(tmp_path / "backing")
+        r = run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
+                 "--instance", emu.instance, "--key", kid, "--apikey-file", apikey, "--ca-file", emu.ca_file])
+        assert r.returncode == EXIT_OK, r
+        out, err = fstab_mount(tmp_path, backing, "apikey_file=%s,nofail,_netdev" % apikey)
+        assert out == ["MOUNTED fuse.keyfs %s" % backing, "READ written through an fstab mount", "DONE"], err
+        # The daemon reached Key Protect with the API key named on the fstab line: wraps
+        # after init's proof (the file's key and the DEK pool), every one answered 200.
+        wraps = emu.requests(path="/actions/wrap")
+        assert len(wraps) >= 2 and all(w["status"] == 200 for w in wraps), wraps
+    finally:
+        emu.stop()
+
+
+def test_fstab_unknown_option_fails_with_a_message(volume, tmp_path):
+    need_mount_tools()
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(KEYFS, str(bindir / "keyfs"))
+    fstab = tmp_path / "fstab"
+    fstab.write_text("%s %s fuse.keyfs nofail,pol=3 0 0\n" % (volume, mnt))
+    r = subprocess.run(["unshare", "--mount", "bash", "-c", SCRIPT, "fstab-test", mnt, str(bindir), str(fstab)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "keyfs: error: unknown mount option 'pol=3'" in r.stderr
+    assert "MOUNTED" not in r.stdout
