@@ -19,6 +19,7 @@ struct cli_cmd {
 int cmd_init(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_key(int argc, char **argv);
+int cmd_rewrap(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_lock(int argc, char **argv);
 int cmd_unlock(int argc, char **argv);
@@ -45,6 +46,10 @@ int cli_keystore_dir(const char *given, char *buf, size_t size);
 
 /* Print the error of a keystore_* call on key name in dir; returns the exit code. */
 int cli_keystore_error(int r, const char *dir, const char *name);
+
+/* Write s to f with control bytes and backslash as \ooo: file names are anyone's bytes and
+ * must not drive the terminal that shows them. */
+void cli_fputs_safe(FILE *f, const char *s);
 
 /* Undo /proc/self/mountinfo's \ooo escapes of a field, in place. */
 void cli_mountinfo_unescape(char *s);

@@ -22,15 +22,19 @@ static const struct cli_cmd commands[] = {
 	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key]",
 	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F]",
 	  "make an empty or missing dir a keyfs volume bound to a key" },
-	{ "inspect", cmd_inspect, "[--json] PATH...", NULL,
-	  "show the keyfs header of files (backing files or paths in a mount), no key needed" },
+	{ "inspect", cmd_inspect, "[-r] [--json] PATH...", NULL,
+	  "show the keyfs header of files (backing files or paths in a mount), no key needed;\n"
+	  "            -r: every file under a directory, with a summary" },
+	{ "rewrap", cmd_rewrap, "[--keystore DIR] [--apikey-file F] [--ca-file F] BACKING", NULL,
+	  "after a root key rotation, re-wrap every file key with the newest key version\n"
+	  "            (data untouched; resumable; safe alongside a live mount)" },
 	{ "status", cmd_status, "MOUNTPOINT [--json]", NULL,
 	  "show whether a mount is locked, why, and its key's state (exit 0 unlocked, 8 locked)" },
 	{ "lock", cmd_lock, "MOUNTPOINT", NULL,
 	  "lock a mount now: contents unavailable until 'keyfsctl unlock' (root or the mount's owner)" },
 	{ "unlock", cmd_unlock, "MOUNTPOINT", NULL,
 	  "undo 'keyfsctl lock'; stays locked (exit 8) while the key itself is unusable" },
-	{ "key", cmd_key, "create|show|suspend|enable|destroy NAME [--keystore DIR]", NULL,
+	{ "key", cmd_key, "create|show|rotate|suspend|enable|destroy NAME [--keystore DIR]", NULL,
 	  "manage keys in the local keystore" },
 	{ "help", cmd_help, "[COMMAND]", NULL, "show this help, or one command's usage" },
 };
@@ -275,6 +279,18 @@ int cli_keystore_error(int r, const char *dir, const char *name)
 	default:
 		log_err("key '%s' in keystore '%s': %s", name, dir, strerror(-r));
 		return KEYFS_EXIT_FAILURE;
+	}
+}
+
+void cli_fputs_safe(FILE *f, const char *s)
+{
+	for (; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (c < 0x20 || c == 0x7f || c == '\\')
+			fprintf(f, "\\%03o", c);
+		else
+			fputc(c, f);
 	}
 }
 

@@ -1,0 +1,423 @@
+/* cmd_rewrap.c: keyfsctl rewrap: after a root key rotation, put every file's DEK under the newest key version */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <sodium.h>
+
+#include "keyfs/content.h"
+#include "keyfs/exitcode.h"
+#include "keyfs/format.h"
+#include "keyfs/log.h"
+#include "progress.h"
+#include "volume.h"
+#include "walk.h"
+
+/*
+ * Only headers change, never data, and each in the crash-safe way of FORMAT.md: the new
+ * header goes to the slot that does not hold the one it replaces, with the next generation,
+ * and is fdatasync'd; until then the old slot authenticates. A file already on the newest key
+ * version is skipped, so an interrupted run is finished by running it again.
+ *
+ * A live mount may change a header at any time (a new file's first header, a damaged header
+ * dropped by a truncate to 0, a DEK the service re-wrapped at open). Both sides take the header
+ * lock (content_header_lock) and read the header area again under it; we store only when it
+ * is still byte for byte what we unwrapped. The KMS call happens outside the lock.
+ */
+
+enum { OPT_HELP = CLI_OPT_BASE };
+
+static const struct option rewrap_options[] = {
+	CLI_KMS_OPTIONS,
+	{ "help", no_argument, NULL, OPT_HELP },
+	{ NULL, 0, NULL, 0 },
+};
+
+/* Tries per file when a live mount changes its header between our read and our write. */
+#define REWRAP_TRIES 3
+
+struct rewrap {
+	struct cli_volume *v;
+	struct progress progress;
+	char newest[FMT_KEY_VERSION_MAX + 1];   /* the version a wrap gets now */
+	uint8_t *dek;                           /* sodium_malloc */
+	struct fmt_keys *keys;                  /* sodium_malloc */
+	uint64_t files, rewrapped, current, empty, damaged, changed, failed;
+	int kms_rc;                             /* an exit code once the KMS failed: the run stops */
+};
+
+static void problem(struct rewrap *rw, const char *kind, const char *path, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+/* One line on stdout per file that is not re-wrapped for a reason an admin must see. */
+static void problem(struct rewrap *rw, const char *kind, const char *path, const char *fmt, ...)
+{
+	va_list ap;
+
+	progress_clear(&rw->progress);
+	printf("%s: ", kind);
+	cli_fputs_safe(stdout, path);
+	fputs(": ", stdout);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	putchar('\n');
+}
+
+/* The exit code of a KMS failure that ends the run; 0 when it only concerns this file. */
+static int kms_fatal(struct rewrap *rw, int r, const struct kms_err *err)
+{
+	switch (r) {
+	case -EBADMSG:
+		return 0;
+	case -ENOKEY:
+	case -EKEYREVOKED:
+	case -EKEYEXPIRED:
+		progress_clear(&rw->progress);
+		log_err("key '%s' became unusable: %s", rw->v->vol.key, err->msg);
+		return KEYFS_EXIT_LOCKED;
+	default:
+		progress_clear(&rw->progress);
+		log_err("key service: %s", err->msg[0] ? err->msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+}
+
+/* Learn the newest key version: wrap a throwaway DEK, bound to nothing any file uses. */
+static int probe_newest(struct rewrap *rw)
+{
+	const char *aad[KMS_AAD_COUNT] = { rw->v->vol.volume, "keyfsctl-rewrap-probe" };
+	struct kms_wrapped w;
+	struct kms_err err = { .msg = "" };
+	int r;
+
+	randombytes_buf(rw->dek, FMT_DEK_SIZE);
+	r = kms_wrap(rw->v->kms, rw->dek, aad, KMS_AAD_COUNT, &w, &err);
+	sodium_memzero(rw->dek, FMT_DEK_SIZE);
+	if (r == -EKEYEXPIRED) {
+		log_err("key '%s' is deactivated: it wraps nothing, so file keys cannot be re-wrapped with it",
+			rw->v->vol.key);
+		return KEYFS_EXIT_LOCKED;
+	}
+	if (r < 0)
+		return kms_fatal(rw, r, &err);
+	snprintf(rw->newest, sizeof(rw->newest), "%s", w.key_version);
+	return 0;
+}
+
+static bool headers_equal(const struct content_headers *a, const struct content_headers *b)
+{
+	if (a->count != b->count)
+		return false;
+	for (unsigned i = 0; i < a->count; i++)
+		if (a->slot[i] != b->slot[i] || memcmp(a->raw[i], b->raw[i], FMT_HEADER_SIZE) != 0)
+			return false;
+	return true;
+}
+
+enum outcome { DONE, CURRENT, EMPTY, DAMAGED, CHANGED, FAILED, STOP };
+
+/*
+ * Unwrap the newest slot that authenticates (an older one serves when the newer was torn) and
+ * get its DEK wrapped with the newest version: Key Protect hands that back with the unwrap,
+ * the local keystore wraps it again. Fills rw->dek, rw->keys, *ret_i and *w.
+ */
+static enum outcome unwrap_and_rewrap(struct rewrap *rw, const char *path, const struct content_headers *hs,
+				      unsigned *ret_i, struct kms_wrapped *w)
+{
+	const char *aad[KMS_AAD_COUNT];
+	char hex[2 * FMT_FILE_ID_SIZE + 1];
+	struct kms_err err = { .msg = "" };
+	bool was_rewrapped = false;
+	int r = -EBADMSG;
+	unsigned i;
+
+	for (i = 0; i < hs->count; i++) {
+		fmt_file_id_hex(hs->hdr[i].file_id, hex);
+		kms_file_aad(rw->v->vol.volume, hex, aad);
+		r = kms_unwrap(rw->v->kms, hs->hdr[i].wrapped, hs->hdr[i].wrapped_len, aad, KMS_AAD_COUNT, rw->dek,
+			       w, &was_rewrapped, &err);
+		if (r == 0) {
+			fmt_keys_derive(rw->dek, rw->keys);
+			if (fmt_header_verify(hs->raw[i], rw->keys) == 0)
+				break;
+			r = -EBADMSG;
+			was_rewrapped = false;
+		}
+		if (r != -EBADMSG) {
+			rw->kms_rc = kms_fatal(rw, r, &err);
+			return STOP;
+		}
+	}
+	if (i == hs->count) {
+		if (strcmp(hs->hdr[0].key_id, kms_key_id(rw->v->kms)) != 0)
+			problem(rw, "damaged", path, "wrapped by key '%s', not by this volume's key '%s': left as it is",
+				hs->hdr[0].key_id, kms_key_id(rw->v->kms));
+		else
+			problem(rw, "damaged", path, "no header slot authenticates: left as it is (see keyfsctl fsck)");
+		return DAMAGED;
+	}
+	*ret_i = i;
+	if (was_rewrapped && strcmp(w->key_version, rw->newest) == 0)
+		return DONE;
+	if (strcmp(hs->hdr[i].key_version, rw->newest) == 0 && i == 0)
+		return CURRENT;
+	r = kms_wrap(rw->v->kms, rw->dek, aad, KMS_AAD_COUNT, w, &err);
+	if (r < 0) {
+		rw->kms_rc = kms_fatal(rw, r, &err);
+		return STOP;
+	}
+	/* Rotated again since we started: this file gets the newer one, and so do the rest. */
+	if (strcmp(w->key_version, rw->newest) != 0)
+		snprintf(rw->newest, sizeof(rw->newest), "%s", w->key_version);
+	return DONE;
+}
+
+/* Store the header for w in the slot that does not hold header i, if the header area is still
+ * what we read. Returns DONE, CHANGED (read again and retry) or FAILED. */
+static enum outcome store(struct rewrap *rw, const char *path, int fd, const struct content_headers *hs,
+			  unsigned i, const struct kms_wrapped *w)
+{
+	struct content_headers now;
+	struct fmt_header h = hs->hdr[i];
+	uint8_t raw[FMT_HEADER_SIZE];
+	uint32_t gen = hs->hdr[0].generation;
+	unsigned slot = 1 - hs->slot[i];
+	int r;
+
+	for (unsigned k = 1; k < hs->count; k++)
+		if (hs->hdr[k].generation > gen)
+			gen = hs->hdr[k].generation;
+	if (gen == UINT32_MAX) {
+		problem(rw, "failed", path, "header generation at its limit: cannot store another header");
+		return FAILED;
+	}
+	memcpy(h.wrapped, w->blob, w->len);
+	h.wrapped_len = w->len;
+	snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
+	h.generation = gen + 1;
+	r = fmt_header_encode(&h, rw->keys, raw);
+	if (r < 0) {
+		problem(rw, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
+		return FAILED;
+	}
+	r = content_header_lock(fd);
+	if (r < 0) {
+		problem(rw, "failed", path, "cannot lock its header (%s): without the lock a live mount could race",
+			strerror(-r));
+		return FAILED;
+	}
+	r = content_headers_read(fd, &now);
+	if (r < 0 || !headers_equal(hs, &now)) {
+		content_header_unlock(fd);
+		return CHANGED;
+	}
+	r = content_header_store(fd, slot, raw);
+	content_header_unlock(fd);
+	if (r < 0) {
+		problem(rw, "failed", path, "writing header slot %u: %s (the other slot still holds the old header)",
+			slot, strerror(-r));
+		return FAILED;
+	}
+	return DONE;
+}
+
+static enum outcome rewrap_fd(struct rewrap *rw, const char *path, int fd)
+{
+	struct content_headers hs;
+	struct kms_wrapped w;
+	enum outcome o = CHANGED;
+	unsigned i = 0;
+	int r;
+
+	for (int t = 0; t < REWRAP_TRIES && o == CHANGED; t++) {
+		r = content_headers_read(fd, &hs);
+		if (r == -ENODATA)
+			return EMPTY;
+		if (r == -EPROTONOSUPPORT) {
+			problem(rw, "failed", path, "header of a format version or cipher this keyfsctl does not know");
+			return FAILED;
+		}
+		if (r == -EIO) {
+			problem(rw, "damaged", path, "no header slot parses: left as it is (see keyfsctl fsck)");
+			return DAMAGED;
+		}
+		if (r < 0) {
+			problem(rw, "failed", path, "reading its header: %s", strerror(-r));
+			return FAILED;
+		}
+		/* Resuming: nothing to do for a file whose newest header is on the newest version. */
+		if (strcmp(hs.hdr[0].key_version, rw->newest) == 0 && strcmp(hs.hdr[0].key_id, kms_key_id(rw->v->kms)) == 0)
+			return CURRENT;
+		o = unwrap_and_rewrap(rw, path, &hs, &i, &w);
+		if (o == DONE)
+			o = store(rw, path, fd, &hs, i, &w);
+		sodium_memzero(rw->dek, FMT_DEK_SIZE);
+		sodium_memzero(rw->keys, sizeof(*rw->keys));
+	}
+	if (o == CHANGED)
+		problem(rw, "changed", path, "its header kept changing under a live mount: run rewrap again");
+	return o;
+}
+
+static int visit(const struct walk_entry *e, void *arg)
+{
+	struct rewrap *rw = arg;
+	enum outcome o;
+	struct stat st;
+	int fd;
+
+	if (!S_ISREG(e->st->st_mode))
+		return 0;
+	rw->files++;
+	progress_update(&rw->progress, rw->files, 0, e->path);
+	if (e->st->st_size == 0) {
+		rw->empty++;
+		return 0;
+	}
+	fd = openat(e->dirfd, e->name, O_RDWR | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+	if (fd < 0) {
+		if (errno == ENOENT) {
+			rw->files--;
+			return 0;
+		}
+		problem(rw, "failed", e->path, "%s", strerror(errno));
+		rw->failed++;
+		return 0;
+	}
+	if (fstat(fd, &st) < 0 || st.st_dev != e->st->st_dev || st.st_ino != e->st->st_ino) {
+		/* Replaced since the listing: a new file, made with the newest version. */
+		close(fd);
+		rw->files--;
+		return 0;
+	}
+	o = rewrap_fd(rw, e->path, fd);
+	close(fd);
+	switch (o) {
+	case DONE: rw->rewrapped++; break;
+	case CURRENT: rw->current++; break;
+	case EMPTY: rw->empty++; break;
+	case DAMAGED: rw->damaged++; break;
+	case CHANGED: rw->changed++; break;
+	case FAILED: rw->failed++; break;
+	case STOP: return -ECANCELED;
+	}
+	return 0;
+}
+
+static int not_visited(const char *path, int err, void *arg)
+{
+	struct rewrap *rw = arg;
+
+	if (err == EXDEV)
+		problem(rw, "not visited", path[0] ? path : ".", "another filesystem is mounted there");
+	else
+		problem(rw, "not visited", path[0] ? path : ".", "%s", strerror(err));
+	rw->failed++;
+	return 0;
+}
+
+static int run(struct rewrap *rw)
+{
+	int r;
+
+	r = probe_newest(rw);
+	if (r)
+		return r;
+	progress_init(&rw->progress, "rewrap");
+	rw->progress.files_only = true;
+	r = walk_tree(rw->v->root_fd, true, visit, not_visited, rw);
+	progress_clear(&rw->progress);
+	if (r == -ECANCELED) {
+		printf("rewrap: stopped after %" PRIu64 " files (%" PRIu64 " re-wrapped); run it again once the key service answers\n",
+		       rw->files, rw->rewrapped);
+		return rw->kms_rc ? rw->kms_rc : KEYFS_EXIT_KMS;
+	}
+	if (r < 0) {
+		log_err("walking '%s': %s", rw->v->backing, strerror(-r));
+		return r == -ENOMEM ? KEYFS_EXIT_FAILURE : KEYFS_EXIT_IO;
+	}
+	printf("rewrap: %" PRIu64 " files: %" PRIu64 " re-wrapped to key version %s, %" PRIu64
+	       " already on it, %" PRIu64 " empty (no key yet)",
+	       rw->files, rw->rewrapped, rw->newest, rw->current, rw->empty);
+	if (rw->damaged)
+		printf(", %" PRIu64 " damaged", rw->damaged);
+	if (rw->changed)
+		printf(", %" PRIu64 " changed under a live mount", rw->changed);
+	if (rw->failed)
+		printf(", %" PRIu64 " failed", rw->failed);
+	putchar('\n');
+	if (rw->damaged)
+		return KEYFS_EXIT_DAMAGED;
+	if (rw->failed || rw->changed)
+		return KEYFS_EXIT_IO;
+	return KEYFS_EXIT_OK;
+}
+
+int cmd_rewrap(int argc, char **argv)
+{
+	struct cli_kms_args ka = { NULL, NULL, NULL };
+	struct cli_volume v;
+	struct rewrap rw;
+	const char *backing = NULL;
+	int c, rc;
+
+	optind = 0;
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, "-:h", rewrap_options, NULL)) != -1) {
+		if (cli_kms_option(&ka, c, optarg))
+			continue;
+		switch (c) {
+		case 1:
+			if (backing)
+				return cli_usage_error("rewrap", "unexpected argument '%s'", optarg);
+			backing = optarg;
+			break;
+		case 'h':
+		case OPT_HELP:
+			cli_print_usage(stdout, "rewrap");
+			return KEYFS_EXIT_OK;
+		default:
+			return cli_option_error("rewrap", c, argv);
+		}
+	}
+	if (optind < argc) {
+		if (backing || optind + 1 < argc)
+			return cli_usage_error("rewrap", "unexpected argument '%s'", argv[backing ? optind : optind + 1]);
+		backing = argv[optind];
+	}
+	if (!backing)
+		return cli_usage_error("rewrap", "missing BACKING (the volume's backing dir)");
+	if (sodium_init() < 0) {
+		log_err("libsodium cannot be initialised");
+		return KEYFS_EXIT_FAILURE;
+	}
+	memset(&rw, 0, sizeof(rw));
+	rc = cli_volume_open(backing, &v);
+	if (rc == 0)
+		rc = cli_volume_kms(&v, &ka, "rewrap");
+	if (rc == 0) {
+		rw.v = &v;
+		rw.dek = sodium_malloc(FMT_DEK_SIZE);
+		rw.keys = sodium_malloc(sizeof(*rw.keys));
+		if (!rw.dek || !rw.keys) {
+			log_err("out of locked memory for keys");
+			rc = KEYFS_EXIT_FAILURE;
+		} else {
+			rc = run(&rw);
+		}
+		sodium_free(rw.dek);
+		sodium_free(rw.keys);
+	}
+	cli_volume_close(&v);
+	return rc;
+}

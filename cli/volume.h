@@ -1,0 +1,48 @@
+/* volume.h: open a volume from its backing dir, and its key service, for fsck and rewrap (private to cli/) */
+#ifndef KEYFS_CLI_VOLUME_H
+#define KEYFS_CLI_VOLUME_H
+
+#include <limits.h>
+
+#include "keyfs/kms.h"
+#include "keyfs/voldesc.h"
+#include "cli.h"
+
+/* The key service options fsck and rewrap share: add CLI_KMS_OPTIONS to the getopt table and
+ * pass every option value to cli_kms_option first. */
+enum { CLI_OPT_KEYSTORE = CLI_OPT_BASE + 64, CLI_OPT_APIKEY_FILE, CLI_OPT_CA_FILE };
+#define CLI_KMS_OPTIONS                                                                 \
+	{ "keystore", required_argument, NULL, CLI_OPT_KEYSTORE },                      \
+	{ "apikey-file", required_argument, NULL, CLI_OPT_APIKEY_FILE },                \
+	{ "ca-file", required_argument, NULL, CLI_OPT_CA_FILE }
+#define CLI_KMS_USAGE "[--keystore DIR] [--apikey-file F] [--ca-file F]"
+
+struct cli_kms_args {
+	const char *keystore;           /* local: instead of the keystore recorded at init */
+	const char *apikey_file;        /* keyprotect: else $CREDENTIALS_DIRECTORY/apikey */
+	const char *ca_file;            /* keyprotect: instead of the CA file recorded at init */
+};
+
+/* Take option c (with optarg) into a when it is one of CLI_KMS_OPTIONS. Returns 1 when taken. */
+int cli_kms_option(struct cli_kms_args *a, int c, const char *optarg);
+
+struct cli_volume {
+	char backing[PATH_MAX];         /* realpath of the backing dir */
+	int root_fd;                    /* O_RDONLY | O_DIRECTORY */
+	struct voldesc vol;
+	struct kms *kms;                /* after cli_volume_kms */
+	int key_state;                  /* enum kms_key_state, after cli_volume_kms */
+};
+
+/* Open the volume whose backing dir is arg and read its description. Returns 0 or an exit
+ * code after printing why (3: not a volume). */
+int cli_volume_open(const char *arg, struct cli_volume *ret);
+
+/* Open the volume's key service and check its key can unwrap: active or deactivated. Returns
+ * 0, or an exit code after printing why: 4 key service unusable, 8 key suspended or destroyed.
+ * what names the command for messages ("fsck"). */
+int cli_volume_kms(struct cli_volume *v, const struct cli_kms_args *a, const char *what);
+
+void cli_volume_close(struct cli_volume *v);
+
+#endif
