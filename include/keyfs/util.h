@@ -23,7 +23,8 @@ void util_uuid4(char out[37]);
 /* Current time as RFC 3339 UTC with seconds ("2026-11-22T22:25:00Z"). */
 void util_now_rfc3339(char out[32]);
 
-/* Write s to f as a JSON string literal, quotes and escapes included. */
+/* Write s to f as a JSON string literal, quotes and escapes included; bytes that are not
+ * UTF-8 (a file name may hold any) become U+FFFD, so the output is always valid JSON. */
 void util_json_string(FILE *f, const char *s);
 
 /* Lower-case hex of n bytes into out (2n+1 bytes). */
