@@ -24,6 +24,11 @@ int cmd_status(int argc, char **argv);
 int cmd_lock(int argc, char **argv);
 int cmd_unlock(int argc, char **argv);
 
+/* Ask the daemon of the keyfs mount at mp (absolute, as in mountinfo) for its state within
+ * timeout_s: "locked" or "unlocked" into state, the reason ("" when none) into reason.
+ * Returns 0 or -errno (-ENOENT: not a keyfs mount; -EACCES: not root or the owner). */
+int cli_mount_state(const char *mp, int timeout_s, char *state, size_t ssize, char *reason, size_t rsize);
+
 /* "usage: keyfsctl CMD ARGS" for one subcommand. */
 void cli_print_usage(FILE *f, const char *cmd);
 

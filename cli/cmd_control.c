@@ -671,6 +671,37 @@ static void print_status(const struct jobject *o)
 
 enum action { ACT_STATUS, ACT_LOCK, ACT_UNLOCK };
 
+int cli_mount_state(const char *mp, int timeout_s, char *state, size_t ssize, char *reason, size_t rsize)
+{
+	char path[PATH_MAX], answer[CONTROL_ANSWER_MAX + 2];
+	const char *st, *re;
+	struct jobject *o;
+	uid_t owner;
+	int r;
+
+	r = keyfs_mount_owner(mp, &owner);
+	if (r <= 0)
+		return r < 0 ? r : -ENOENT;
+	if (control_socket_path(mp, owner, path, sizeof(path)) < 0)
+		return -ENAMETOOLONG;
+	r = control_call(path, owner, "status\n", timeout_s, answer, sizeof(answer));
+	if (r < 0)
+		return r;
+	o = malloc(sizeof(*o));
+	if (!o)
+		return -ENOMEM;
+	r = -EPROTO;
+	if (json_parse_object(answer, o) == 0 && (st = json_str(o, "state")) &&
+	    (strcmp(st, "locked") == 0 || strcmp(st, "unlocked") == 0)) {
+		re = json_str(o, "reason");
+		snprintf(state, ssize, "%s", st);
+		snprintf(reason, rsize, "%s", re ? re : "");
+		r = 0;
+	}
+	free(o);
+	return r;
+}
+
 static const char *const action_names[] = { "status", "lock", "unlock" };
 
 static int call_error(int r, const char *arg, const char *path, uid_t owner, int timeout_s)

@@ -39,13 +39,52 @@ static const struct option inspect_options[] = {
 	{ NULL, 0, NULL, 0 },
 };
 
+/* What a keyfs mount's daemon says of itself, asked once, when a path inside it is shown. */
+struct mount_state {
+	bool asked;
+	char state[16];                 /* "locked", "unlocked", or "mounted" when it did not say */
+	char reason[32];                /* "" when none */
+};
+
 struct mount {
 	char *mountpoint;
 	char *root;                     /* the mount's root inside its filesystem (bind mounts) */
 	char *fstype;
 	char *source;
 	dev_t dev;
+	struct mount_state *ms;         /* keyfs mounts only: filled by mount_state() */
 };
+
+/* Its daemon answers within this; a hung one leaves the state "mounted". */
+#define MOUNT_STATE_TIMEOUT_S 2
+
+static const struct mount_state *mount_state(const struct mount *m)
+{
+	struct mount_state *ms = m->ms;
+
+	if (!ms->asked) {
+		ms->asked = true;
+		if (cli_mount_state(m->mountpoint, MOUNT_STATE_TIMEOUT_S, ms->state, sizeof(ms->state), ms->reason,
+				    sizeof(ms->reason)) < 0) {
+			snprintf(ms->state, sizeof(ms->state), "mounted");
+			ms->reason[0] = '\0';
+		}
+	}
+	return ms;
+}
+
+/* " (unlocked)", " (locked: key-destroyed)", or " (mounted)" when the daemon did not say. */
+static void print_mount_state(const struct mount *m)
+{
+	const struct mount_state *ms = mount_state(m);
+
+	printf(" (%s", ms->state);
+	if (ms->reason[0]) {
+		fputs(": ", stdout);
+		cli_fputs_safe(stdout, ms->reason);
+	}
+	putchar(')');
+}
 
 struct mounts {
 	struct mount *v;
@@ -87,6 +126,7 @@ static void mounts_free(struct mounts *m)
 		free(m->v[i].root);
 		free(m->v[i].fstype);
 		free(m->v[i].source);
+		free(m->v[i].ms);
 	}
 	free(m->v);
 	m->v = NULL;
@@ -136,6 +176,8 @@ static int mounts_read(struct mounts *ret)
 			.source = strdup(source),
 			.dev = makedev(maj, min),
 		};
+		if (strcmp(fstype, KEYFS_FSTYPE) == 0 && !(v->ms = calloc(1, sizeof(*v->ms))))
+			goto nomem;
 		if (!v->mountpoint || !v->root || !v->fstype || !v->source)
 			goto nomem;
 		cli_mountinfo_unescape(v->mountpoint);
@@ -384,9 +426,11 @@ static void print_text(const struct result *res, bool first)
 		putchar('\n');
 	printf("path: %s\n", res->path);
 	printf("backing: %s\n", res->backing);
-	if (res->mount)
-		printf("mount: %s (mounted)\n", res->mount->mountpoint);
-	else
+	if (res->mount) {
+		printf("mount: %s", res->mount->mountpoint);
+		print_mount_state(res->mount);
+		putchar('\n');
+	} else
 		printf("mount: none\n");
 	if (res->empty) {
 		printf("format: none (empty file, no header yet)\n");
@@ -443,8 +487,15 @@ static void print_json(const struct result *res, bool first, const char *ind)
 	json_field(ind, "backing", res->backing, false);
 	if (res->mount) {
 		printf("%s  \"mount\": {\"mountpoint\": ", ind);
+		const struct mount_state *ms = mount_state(res->mount);
+
 		util_json_string(stdout, res->mount->mountpoint);
-		printf(", \"state\": \"mounted\"}\n");
+		printf(", \"state\": \"%s\", \"reason\": ", ms->state);
+		if (ms->reason[0])
+			util_json_string(stdout, ms->reason);
+		else
+			fputs("null", stdout);
+		fputs("}\n", stdout);
 	} else {
 		printf("%s  \"mount\": null\n", ind);
 	}
@@ -875,7 +926,7 @@ static void print_tree_text(struct tree *tr, const struct target *targets, int n
 		if (targets[i].mount) {
 			fputs("\nmount: ", stdout);
 			cli_fputs_safe(stdout, targets[i].mount->mountpoint);
-			fputs(" (mounted)", stdout);
+			print_mount_state(targets[i].mount);
 		}
 		putchar('\n');
 	}

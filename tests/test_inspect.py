@@ -96,7 +96,7 @@ def test_tree_from_backing_and_mount(mnt, keystore):
     for name, f in via_backing.items():
         g = via_mount[name]
         assert f["mount"] is None
-        assert g["mount"] == {"mountpoint": mnt.mnt, "state": "mounted"}
+        assert g["mount"] == {"mountpoint": mnt.mnt, "state": "unlocked", "reason": None}
         assert {k: v for k, v in f.items() if k not in ("path", "mount")} == \
                {k: v for k, v in g.items() if k not in ("path", "mount")}, name
 
@@ -115,7 +115,7 @@ def test_tree_text_summary(mnt, keystore):
     assert r.returncode == EXIT_CONFIG, r.stderr
     assert r.stdout == (
         "backing: %s\n"
-        "mount: %s (mounted)\n"
+        "mount: %s (unlocked)\n"
         "files: 7 (2 empty)\n"
         "plaintext bytes: %d (18.7 KiB)\n"
         "backing bytes: %d\n"
@@ -322,3 +322,19 @@ def test_progress_only_on_a_terminal(mnt):
     assert p.returncode == EXIT_OK
     assert b"inspect: " in out and out.endswith(b"\r\x1b[K"), out
     assert p.stdout.startswith(b"backing: ")
+
+
+def test_mount_state_comes_from_the_daemon(mnt):
+    write_file(mnt.path("f"), b"data")
+    r = run([KEYFSCTL, "lock", mnt.mnt])
+    assert r.returncode == EXIT_OK, r
+    doc = json.loads(run([KEYFSCTL, "inspect", "--json", mnt.path("f")]).stdout)
+    assert doc[0]["mount"] == {"mountpoint": mnt.mnt, "state": "locked", "reason": "manual"}
+    r = run([KEYFSCTL, "inspect", mnt.path("f")])
+    assert "mount: %s (locked: manual)\n" % mnt.mnt in r.stdout
+    assert run([KEYFSCTL, "unlock", mnt.mnt]).returncode == EXIT_OK
+    doc = json.loads(run([KEYFSCTL, "inspect", "--json", mnt.path("f")]).stdout)
+    assert doc[0]["mount"] == {"mountpoint": mnt.mnt, "state": "unlocked", "reason": None}
+    # The backing side of the same file knows no mount.
+    doc = json.loads(run([KEYFSCTL, "inspect", "--json", mnt.bpath("f")]).stdout)
+    assert doc[0]["mount"] is None
