@@ -19,6 +19,7 @@ struct cli_cmd {
 int cmd_init(int argc, char **argv);
 int cmd_inspect(int argc, char **argv);
 int cmd_key(int argc, char **argv);
+int cmd_fsck(int argc, char **argv);
 int cmd_rewrap(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_lock(int argc, char **argv);

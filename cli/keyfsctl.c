@@ -25,6 +25,9 @@ static const struct cli_cmd commands[] = {
 	{ "inspect", cmd_inspect, "[-r] [--json] PATH...", NULL,
 	  "show the keyfs header of files (backing files or paths in a mount), no key needed;\n"
 	  "            -r: every file under a directory, with a summary" },
+	{ "fsck", cmd_fsck, "[--json] [--keystore DIR] [--apikey-file F] [--ca-file F] BACKING", NULL,
+	  "check that every chunk of every file authenticates (needs the key);\n"
+	  "            exit 0 clean, 7 damaged, other: could not check" },
 	{ "rewrap", cmd_rewrap, "[--keystore DIR] [--apikey-file F] [--ca-file F] BACKING", NULL,
 	  "after a root key rotation, re-wrap every file key with the newest key version\n"
 	  "            (data untouched; resumable; safe alongside a live mount)" },
