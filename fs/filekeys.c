@@ -106,7 +106,7 @@ static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old
 	if (r < 0)
 		goto fail;
 	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
-	fd = open(proc, O_WRONLY | O_CLOEXEC);
+	fd = open(proc, O_RDWR | O_CLOEXEC);
 	if (fd < 0) {
 		r = -errno;
 		goto fail;
