@@ -1136,7 +1136,12 @@ static int read_apikey(struct kp *kp, const struct kms_config *cfg, struct kms_e
 	len -= start;
 	sodium_memzero(kp->apikey + len, KP_APIKEY_MAX + 1 - len);
 	if (len == 0) {
-		kms_err_set(err, "API key file '%s' is empty", p);
+		if (p == path)
+			/* keyfs@.service falls back to an empty credential when the file is missing. */
+			kms_err_set(err, "the systemd credential 'apikey' ('%s') is empty: put the API key in the file the unit's LoadCredential=apikey: names (keyfs@NAME.service: /etc/keyfs/NAME.apikey)",
+				    p);
+		else
+			kms_err_set(err, "API key file '%s' is empty", p);
 		return -EINVAL;
 	}
 	for (size_t i = 0; i < len; i++) {

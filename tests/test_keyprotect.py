@@ -568,6 +568,19 @@ def test_mount_with_credentials_directory(emu, tmp_path, kp_env, mount, monkeypa
     assert not is_mounted(str(mnt))
     assert len(emu.requests()) == n
 
+    # keyfs@.service's fallback when /etc/keyfs/NAME.apikey is missing: a credential of one
+    # newline. The message names the file the admin has to create.
+    empty = kp_env.dir / "creds-empty"
+    empty.mkdir(mode=0o700)
+    kp_env.file("\n", name="creds-empty/apikey")
+    p = run([KEYFS, backing, str(mnt), "-f"], env=dict(os.environ, CREDENTIALS_DIRECTORY=str(empty)), timeout=30)
+    assert p.returncode == EXIT_KMS, p
+    assert p.stderr == ("keyfs: error: the systemd credential 'apikey' ('%s/apikey') is empty: put the API key in "
+                        "the file the unit's LoadCredential=apikey: names (keyfs@NAME.service: "
+                        "/etc/keyfs/NAME.apikey)\n" % empty), p.stderr
+    assert not is_mounted(str(mnt))
+    assert len(emu.requests()) == n
+
 
 def test_mount_option_ca_file_overrides_the_recorded_one(emu, tmp_path, kp_env):
     backing, apikey_file = make_volume(emu, tmp_path, kp_env)
