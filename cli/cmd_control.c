@@ -64,46 +64,16 @@ static int super_user_id(char *opts, uid_t *ret)
  */
 static int keyfs_mount_owner(const char *mountpoint, uid_t *ret_uid)
 {
-	char *line = NULL;
-	size_t cap = 0;
-	bool found = false, keyfs = false;
+	char fstype[64], source[PATH_MAX], super[1024];
 	uid_t uid = 0;
-	int r = 0;
-	FILE *f;
+	int r;
 
-	f = fopen("/proc/self/mountinfo", "re");
-	if (!f)
-		return -errno;
-	while (getline(&line, &cap, f) > 0) {
-		/* id parent maj:min root mountpoint options [optional...] - fstype source superoptions */
-		char *save = NULL, *tok, *mp = NULL, *fstype = NULL, *super = NULL;
-		int nf = 0;
-
-		line[strcspn(line, "\n")] = '\0';
-		for (tok = strtok_r(line, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
-			if (++nf == 5) {
-				mp = tok;
-			} else if (nf > 6 && strcmp(tok, "-") == 0) {
-				fstype = strtok_r(NULL, " ", &save);
-				if (strtok_r(NULL, " ", &save))         /* the source */
-					super = strtok_r(NULL, " ", &save);
-				break;
-			}
-		}
-		if (!mp || !fstype)
-			continue;
-		cli_mountinfo_unescape(mp);
-		if (strcmp(mp, mountpoint) != 0)
-			continue;
-		found = true;
-		keyfs = strcmp(fstype, KEYFS_FSTYPE) == 0;
-		r = keyfs ? (super ? super_user_id(super, &uid) : -ENOENT) : 0;
-	}
-	free(line);
-	fclose(f);
-	if (!found || !keyfs)
+	r = util_mount_at(mountpoint, fstype, sizeof(fstype), source, sizeof(source), super, sizeof(super));
+	if (r == -ENOENT || (r == 0 && strcmp(fstype, KEYFS_FSTYPE) != 0))
 		return 0;
 	if (r < 0)
+		return r;
+	if (super_user_id(super, &uid) < 0)
 		return -EBADMSG;
 	*ret_uid = uid;
 	return 1;

@@ -344,24 +344,6 @@ static void report_damage_json(struct fsck *f, const char *path, const struct ve
 	fputs("]}", o);
 }
 
-static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			break;
-		done += (size_t)n;
-	}
-	return (ssize_t)done;
-}
-
 static bool all_zero(const uint8_t *p, size_t n)
 {
 	uint8_t acc = 0;
@@ -428,7 +410,7 @@ static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t
 		v->hdr = HDR_SHORT;
 		return PASS_JUDGED;
 	}
-	n = pread_full(fd, area, sizeof(area), 0);
+	n = util_pread_full(fd, area, sizeof(area), 0);
 	if (n < 0) {
 		snprintf(v->why, sizeof(v->why), "reading its header: %s", strerror((int)-n));
 		return PASS_NOT_CHECKED;
@@ -557,7 +539,7 @@ static enum pass check_chunks(struct fsck *f, int fd, const char *path, struct v
 		}
 		n = nchunks - idx < BLOCK_CHUNKS ? nchunks - idx : BLOCK_CHUNKS;
 		len = idx + n > nfull ? (n - 1) * CDS + rest : n * CDS;
-		got = pread_full(fd, f->buf, len, off);
+		got = util_pread_full(fd, f->buf, len, off);
 		if (got < 0) {
 			snprintf(v->why, sizeof(v->why), "reading backing bytes %" PRIu64 "-%" PRIu64 ": %s", off,
 				 off + len - 1, strerror((int)-got));

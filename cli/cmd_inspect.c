@@ -232,45 +232,6 @@ static int map_to_backing(const struct mount *mt, const char *path, size_t mplen
 	return 0;
 }
 
-/* realpath() of the parent, then the last component as typed: a symlink stays a symlink. */
-static int real_parent_path(const char *arg, char *out, size_t size)
-{
-	char buf[PATH_MAX], dir[PATH_MAX];
-	const char *base, *parent;
-	char *slash;
-	size_t n;
-	int r;
-
-	r = cli_copy(buf, sizeof(buf), arg);
-	if (r < 0)
-		return r;
-	n = strlen(buf);
-	while (n > 1 && buf[n - 1] == '/')
-		buf[--n] = '\0';
-	slash = strrchr(buf, '/');
-	if (slash) {
-		*slash = '\0';
-		parent = slash == buf ? "/" : buf;
-		base = slash + 1;
-	} else {
-		parent = ".";
-		base = buf;
-	}
-	if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
-		if (slash)
-			*slash = '/';
-		if (!realpath(buf, out))
-			return -errno;
-		return 0;
-	}
-	if (!realpath(parent, dir))
-		return -errno;
-	r = snprintf(out, size, "%s%s%s", dir, strcmp(dir, "/") == 0 ? "" : "/", base);
-	if (r < 0 || (size_t)r >= size)
-		return -ENAMETOOLONG;
-	return 0;
-}
-
 static int problem(struct problem *pr, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* Fill pr; returns rc. */
@@ -309,7 +270,7 @@ static int locate(const struct mounts *m, struct target *t, struct problem *pr)
 		goto fail;
 	mt = mount_of(m, path, &mplen);
 	if (!mt || strcmp(mt->fstype, KEYFS_FSTYPE) != 0) {
-		r = real_parent_path(t->arg, path, sizeof(path));
+		r = util_parent_real_path(t->arg, path, sizeof(path));
 		if (r < 0)
 			goto fail;
 		mt = mount_of(m, path, &mplen);

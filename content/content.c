@@ -12,6 +12,7 @@
 #include <sodium.h>
 
 #include "keyfs/content.h"
+#include "keyfs/util.h"
 
 #define CS  ((uint64_t)FMT_CHUNK_SIZE)
 #define CDS ((uint64_t)FMT_CHUNK_DISK_SIZE)
@@ -53,24 +54,6 @@ static uint8_t *scratch_get(size_t size)
 	return s->data;
 }
 
-static ssize_t pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			break;
-		done += (size_t)n;
-	}
-	return (ssize_t)done;
-}
-
 static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
 {
 	size_t done = 0;
@@ -104,7 +87,7 @@ int content_headers_read(int fd, struct content_headers *ret)
 	int first_err = -EIO;
 	ssize_t n;
 
-	n = pread_full(fd, area, sizeof(area), 0);
+	n = util_pread_full(fd, area, sizeof(area), 0);
 	if (n < 0)
 		return (int)n;
 	if (n == 0)
@@ -229,7 +212,7 @@ static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, ui
 	ssize_t n;
 	int r;
 
-	n = pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
+	n = util_pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
 	if (n < 0)
 		return (int)n;
 	if ((size_t)n != ctlen)
@@ -292,7 +275,7 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 	ct = scratch_get(bend - boff);
 	if (!ct)
 		return -ENOMEM;
-	n = pread_full(f->fd, ct, bend - boff, boff);
+	n = util_pread_full(f->fd, ct, bend - boff, boff);
 	if (n < 0)
 		return n;
 	if ((uint64_t)n != bend - boff)
@@ -506,7 +489,7 @@ static int chunk_is_hole(const struct content_file *f, uint64_t idx, bool *ret)
 		*ret = true;
 		return 0;
 	}
-	n = pread_full(f->fd, ct, sizeof(ct), cstart);
+	n = util_pread_full(f->fd, ct, sizeof(ct), cstart);
 	if (n < 0)
 		return (int)n;
 	*ret = (size_t)n == sizeof(ct) && sodium_is_zero(ct, sizeof(ct));

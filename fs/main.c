@@ -109,39 +109,6 @@ static bool dir_is_empty(const char *path, int *ret_err)
 	return empty;
 }
 
-/* The absolute path of arg without asking arg itself (a dead mount answers nothing): the
- * real path of its parent joined with its last component. Returns 0 or -errno. */
-static int parent_real_path(const char *arg, char *out, size_t size)
-{
-	char buf[PATH_MAX], dir[PATH_MAX];
-	const char *base, *parent;
-	char *slash;
-	size_t n;
-	int r;
-
-	n = strlen(arg);
-	if (n == 0 || n >= sizeof(buf))
-		return -ENAMETOOLONG;
-	memcpy(buf, arg, n + 1);
-	while (n > 1 && buf[n - 1] == '/')
-		buf[--n] = '\0';
-	slash = strrchr(buf, '/');
-	if (slash) {
-		*slash = '\0';
-		parent = slash == buf ? "/" : buf;
-		base = slash + 1;
-	} else {
-		parent = ".";
-		base = buf;
-	}
-	if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
-		return -EINVAL;
-	if (!realpath(parent, dir))
-		return -errno;
-	r = snprintf(out, size, "%s%s%s", dir, strcmp(dir, "/") == 0 ? "" : "/", base);
-	return r < 0 || (size_t)r >= size ? -ENAMETOOLONG : 0;
-}
-
 /* Detach the dead mount at path, as 'fusermount3 -uz' would. Returns 0 or -errno. */
 static int detach(const char *path)
 {
@@ -172,7 +139,7 @@ static int check_mounted(struct keyfs *fs, const char *arg)
 	struct statfs sfs;
 	int r;
 
-	if (util_mount_at(fs->mountpoint, fstype, sizeof(fstype), source, sizeof(source)) < 0)
+	if (util_mount_at(fs->mountpoint, fstype, sizeof(fstype), source, sizeof(source), NULL, 0) < 0)
 		return 0;
 	/* statfs always reaches the daemon; a cached stat may not. */
 	r = statfs(fs->mountpoint, &sfs) < 0 ? errno : 0;
@@ -205,7 +172,7 @@ static int check_mountpoint(struct keyfs *fs, const struct keyfs_options *o)
 
 	/* A dead mount answers nothing: its path comes from its parent's. */
 	if (!realpath(o->mountpoint, fs->mountpoint) &&
-	    (errno != ENOTCONN || parent_real_path(o->mountpoint, fs->mountpoint, sizeof(fs->mountpoint)) < 0)) {
+	    (errno != ENOTCONN || util_parent_real_path(o->mountpoint, fs->mountpoint, sizeof(fs->mountpoint)) < 0)) {
 		log_err("mountpoint '%s': %s", o->mountpoint, strerror(errno));
 		return KEYFS_EXIT_MOUNT;
 	}

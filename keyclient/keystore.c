@@ -763,16 +763,42 @@ int keystore_show(const char *dir, const char *name, struct keystore_info *ret)
 	return keystore_load(dir, name, 0, ret, NULL, err, sizeof(err));
 }
 
+/* A "version=N MATERIAL" line with fresh random material, in sodium memory the caller
+ * sodium_free()s (which wipes it). Returns 0 or -errno. */
+static int new_version_line(unsigned version, char **ret_line)
+{
+	const size_t linesize = sizeof("version=4294967295 \n") + B64_SIZE;
+	uint8_t *material;
+	char *line;
+	int n;
+
+	material = sodium_malloc(KEYSTORE_MATERIAL_SIZE + B64_SIZE);
+	line = sodium_malloc(linesize);
+	if (!material || !line) {
+		sodium_free(material);
+		sodium_free(line);
+		return -ENOMEM;
+	}
+	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
+	sodium_bin2base64((char *)material + KEYSTORE_MATERIAL_SIZE, B64_SIZE, material, KEYSTORE_MATERIAL_SIZE,
+			  sodium_base64_VARIANT_ORIGINAL);
+	n = snprintf(line, linesize, "version=%u %s\n", version, (char *)material + KEYSTORE_MATERIAL_SIZE);
+	sodium_free(material);
+	if (n < 0 || (size_t)n >= linesize) {
+		sodium_free(line);
+		return -ENOBUFS;
+	}
+	*ret_line = line;
+	return 0;
+}
+
 int keystore_create(const char *dir, const char *name, struct keystore_info *ret)
 {
-	char err[KMS_ERR_MAX];
+	char err[KMS_ERR_MAX], *line = NULL;
 	struct keyfile kf;
 	struct stat st;
 	struct ks k;
-	uint8_t *material = NULL;
-	char *line = NULL;
-	const size_t linesize = sizeof("version=1 \n") + B64_SIZE;
-	int r, n;
+	int r;
 
 	if (sodium_init() < 0)
 		return -EIO;
@@ -791,20 +817,9 @@ int keystore_create(const char *dir, const char *name, struct keystore_info *ret
 		r = -errno;
 		goto out;
 	}
-	material = sodium_malloc(KEYSTORE_MATERIAL_SIZE + B64_SIZE);
-	line = sodium_malloc(linesize);
-	if (!material || !line) {
-		r = -ENOMEM;
+	r = new_version_line(1, &line);
+	if (r < 0)
 		goto out;
-	}
-	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
-	sodium_bin2base64((char *)material + KEYSTORE_MATERIAL_SIZE, B64_SIZE, material, KEYSTORE_MATERIAL_SIZE,
-			  sodium_base64_VARIANT_ORIGINAL);
-	n = snprintf(line, linesize, "version=1 %s\n", (char *)material + KEYSTORE_MATERIAL_SIZE);
-	if (n < 0 || (size_t)n >= linesize) {
-		r = -ENOBUFS;
-		goto out;
-	}
 	memset(&kf, 0, sizeof(kf));
 	snprintf(kf.name, sizeof(kf.name), "%s", name);
 	util_uuid4(kf.id);
@@ -819,14 +834,7 @@ int keystore_create(const char *dir, const char *name, struct keystore_info *ret
 	if (ret)
 		ks_info(&k, ret);
 out:
-	if (material) {
-		sodium_memzero(material, KEYSTORE_MATERIAL_SIZE + B64_SIZE);
-		sodium_free(material);
-	}
-	if (line) {
-		sodium_memzero(line, linesize);
-		sodium_free(line);
-	}
+	sodium_free(line);
 	ks_done(&k);
 	return r;
 }
@@ -865,12 +873,10 @@ out:
 
 int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret)
 {
-	const size_t linesize = sizeof("version=4294967295 \n") + B64_SIZE;
 	char err[KMS_ERR_MAX], *line = NULL;
-	uint8_t *material = NULL;
 	struct keyfile kf;
 	struct ks k;
-	int r, n;
+	int r;
 
 	if (sodium_init() < 0)
 		return -EIO;
@@ -893,20 +899,9 @@ int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret
 		r = -EOVERFLOW;
 		goto out;
 	}
-	material = sodium_malloc(KEYSTORE_MATERIAL_SIZE + B64_SIZE);
-	line = sodium_malloc(linesize);
-	if (!material || !line) {
-		r = -ENOMEM;
+	r = new_version_line(k.kf.newest + 1, &line);
+	if (r < 0)
 		goto out;
-	}
-	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
-	sodium_bin2base64((char *)material + KEYSTORE_MATERIAL_SIZE, B64_SIZE, material, KEYSTORE_MATERIAL_SIZE,
-			  sodium_base64_VARIANT_ORIGINAL);
-	n = snprintf(line, linesize, "version=%u %s\n", k.kf.newest + 1, (char *)material + KEYSTORE_MATERIAL_SIZE);
-	if (n < 0 || (size_t)n >= linesize) {
-		r = -ENOBUFS;
-		goto out;
-	}
 	kf = k.kf;
 	kf.newest++;
 	util_now_rfc3339(kf.updated);
@@ -917,14 +912,7 @@ int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret
 			ks_info(&k, ret);
 	}
 out:
-	if (material) {
-		sodium_memzero(material, KEYSTORE_MATERIAL_SIZE + B64_SIZE);
-		sodium_free(material);
-	}
-	if (line) {
-		sodium_memzero(line, linesize);
-		sodium_free(line);
-	}
+	sodium_free(line);
 	ks_done(&k);
 	return r;
 }

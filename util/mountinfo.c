@@ -22,7 +22,8 @@ void util_mountinfo_unescape(char *s)
 	*w = '\0';
 }
 
-int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size)
+int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size,
+		  char *super, size_t super_size)
 {
 	char *line = NULL;
 	size_t cap = 0;
@@ -34,7 +35,7 @@ int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *sour
 		return -errno;
 	while (getline(&line, &cap, f) > 0) {
 		/* id parent maj:min root mountpoint options [optional...] - fstype source superoptions */
-		char *save = NULL, *tok, *mp = NULL, *type = NULL, *src = NULL;
+		char *save = NULL, *tok, *mp = NULL, *type = NULL, *src = NULL, *sup = NULL;
 		int nf = 0;
 
 		line[strcspn(line, "\n")] = '\0';
@@ -44,6 +45,7 @@ int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *sour
 			} else if (nf > 6 && strcmp(tok, "-") == 0) {
 				type = strtok_r(NULL, " ", &save);
 				src = strtok_r(NULL, " ", &save);
+				sup = strtok_r(NULL, " ", &save);
 				break;
 			}
 		}
@@ -56,6 +58,8 @@ int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *sour
 		util_mountinfo_unescape(src);
 		snprintf(fstype, fstype_size, "%s", type);
 		snprintf(source, source_size, "%s", src);
+		if (super)
+			snprintf(super, super_size, "%s", sup ? sup : "");
 		r = 0;
 	}
 	free(line);

@@ -1,6 +1,7 @@
 /* util.c: bounded file I/O, number parsing, uuids, time and JSON string helpers */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -233,4 +234,61 @@ void util_json_string(FILE *f, const char *s)
 		p += n ? n : 1;
 	}
 	fputc('"', f);
+}
+
+ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+	size_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			break;
+		done += (size_t)n;
+	}
+	return (ssize_t)done;
+}
+
+int util_parent_real_path(const char *arg, char *out, size_t size)
+{
+	char buf[PATH_MAX], dir[PATH_MAX];
+	const char *base, *parent;
+	char *slash;
+	size_t n;
+	int r;
+
+	n = strlen(arg);
+	if (n == 0)
+		return -ENOENT;
+	if (n >= sizeof(buf))
+		return -ENAMETOOLONG;
+	memcpy(buf, arg, n + 1);
+	while (n > 1 && buf[n - 1] == '/')
+		buf[--n] = '\0';
+	slash = strrchr(buf, '/');
+	if (slash) {
+		*slash = '\0';
+		parent = slash == buf ? "/" : buf;
+		base = slash + 1;
+	} else {
+		parent = ".";
+		base = buf;
+	}
+	if (!base[0] || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
+		if (slash)
+			*slash = '/';
+		if (!realpath(buf, dir))
+			return -errno;
+		r = snprintf(out, size, "%s", dir);
+	} else {
+		if (!realpath(parent, dir))
+			return -errno;
+		r = snprintf(out, size, "%s%s%s", dir, strcmp(dir, "/") == 0 ? "" : "/", base);
+	}
+	return r < 0 || (size_t)r >= size ? -ENAMETOOLONG : 0;
 }

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 /* Read a whole regular file (not a symlink) of at most max bytes, NUL-terminated, into a malloc'd buffer.
  * dirfd/path as for openat. Returns 0, -EFBIG when larger than max, or -errno. */
@@ -30,11 +31,21 @@ void util_json_string(FILE *f, const char *s);
 /* Lower-case hex of n bytes into out (2n+1 bytes). */
 void util_hex(const uint8_t *in, size_t n, char *out);
 
+/* pread until len bytes or end of file, retrying on EINTR. Returns the byte count or -errno. */
+ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off);
+
+/* The absolute path of arg with every symlink resolved but in its last component, which is
+ * not asked anything (a symlink stays a symlink, a dead mount answers nothing): the real path
+ * of its parent joined with it. "." and ".." are resolved whole. Returns 0 or -errno. */
+int util_parent_real_path(const char *arg, char *out, size_t size);
+
 /* Undo /proc/self/mountinfo's \ooo escapes of a field, in place. */
 void util_mountinfo_unescape(char *s);
 
-/* The mount on top at exactly the absolute, normalised path: its fstype ("fuse.keyfs") and
- * source. Returns 0, -ENOENT when nothing is mounted there, or -errno. Never touches path. */
-int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size);
+/* The mount on top at exactly the absolute, normalised path: its fstype ("fuse.keyfs"),
+ * source and, when super is non-NULL, super options ("rw,user_id=0,..."). Returns 0, -ENOENT
+ * when nothing is mounted there, or -errno. Never touches path. */
+int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size,
+		  char *super, size_t super_size);
 
 #endif
