@@ -110,6 +110,9 @@ static bool wants_wrap(const struct dekpool *p)
 /* Called with p->lock held, after a failed wrap. */
 static void backoff_locked(struct dekpool *p, int r, const struct kms_err *err)
 {
+	/* Shutting down: the pool is about to be wiped, nothing to report or retry. */
+	if (r == -ECANCELED)
+		return;
 	if (key_unusable(r))
 		drain_locked(p);
 	/* Wraps that were in flight together fail together: one failure, one step of backoff. */

@@ -243,6 +243,11 @@ static struct verdict poll_once(struct keystate *ks, const struct verdict *prev,
 	int state = -1, r;
 
 	r = kms_key_state(ks->fs->kms, &state, &err);
+	/* Cancelled because the mount is gone: no verdict, nothing to log. */
+	if (r == -ECANCELED) {
+		why[0] = '\0';
+		return *prev;
+	}
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	pthread_mutex_lock(&ks->lock);
 	util_now_rfc3339(ks->last_poll);

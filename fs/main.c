@@ -497,6 +497,9 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	notify_send("STOPPING=1");
 	/* Unmount first: a lock under way then finds no kernel to wait for, and ends. */
 	fuse_session_unmount(se);
+	/* Nobody needs a key any more: calls to the key service under way end now instead of
+	 * waiting out its timeout, and the threads making them can be joined at once. */
+	kms_cancel(fs->kms);
 	control_stop(fs->control);
 	fs->control = NULL;
 	keystate_free(fs->ks);

@@ -1,6 +1,7 @@
 /* http.c: the only user of libcurl: one bounded HTTPS attempt per call over a pool of reusable easy handles */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,7 @@ struct http {
 	pthread_mutex_t pool_lock;
 	struct http_conn *idle[POOL_IDLE_MAX];
 	size_t nidle;
+	atomic_bool cancelled;
 };
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
@@ -308,9 +310,33 @@ static int map_curl_error(CURLcode rc, bool too_large)
 		return -EINVAL;
 	case CURLE_OUT_OF_MEMORY:
 		return -ENOMEM;
+	case CURLE_ABORTED_BY_CALLBACK:
+		return -ECANCELED;
 	default:
 		return -EIO;
 	}
+}
+
+void http_cancel(struct http *h)
+{
+	atomic_store(&h->cancelled, true);
+}
+
+bool http_cancelled(const struct http *h)
+{
+	return atomic_load(&h->cancelled);
+}
+
+/* curl calls this about once a second, and more often while data moves. */
+static int on_progress(void *userp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
+{
+	const struct http_conn *c = userp;
+
+	(void)dltotal;
+	(void)dlnow;
+	(void)ultotal;
+	(void)ulnow;
+	return http_cancelled(c->owner) ? 1 : 0;
 }
 
 static int setup(struct http *h, struct http_conn *c, const struct http_request *rq, struct curl_slist *hdrs)
@@ -342,6 +368,9 @@ static int setup(struct http *h, struct http_conn *c, const struct http_request 
 	SET(CURLOPT_HEADERFUNCTION, on_header);
 	SET(CURLOPT_HEADERDATA, c);
 	SET(CURLOPT_ERRORBUFFER, c->errbuf);
+	SET(CURLOPT_NOPROGRESS, 0L);
+	SET(CURLOPT_XFERINFOFUNCTION, on_progress);
+	SET(CURLOPT_XFERINFODATA, c);
 	SET(CURLOPT_TCP_KEEPALIVE, 1L);
 	/* https_proxy/no_proxy from the environment are honoured (sites that reach IBM Cloud only
 	 * through a proxy): the peer is verified end to end, so a proxy sees only TLS. */
@@ -368,6 +397,10 @@ int http_perform(struct http_conn *c, const struct http_request *rq, struct http
 	int r;
 
 	why[0] = '\0';
+	if (http_cancelled(c->owner)) {
+		snprintf(why, HTTP_WHY_MAX, "cancelled: shutting down");
+		return -ECANCELED;
+	}
 	sodium_memzero(c->body, c->len + 1 <= c->body_max + 1 ? c->len + 1 : c->body_max + 1);
 	c->len = 0;
 	c->too_large = false;

@@ -58,10 +58,16 @@ struct http_response {
  *   -EPROTO        TLS certificate not trusted or unusable    not retryable
  *   -EMSGSIZE      answer larger than body_max                not retryable
  *   -EINVAL        unsupported URL (not https)                not retryable
+ *   -ECANCELED     http_cancel was called                     not retryable
  *   -ENOMEM, -EIO
  * and a one-line reason in why (curl's own words, never a header or a body).
  */
 int http_perform(struct http_conn *c, const struct http_request *rq, struct http_response *ret,
 		 char why[HTTP_WHY_MAX]);
+
+/* From now on every transfer of h, those under way included, ends at once with -ECANCELED.
+ * For a daemon shutting down: nothing waits out a timeout for an answer nobody needs. */
+void http_cancel(struct http *h);
+bool http_cancelled(const struct http *h);
 
 #endif

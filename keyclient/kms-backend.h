@@ -23,6 +23,7 @@ struct kms_backend {
 		      struct kms_err *err);
 	int (*key_state)(void *state, int *ret_state, struct kms_err *err);
 	void (*forget)(void *state);    /* optional: wipe cached key material */
+	void (*cancel)(void *state);    /* optional: end calls under way and refuse new ones */
 	void (*free)(void *state);
 };
 

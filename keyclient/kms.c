@@ -128,6 +128,12 @@ void kms_forget(struct kms *k)
 		k->ops->forget(k->state);
 }
 
+void kms_cancel(struct kms *k)
+{
+	if (k && k->ops->cancel)
+		k->ops->cancel(k->state);
+}
+
 const char *kms_key_id(const struct kms *k)
 {
 	return k->key_id;

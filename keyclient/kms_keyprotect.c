@@ -222,12 +222,17 @@ static int base_url(const char *in, char *out, size_t size, const char *what, st
 	return 0;
 }
 
-static void sleep_ms(long ms)
+/* Sleep between retries, in slices, so that a cancel ends the wait too. */
+static void sleep_ms(const struct kp *kp, long ms)
 {
-	struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L };
+	while (ms > 0 && !http_cancelled(kp->http)) {
+		long slice = ms < 50 ? ms : 50;
+		struct timespec ts = { .tv_sec = 0, .tv_nsec = slice * 1000000L };
 
-	while (ms > 0 && nanosleep(&ts, &ts) < 0 && errno == EINTR)
-		;
+		while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+			;
+		ms -= slice;
+	}
 }
 
 static time_t mono_now(void)
@@ -392,7 +397,7 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		}
 		if (!(r == 0 ? retryable_status(resp->status) : retryable_transport(r)) || retry >= kp->tun.retries)
 			break;
-		sleep_ms(retry_delay_ms(kp, retry, resp, r == 0));
+		sleep_ms(kp, retry_delay_ms(kp, retry, resp, r == 0));
 		retry++;
 	}
 	if (r == 0)
@@ -418,6 +423,9 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 	case -ENOMEM:
 		call_fail(c, err, "out of memory");
 		return -ENOMEM;
+	case -ECANCELED:
+		call_fail(c, err, "call to '%s' cancelled: shutting down", site);
+		return -ECANCELED;
 	default:
 		call_fail(c, err, "talking to '%s' failed: %s", site, why);
 		return -EIO;
@@ -551,6 +559,11 @@ static int token_header(struct kp_call *c, struct kms_err *err)
 	pthread_mutex_lock(&kp->tok_lock);
 	epoch = kp->tok_epoch;
 	for (;;) {
+		if (http_cancelled(kp->http)) {
+			pthread_mutex_unlock(&kp->tok_lock);
+			kms_err_set(err, "key protect: call cancelled: shutting down");
+			return -ECANCELED;
+		}
 		if (token_fresh(kp)) {
 			header_from_token(c, kp->token, kp->token_len);
 			c->token_gen = kp->tok_gen;
@@ -1015,11 +1028,23 @@ static void kp_free(void *state)
 	free(kp);
 }
 
+static void kp_cancel(void *state)
+{
+	struct kp *kp = state;
+
+	http_cancel(kp->http);
+	/* A thread waiting for another's token fetch wakes up and finds the cancel. */
+	pthread_mutex_lock(&kp->tok_lock);
+	pthread_cond_broadcast(&kp->tok_cond);
+	pthread_mutex_unlock(&kp->tok_lock);
+}
+
 static const struct kms_backend keyprotect_backend = {
 	.name = VOLDESC_KMS_KEYPROTECT,
 	.wrap = kp_wrap,
 	.unwrap = kp_unwrap,
 	.key_state = kp_key_state,
+	.cancel = kp_cancel,
 	.free = kp_free,
 };
 

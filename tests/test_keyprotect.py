@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from helpers import (EXIT_KMS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, KEYFS, KEYFSCTL, is_mounted, read_file,
+from helpers import (EXIT_KMS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, FUSERMOUNT, KEYFS, KEYFSCTL, is_mounted, read_file,
                      wait_for, write_file)
 from kpemu import Emulator, make_certs
 
@@ -595,3 +595,30 @@ def test_mount_option_ca_file_overrides_the_recorded_one(emu, tmp_path, kp_env):
     assert "TLS certificate of '%s/identity/token' is not trusted" % emu.url in p.stderr, p.stderr
     assert not is_mounted(str(mnt))
     assert emu.requests() == []
+
+
+# ---- shutdown ----
+
+def test_unmount_does_not_wait_for_a_stalled_key_service(emu, tmp_path, kp_env, mount):
+    """systemctl stop, or an unmount, while the key service hangs: the daemon ends the calls
+    under way (pool refills, key polls) instead of waiting out its 30 s request timeout."""
+    backing, apikey_file = make_volume(emu, tmp_path, kp_env)
+    m = mount(backing=backing, opts=["apikey_file=" + apikey_file, "dek_pool=4", "poll=1"])
+    for i in range(3):
+        write_file(m.path("f%d" % i), b"x")
+    # From now on every call hangs for 25 s; the pool refills and the poller are stuck in one.
+    emu.add_fault("latency", ms=25000, count=-1, match="kms")
+    wait_for(lambda: any(e["fault"] == "latency" for e in emu.requests(kind="kms")), timeout=5,
+             what="a key service call to hang")
+    proc = m.proc
+    t0 = time.monotonic()
+    r = subprocess.run([FUSERMOUNT, "-u", m.mnt])
+    assert r.returncode == 0
+    assert proc.wait(timeout=20) == 0
+    took = time.monotonic() - t0
+    m.proc = None
+    # A bound far under the 25 s stall: what is asserted is "does not wait for the service".
+    assert took < 10, "daemon took %.1f s to exit after the unmount" % took
+    with open(m.log) as f:
+        log = f.read()
+    assert "cancelled" not in log and "unreachable" not in log, log

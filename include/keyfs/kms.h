@@ -51,6 +51,7 @@ struct kms;
  *   -EBADMSG      wrapped DEK does not unwrap (wrong key, AAD or corrupt)
  *   -EACCES       keystore or credentials not readable     -EHOSTUNREACH, -ETIMEDOUT  service unreachable
  *   -EINVAL       bad configuration                         -EIO          anything else
+ *   -ECANCELED    kms_cancel was called
  */
 
 /* Open the backend the volume names. Checks configuration and that the keystore or credentials
@@ -75,6 +76,10 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
 /* Wipe any root key material the backend caches (the local keystore keeps the newest version
  * while its key file is unchanged); the next call reads it again. A locked mount calls this. */
 void kms_forget(struct kms *k);
+
+/* End every call under way at once and refuse new ones with -ECANCELED, for good: a daemon
+ * that has unmounted stops without waiting out a request timeout of the key service. */
+void kms_cancel(struct kms *k);
 
 /* Current state of the root key (enum kms_key_state). On success err may still carry a line
  * naming the answer (Key Protect: its correlation id), for the log of a transition. */
