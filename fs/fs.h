@@ -32,6 +32,7 @@ struct keyfs {
 	struct keyslab slab;            /* per-file keys, in sodium_malloc memory */
 	struct inode_table table;       /* includes the root inode */
 	char backing[PATH_MAX];         /* absolute */
+	int volume_lock_fd;             /* flock'd BACKING/.keyfs: one daemon per volume; -1 before */
 	char mountpoint[PATH_MAX];      /* absolute */
 	double timeout;                 /* entry and attribute timeout, seconds */
 	bool as_root;                   /* euid 0: new nodes are given to the caller (fchown) */

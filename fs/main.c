@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <spawn.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -161,6 +162,36 @@ static int check_mounted(struct keyfs *fs, const char *arg)
 		return KEYFS_EXIT_MOUNT;
 	}
 	log_warn("mountpoint '%s' held a dead keyfs mount of '%s' (its daemon died): removed it", arg, fs->backing);
+	return 0;
+}
+
+/*
+ * One daemon per volume: two would each cache keys and rewrite partial chunks of the same
+ * files without knowing of the other, and lose writes. The lock on the volume description
+ * lives as long as the daemon (its fd is inherited when it goes to the background) and goes
+ * with it, a crash included. keyfsctl fsck and rewrap do not take it: they run beside a mount.
+ */
+static int lock_volume(struct keyfs *fs, int root_fd)
+{
+	int fd = openat(root_fd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (fd < 0) {
+		log_err("volume description '%s/%s': %s", fs->backing, VOLDESC_NAME, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		int err = errno;
+
+		close(fd);
+		if (err == EWOULDBLOCK) {
+			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t fuse.keyfs'): one mount per volume",
+				fs->backing);
+			return KEYFS_EXIT_MOUNT;
+		}
+		log_err("volume description '%s/%s': cannot lock it: %s", fs->backing, VOLDESC_NAME, strerror(err));
+		return KEYFS_EXIT_CONFIG;
+	}
+	fs->volume_lock_fd = fd;
 	return 0;
 }
 
@@ -521,6 +552,8 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 		return code;
 	code = read_voldesc(fs, o->backing, root_fd);
 	if (code == 0)
+		code = lock_volume(fs, root_fd);
+	if (code == 0)
 		code = check_mountpoint(fs, o);
 	if (code) {
 		close(root_fd);
@@ -613,7 +646,10 @@ int main(int argc, char *argv[])
 		options_free(&opts);
 		return KEYFS_EXIT_FAILURE;
 	}
+	fs->volume_lock_fd = -1;
 	code = run(fs, &opts);
+	if (fs->volume_lock_fd >= 0)
+		close(fs->volume_lock_fd);
 	free(fs);
 	options_free(&opts);
 	return code;

@@ -185,11 +185,15 @@ def test_fstab_style_mount_helper(volume, tmp_path):
     assert not is_mounted(mnt)
 
 
-def test_second_keyfs_on_a_live_mount_is_refused(mount, volume):
+def test_second_keyfs_on_a_live_mount_is_refused(mount, volume, tmp_path):
     m = mount()
     write_file(m.path("f"), b"first")
+    other = str(tmp_path / "other")
+    r = run([os.path.join(os.path.dirname(os.path.dirname(KEYFS)), "cli", "keyfsctl"), "init", other, "--kms",
+             "local", "--keystore", str(tmp_path / "keystore"), "--key", "test"])
+    assert r.returncode == 0, r
     for extra in ([], ["-o", "nonempty"]):
-        r = run([KEYFS, volume, m.mnt, "-f", *extra], timeout=20)
+        r = run([KEYFS, other, m.mnt, "-f", *extra], timeout=20)
         assert r.returncode == 5, r
         assert "mountpoint '%s' is already a keyfs mount (of '%s')" % (m.mnt, volume) in r.stderr
     # The first mount is untouched and still answers.
@@ -255,3 +259,22 @@ def test_dead_mount_of_another_volume_is_left_alone(volume, tmp_path):
         assert is_mounted(mnt)
     finally:
         _stop_foreground(proc, mnt)
+
+
+def test_one_mount_per_volume(mount, volume, tmp_path):
+    """Two daemons on one backing dir would each rewrite partial chunks of the same files
+    unaware of the other: the second is refused, in the foreground and in the background."""
+    m = mount()
+    write_file(m.path("f"), b"only one")
+    other = str(tmp_path / "other-mnt")
+    os.mkdir(other)
+    for extra in (["-f"], []):
+        r = run([KEYFS, volume, other, *extra], timeout=20)
+        assert r.returncode == 5, r
+        assert r.stderr == ("keyfs: error: volume '%s' is already mounted by another keyfs (see 'findmnt -t "
+                            "fuse.keyfs'): one mount per volume\n" % volume)
+        assert not is_mounted(other)
+    m.umount()
+    # Once the first is gone, the volume mounts anywhere again.
+    m2 = mount(mnt=other)
+    assert read_file(m2.path("f")) == b"only one"
