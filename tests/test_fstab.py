@@ -26,7 +26,7 @@ mount --make-rprivate /
 mount --bind "$bin" /usr/local/bin
 mount --bind "$fstab" /etc/fstab
 mount "$mnt"
-awk -v m="$mnt" '$5 == m { for (i = 7; $i != "-"; i++); print "MOUNTED", $(i+1), $(i+2) }' /proc/self/mountinfo
+awk -v m="$mnt" '$5 == m { for (i = 7; $i != "-"; i++); print "MOUNTED", $(i+1), $(i+2); print "OPTIONS", $6 }' /proc/self/mountinfo
 printf 'written through an fstab mount' > "$mnt/f"
 echo "READ $(cat "$mnt/f")"
 umount "$mnt"
@@ -62,12 +62,17 @@ def fstab_mount(tmp_path, backing, options):
                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=60)
     assert r.returncode == 0, r
-    return r.stdout.splitlines(), r.stderr
+    lines = r.stdout.splitlines()
+    opts = [set(line.split()[1].split(",")) for line in lines if line.startswith("OPTIONS ")]
+    return [line for line in lines if not line.startswith("OPTIONS ")], r.stderr, opts
 
 
 def test_fstab_line_local_keystore(volume, keystore, tmp_path):
-    out, err = fstab_mount(tmp_path, volume, "keystore=%s,nofail,_netdev,noatime,x-systemd.automount" % keystore)
+    out, err, opts = fstab_mount(tmp_path, volume,
+                                 "keystore=%s,nosuid,nodev,nofail,_netdev,noatime,x-systemd.automount" % keystore)
     assert out == ["MOUNTED fuse.keyfs %s" % volume, "READ written through an fstab mount", "DONE"], err
+    # The README's advice: mount.fuse3 would mount with suid and dev unless the line says not to.
+    assert len(opts) == 1 and {"nosuid", "nodev", "noatime"} <= opts[0], opts
     # What was written is in the backing dir, encrypted.
     with open(os.path.join(volume, "f"), "rb") as f:
         assert b"written through" not in f.read()
@@ -93,7 +98,7 @@ def test_fstab_line_keyprotect_with_apikey_file(certs, tmp_path):
         r = run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
                  "--instance", emu.instance, "--key", kid, "--apikey-file", apikey, "--ca-file", emu.ca_file])
         assert r.returncode == EXIT_OK, r
-        out, err = fstab_mount(tmp_path, backing, "apikey_file=%s,nofail,_netdev" % apikey)
+        out, err, _ = fstab_mount(tmp_path, backing, "apikey_file=%s,nofail,_netdev" % apikey)
         assert out == ["MOUNTED fuse.keyfs %s" % backing, "READ written through an fstab mount", "DONE"], err
         # The daemon reached Key Protect with the API key named on the fstab line: wraps
         # after init's proof (the file's key and the DEK pool), every one answered 200.
