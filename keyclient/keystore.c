@@ -738,6 +738,25 @@ static int ks_load(struct ks *k, int lockop, int oflags, unsigned want, struct k
 	return r;
 }
 
+/* ks_load for a change: the exclusive lock, and -EKEYREVOKED for a destroyed key's tombstone.
+ * The fd, when asked for, is closed on failure. */
+static int ks_load_live(struct ks *k, int oflags, int *ret_fd, struct stat *ret_st)
+{
+	int fd = -1, r;
+
+	r = ks_load(k, LOCK_EX, oflags, 0, NULL, ret_fd ? &fd : NULL, ret_st);
+	if (r == 0 && k->kf.state == KMS_STATE_DESTROYED)
+		r = -EKEYREVOKED;
+	if (r < 0) {
+		if (fd >= 0)
+			close(fd);
+		return r;
+	}
+	if (ret_fd)
+		*ret_fd = fd;
+	return 0;
+}
+
 int keystore_load(const char *dir, const char *name, unsigned want, struct keystore_info *ret_info,
 		  struct keystore_material *mat, char *err, size_t errlen)
 {
@@ -853,13 +872,9 @@ int keystore_set_state(const char *dir, const char *name, int state)
 	r = ks_init(&k, dir, name, err, sizeof(err));
 	if (r < 0)
 		return r;
-	r = ks_load(&k, LOCK_EX, O_RDONLY, 0, NULL, NULL, NULL);
+	r = ks_load_live(&k, O_RDONLY, NULL, NULL);
 	if (r < 0)
 		goto out;
-	if (k.kf.state == KMS_STATE_DESTROYED) {
-		r = -EKEYREVOKED;
-		goto out;
-	}
 	if (k.kf.state == state)
 		goto out;
 	kf = k.kf;
@@ -883,13 +898,9 @@ int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret
 	r = ks_init(&k, dir, name, err, sizeof(err));
 	if (r < 0)
 		return r;
-	r = ks_load(&k, LOCK_EX, O_RDONLY, 0, NULL, NULL, NULL);
+	r = ks_load_live(&k, O_RDONLY, NULL, NULL);
 	if (r < 0)
 		goto out;
-	if (k.kf.state == KMS_STATE_DESTROYED) {
-		r = -EKEYREVOKED;
-		goto out;
-	}
 	/* As Key Protect: only an active key gets new material. */
 	if (k.kf.state != KMS_STATE_ACTIVE) {
 		r = -ENOKEY;
@@ -993,13 +1004,9 @@ int keystore_destroy(const char *dir, const char *name)
 	r = ks_init(&k, dir, name, err, sizeof(err));
 	if (r < 0)
 		return r;
-	r = ks_load(&k, LOCK_EX, O_RDWR, 0, NULL, &fd, &st);
+	r = ks_load_live(&k, O_RDWR, &fd, &st);
 	if (r < 0)
 		goto out;
-	if (k.kf.state == KMS_STATE_DESTROYED) {
-		r = -EKEYREVOKED;
-		goto out;
-	}
 	r = zero_fd(fd, st.st_size > (off_t)k.len ? st.st_size : (off_t)k.len);
 	if (r < 0)
 		goto out;
