@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -313,9 +315,14 @@ static int cmd_help(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+	const struct rlimit no_core = { 0, 0 };
 	const struct cli_cmd *c;
 	int rc;
 
+	/* fsck, rewrap and init hold DEKs, and Key Protect calls an API key and a bearer token
+	 * that libcurl copies into memory keyfsctl cannot wipe: never in a core dump. */
+	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+	setrlimit(RLIMIT_CORE, &no_core);
 	log_init("keyfsctl", LOG_LEVEL_INFO);
 	if (argc < 2) {
 		log_err("no command given");
