@@ -58,6 +58,13 @@ def keyfs_binaries():
     return KEYFS, KEYFSCTL
 
 
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory):
+    """The Key Protect emulator's CA and server certificate, made once per run."""
+    from kpemu import make_certs
+    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
+
+
 @pytest.fixture
 def keystore(tmp_path):
     """A keystore directory path; not created: keyfsctl creates it 0700."""

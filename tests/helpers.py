@@ -213,3 +213,20 @@ def backing_files(backing):
             if os.path.isfile(p) and not os.path.islink(p):
                 out.append(p)
     return out
+
+
+def secret_file(directory, name, text):
+    """A 0600 file holding text and a newline in a 0700 dir (made if missing): an API key file."""
+    os.makedirs(str(directory), mode=0o700, exist_ok=True)
+    path = os.path.join(str(directory), name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
+def init_keyprotect(emu, backing, apikey_file, key=None):
+    """keyfsctl init of a Key Protect volume on the emulator's key, as the README shows it."""
+    return run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
+                "--instance", emu.instance, "--key", key or emu.kid, "--apikey-file", apikey_file,
+                "--ca-file", emu.ca_file])

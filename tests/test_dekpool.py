@@ -16,7 +16,7 @@ import secrets
 import pytest
 
 from helpers import inspect_json, keyfsctl, read_file, wait_for, write_file
-from kpemu import Emulator, make_certs
+from kpemu import Emulator
 
 APIKEY = "kpemu-pool-" + secrets.token_hex(16)
 POOL = 32               # the documented default of -o dek_pool= for Key Protect
@@ -55,11 +55,6 @@ class RecordingEmulator(Emulator):
     def before(self, mark, action):
         with self.lock:
             return [fid for a, fid in self.calls[:mark] if a == action]
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
 
 
 @pytest.fixture

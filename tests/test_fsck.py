@@ -6,14 +6,13 @@ import secrets
 import shutil
 import subprocess
 import threading
-import time
 
 import pytest
 
 from helpers import (CHUNK, CHUNK_DISK, EXIT_CONFIG, EXIT_DAMAGED, EXIT_IO, EXIT_KMS, EXIT_LOCKED, EXIT_OK,
                      EXIT_USAGE, HEADER_AREA, HEADER_SIZE, KEYFSCTL, NONCE, backing_size, chunk_offset,
-                     inspect_json, keyfsctl, read_file, run, write_file)
-from kpemu import Emulator, make_certs
+                     init_keyprotect, inspect_json, keyfsctl, read_file, run, secret_file, write_file)
+from kpemu import Emulator
 
 GEN_OFFSET = 36                     # header generation, u32 LE (docs/FORMAT.md)
 TAG_OFFSET = 992                    # header tag, 32 bytes
@@ -481,11 +480,6 @@ def test_progress_only_on_a_terminal(tree_volume):
 APIKEY = "kpi-fsck-" + secrets.token_hex(20)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
-
-
 @pytest.fixture
 def emu(certs):
     e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
@@ -500,15 +494,9 @@ def emu(certs):
 def kpvol(emu, tmp_path, monkeypatch, mount):
     monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    sec = tmp_path / "secrets"
-    sec.mkdir(mode=0o700)
-    apikey = str(sec / "apikey")
-    fd = os.open(apikey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(APIKEY + "\n")
+    apikey = secret_file(tmp_path / "secrets", "apikey", APIKEY)
     backing = str(tmp_path / "backing")
-    r = run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
-             "--instance", emu.instance, "--key", emu.kid, "--apikey-file", apikey, "--ca-file", emu.ca_file])
+    r = init_keyprotect(emu, backing, apikey)
     assert r.returncode == EXIT_OK, r
     m = mount(backing=backing, opts=["apikey_file=" + apikey, "dek_pool=0"])
     for i in range(4):

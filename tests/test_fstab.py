@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from helpers import EXIT_OK, KEYFS, KEYFSCTL, run
-from kpemu import Emulator, make_certs
+from helpers import EXIT_OK, KEYFS, init_keyprotect, secret_file
+from kpemu import Emulator
 
 APIKEY = "kpi-fstab-" + secrets.token_hex(20)
 
@@ -78,25 +78,14 @@ def test_fstab_line_local_keystore(volume, keystore, tmp_path):
         assert b"written through" not in f.read()
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
-
-
 def test_fstab_line_keyprotect_with_apikey_file(certs, tmp_path):
     """The line of the issue: BACKING MNT fuse.keyfs apikey_file=F,nofail,_netdev 0 0."""
     emu = Emulator(certs, apikeys={APIKEY: "manager"}).start()
     try:
         kid = emu.create_key("keyfs-root")
-        sec = tmp_path / "secrets"
-        sec.mkdir(mode=0o700)
-        apikey = str(sec / "data.apikey")
-        fd = os.open(apikey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(APIKEY + "\n")
+        apikey = secret_file(tmp_path / "secrets", "data.apikey", APIKEY)
         backing = str(tmp_path / "backing")
-        r = run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
-                 "--instance", emu.instance, "--key", kid, "--apikey-file", apikey, "--ca-file", emu.ca_file])
+        r = init_keyprotect(emu, backing, apikey, key=kid)
         assert r.returncode == EXIT_OK, r
         out, err, _ = fstab_mount(tmp_path, backing, "apikey_file=%s,nofail,_netdev" % apikey)
         assert out == ["MOUNTED fuse.keyfs %s" % backing, "READ written through an fstab mount", "DONE"], err

@@ -5,8 +5,6 @@ import pty
 import struct
 import subprocess
 
-import pytest
-
 from helpers import (EXIT_CONFIG, EXIT_IO, EXIT_OK, HEADER_AREA, HEADER_SIZE, KEYFSCTL, backing_size,
                      inspect_json, key_show, keyfsctl, need_root, run, write_file)
 

@@ -31,11 +31,6 @@ CID = r"\(correlation-id ([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}
 SIZES = [1, 4095, 4096, 4097, 65536 + 13, (1 << 20) + 1]
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
-
-
 @pytest.fixture
 def emu(certs):
     e = Emulator(certs, apikeys={APIKEY: "manager", READER_APIKEY: "reader", NOACCESS_APIKEY: "none"}).start()

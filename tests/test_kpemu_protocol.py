@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from kpemu import Emulator, make_certs
+from kpemu import Emulator
 
 BUILD_DIR = os.environ.get("KEYFS_BUILD_DIR", "")
 PROBE = os.path.join(BUILD_DIR, "keyclient", "kms-probe") if BUILD_DIR else ""
@@ -38,11 +38,6 @@ def keyfs_binaries():
         pytest.fail("kms-probe missing (KEYFS_BUILD_DIR=%r): build keyclient/kms-probe" % BUILD_DIR,
                     pytrace=False)
     return PROBE
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
 
 
 def start_emu(certs, **kw):

@@ -24,7 +24,7 @@ import pytest
 
 from helpers import (EXIT_LOCKED, EXIT_MOUNT, EXIT_OK, EXIT_USAGE, KEYFS, KEYFSCTL, expect_errno, key_show,
                      read_file, run, run_as, sha256, wait_for, write_file)
-from kpemu import Emulator, make_certs
+from kpemu import Emulator
 
 EXIT_DENIED = 10
 POLL = 1
@@ -116,11 +116,6 @@ class Local:
 
     def enable(self):
         self._key("enable")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
 
 
 @pytest.fixture

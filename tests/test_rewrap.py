@@ -2,14 +2,13 @@
 import os
 import secrets
 import struct
-import subprocess
 import threading
 
 import pytest
 
-from helpers import (EXIT_OK, HEADER_AREA, HEADER_SIZE, KEYFSCTL, inspect_json, read_file, run, sha256,
-                     write_file)
-from kpemu import Emulator, make_certs
+from helpers import (EXIT_OK, HEADER_AREA, HEADER_SIZE, KEYFSCTL, init_keyprotect, inspect_json, read_file, run,
+                     secret_file, sha256, write_file)
+from kpemu import Emulator
 
 EXIT_KMS = 4
 EXIT_DAMAGED = 7
@@ -213,11 +212,6 @@ def test_rewrap_refuses_locked_key_and_non_volume(local, tmp_path):
 
 # ---- Key Protect (emulated): the service re-wraps on unwrap ----
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
-
-
 @pytest.fixture
 def emu(certs):
     e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
@@ -232,15 +226,9 @@ def emu(certs):
 def kpvol(emu, tmp_path, monkeypatch):
     # Fast client retries, so a failing service is given up on in well under a second.
     monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
-    sec = tmp_path / "secrets"
-    sec.mkdir(mode=0o700)
-    apikey = str(sec / "apikey")
-    fd = os.open(apikey, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(APIKEY + "\n")
+    apikey = secret_file(tmp_path / "secrets", "apikey", APIKEY)
     backing = str(tmp_path / "backing")
-    r = run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
-             "--instance", emu.instance, "--key", emu.kid, "--apikey-file", apikey, "--ca-file", emu.ca_file])
+    r = init_keyprotect(emu, backing, apikey)
     assert r.returncode == EXIT_OK, r
     return backing, apikey
 
