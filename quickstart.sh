@@ -115,6 +115,11 @@ EOF
 
 run_tests() {
 	install_missing "${BUILD_PKGS[@]}" "${TEST_PKGS[@]}"
+	# A build dir configured by 'demo' before the test packages were there has no pytest suite:
+	# configure again so the whole suite is defined.
+	if [[ -f build/build.ninja ]]; then
+		quiet "meson setup --reconfigure" meson setup --reconfigure build
+	fi
 	build
 	meson test -C build --print-errorlogs </dev/null
 }
