@@ -243,7 +243,12 @@ uint64_t fmt_plain_size(uint64_t backing_size)
 	data = backing_size - FMT_DATA_OFFSET;
 	full = data / FMT_CHUNK_DISK_SIZE;
 	rest = data % FMT_CHUNK_DISK_SIZE;
-	return full * FMT_CHUNK_SIZE + (rest > FMT_CHUNK_OVERHEAD ? rest - FMT_CHUNK_OVERHEAD : 0);
+	/* A tail no longer than the overhead holds no ciphertext byte: a cut inside that chunk.
+	 * It counts as one byte so the kernel asks for it and the read fails with EIO; counted
+	 * as none, a file cut inside chunk 0 would read as an empty file. */
+	if (rest > 0 && rest <= FMT_CHUNK_OVERHEAD)
+		return full * FMT_CHUNK_SIZE + 1;
+	return full * FMT_CHUNK_SIZE + (rest ? rest - FMT_CHUNK_OVERHEAD : 0);
 }
 
 bool fmt_backing_size_valid(uint64_t backing_size)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import CHUNK, CHUNK_DISK, HEADER_AREA, HEADER_SIZE, NONCE, backing_size, chunk_offset, inspect_json, \
+from helpers import CHUNK, CHUNK_DISK, HEADER_AREA, HEADER_SIZE, NONCE, OVERHEAD, backing_size, chunk_offset, inspect_json, \
     read_file, write_file
 
 
@@ -192,6 +192,28 @@ def test_truncated_inside_last_chunk(tm):
     assert _read_range(p, 0, 2 * CHUNK) == data[:2 * CHUNK]
     _expect_eio(read_file, p)
     _expect_eio(_read_range, p, 2 * CHUNK, 100)
+
+
+@pytest.mark.parametrize("left", [1, NONCE, OVERHEAD])
+def test_truncated_inside_chunk_overhead(tm, left):
+    # A cut that leaves only part of a chunk's nonce and tag (no ciphertext byte) is a cut
+    # inside that chunk: reading it gives EIO, never an empty or shorter file. The size counts
+    # the cut chunk as one byte (docs/FORMAT.md, size arithmetic), so a read reaches it.
+    small, big = b"first chunk only", os.urandom(2 * CHUNK + 700)
+    _setup(tm, {"small": small, "big": big})
+    os.truncate(tm.bpath("small"), chunk_offset(0) + left)
+    os.truncate(tm.bpath("big"), chunk_offset(2) + left)
+    tm.start()
+    assert os.stat(tm.path("small")).st_size == 1
+    assert os.stat(tm.path("big")).st_size == 2 * CHUNK + 1
+    _open_and_read_eio(tm.path("small"))
+    _expect_eio(_read_range, tm.path("small"), 0, 1)
+    _open_and_read_eio(tm.path("big"))
+    assert _read_range(tm.path("big"), 0, 2 * CHUNK) == big[:2 * CHUNK]
+    _expect_eio(_read_range, tm.path("big"), 2 * CHUNK, 1)
+    # Emptying a damaged file still works, and it is then a good empty file.
+    os.truncate(tm.path("small"), 0)
+    assert read_file(tm.path("small")) == b""
 
 
 def test_truncated_to_whole_chunks(tm):

@@ -85,7 +85,8 @@ static inline uint64_t fmt_header_offset(unsigned slot)
 }
 
 /* Plaintext size of a backing file of backing_size bytes. For a size no valid file has
- * (see fmt_backing_size_valid) this is the size of the valid prefix. */
+ * (see fmt_backing_size_valid) this covers the cut last chunk too, at least one byte of it,
+ * so a read reaches the damage and fails; inside the header area it is 0. */
 uint64_t fmt_plain_size(uint64_t backing_size);
 
 /* True when backing_size is a size a well-formed keyfs file can have: 0 (no header yet),

@@ -187,6 +187,42 @@ static void test_tamper(void)
 	CHECK_EQ(content_write(&f, buf, 10, 4096 + 5), -EIO);
 }
 
+/* A backing file cut inside a chunk's nonce and tag, chunk 0 included: EIO, never a shorter
+ * or empty file; shrinking it refuses, emptying it works. */
+static void test_cut_inside_overhead(void)
+{
+	static const unsigned lefts[] = { 1, 24, 40 };
+	uint8_t buf[3 * 4096];
+	uint64_t size;
+
+	for (unsigned k = 0; k < sizeof(lefts) / sizeof(lefts[0]); k++) {
+		CHECK_EQ(content_truncate(&f, 0), 0);
+		randombytes_buf(buf, sizeof(buf));
+		CHECK_EQ(content_write(&f, buf, 100, 0), 100);
+		CHECK_EQ(ftruncate(f.fd, (off_t)(2048 + lefts[k])), 0);
+		CHECK_EQ(content_size(f.fd, &size), 0);
+		CHECK_EQ(size, 1);
+		CHECK_EQ(content_read(&f, buf, sizeof(buf), 0), -EIO);
+		CHECK_EQ(content_read(&f, buf, 1, 0), -EIO);
+		CHECK_EQ(content_write(&f, buf, 10, 0), -EIO);
+		CHECK_EQ(content_truncate(&f, 1), -EIO);
+
+		CHECK_EQ(content_truncate(&f, 0), 0);
+		randombytes_buf(buf, sizeof(buf));
+		CHECK_EQ(content_write(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
+		CHECK_EQ(ftruncate(f.fd, (off_t)(2048 + 2 * 4136 + lefts[k])), 0);
+		CHECK_EQ(content_size(f.fd, &size), 0);
+		CHECK_EQ(size, 2 * 4096 + 1);
+		CHECK_EQ(content_read(&f, buf, 2 * 4096, 0), 2 * 4096);
+		CHECK_EQ(content_read(&f, buf, sizeof(buf), 0), -EIO);
+		CHECK_EQ(content_read(&f, buf, 1, 2 * 4096), -EIO);
+	}
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	CHECK_EQ(content_size(f.fd, &size), 0);
+	CHECK_EQ(size, 0);
+	CHECK_EQ(content_read(&f, buf, 1, 0), 0);
+}
+
 static void test_header_slots(void)
 {
 	struct content_headers hs;
@@ -252,6 +288,7 @@ int main(int argc, char **argv)
 	test_random(seed, 4000);
 	test_holes_and_seek();
 	test_tamper();
+	test_cut_inside_overhead();
 	close(f.fd);
 	sodium_free(keys);
 	return check_done();

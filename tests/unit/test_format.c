@@ -54,7 +54,16 @@ static void test_sizes(void)
 	CHECK(!fmt_backing_size_valid(2088));
 	CHECK(fmt_backing_size_valid(2089));
 	CHECK(!fmt_backing_size_valid(6184 + 40));
-	CHECK_EQ(fmt_plain_size(6184 + 40), 4096);
+	/* A cut inside a chunk's overhead counts as one byte of that chunk, so a read reaches
+	 * it and fails, chunk 0 included; a cut inside the header area is size 0. */
+	CHECK_EQ(fmt_plain_size(6184 + 40), 4097);
+	CHECK_EQ(fmt_plain_size(6184 + 1), 4097);
+	CHECK_EQ(fmt_plain_size(2049), 1);
+	CHECK_EQ(fmt_plain_size(2048 + 24), 1);
+	CHECK_EQ(fmt_plain_size(2088), 1);
+	CHECK_EQ(fmt_plain_size(2089), 1);
+	CHECK_EQ(fmt_plain_size(2090), 2);
+	CHECK_EQ(fmt_plain_size(2047), 0);
 	CHECK_EQ(fmt_chunk_offset(0), 2048);
 	CHECK_EQ(fmt_chunk_offset(3), 2048 + 3 * 4136);
 	CHECK_EQ(fmt_header_offset(0), 0);
