@@ -182,33 +182,29 @@ static enum outcome unwrap_and_rewrap(struct rewrap *rw, const char *path, const
 	return DONE;
 }
 
-/* Store the header for w in the slot that does not hold header i, if the header area is still
- * what we read. Returns DONE, CHANGED (read again and retry) or FAILED. */
+/* Store the header for w (NULL: header i as it is) in the slot that does not hold header i,
+ * then clear the slot of header i, if the header area is still what we read. Only header i,
+ * which authenticated, counts: the other slot may hold anything (a torn write, a forged
+ * generation). Returns DONE, CHANGED (read again and retry) or FAILED. */
 static enum outcome store(struct rewrap *rw, const char *path, int fd, const struct content_headers *hs,
 			  unsigned i, const struct kms_wrapped *w)
 {
 	struct content_headers now;
 	struct fmt_header h = hs->hdr[i];
 	uint8_t raw[FMT_HEADER_SIZE];
-	uint32_t gen = hs->hdr[0].generation;
 	unsigned slot = 1 - hs->slot[i];
 	int r;
 
-	for (unsigned k = 1; k < hs->count; k++)
-		if (hs->hdr[k].generation > gen)
-			gen = hs->hdr[k].generation;
-	if (gen == UINT32_MAX) {
-		problem(rw, "failed", path, "header generation at its limit: cannot store another header");
-		return FAILED;
-	}
-	memcpy(h.wrapped, w->blob, w->len);
-	h.wrapped_len = w->len;
-	snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
-	h.generation = gen + 1;
-	r = fmt_header_encode(&h, rw->keys, raw);
-	if (r < 0) {
-		problem(rw, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
-		return FAILED;
+	if (w) {
+		memcpy(h.wrapped, w->blob, w->len);
+		h.wrapped_len = w->len;
+		snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
+		h.generation = fmt_generation_next(h.generation);
+		r = fmt_header_encode(&h, rw->keys, raw);
+		if (r < 0) {
+			problem(rw, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
+			return FAILED;
+		}
 	}
 	r = content_header_lock(fd);
 	if (r < 0) {
@@ -221,11 +217,14 @@ static enum outcome store(struct rewrap *rw, const char *path, int fd, const str
 		content_header_unlock(fd);
 		return CHANGED;
 	}
-	r = content_header_store(fd, slot, raw);
+	/* The header that serves is already current: only its stale twin goes. */
+	if (!w)
+		slot = hs->slot[i];
+	r = w ? content_header_rewrite(fd, slot, raw) : content_header_clear(fd, 1 - slot);
 	content_header_unlock(fd);
 	if (r < 0) {
-		problem(rw, "failed", path, "writing header slot %u: %s (the other slot still holds the old header)",
-			slot, strerror(-r));
+		problem(rw, "failed", path, "writing header slot %u: %s (run rewrap again: it finishes the job)",
+			w ? slot : 1 - slot, strerror(-r));
 		return FAILED;
 	}
 	return DONE;
@@ -255,12 +254,17 @@ static enum outcome rewrap_fd(struct rewrap *rw, const char *path, int fd)
 			problem(rw, "failed", path, "reading its header: %s", strerror(-r));
 			return FAILED;
 		}
-		/* Resuming: nothing to do for a file whose newest header is on the newest version. */
-		if (strcmp(hs.hdr[0].key_version, rw->newest) == 0 && strcmp(hs.hdr[0].key_id, kms_key_id(rw->v->kms)) == 0)
+		/* Resuming: nothing to do for a file whose only header is on the newest version. With
+		 * a second slot, the newest may not be the one that authenticates, or the other may
+		 * still hold an older wrapping (an interrupted clear, an older keyfs): unwrap to see. */
+		if (hs.count == 1 && strcmp(hs.hdr[0].key_version, rw->newest) == 0 &&
+		    strcmp(hs.hdr[0].key_id, kms_key_id(rw->v->kms)) == 0)
 			return CURRENT;
 		o = unwrap_and_rewrap(rw, path, &hs, &i, &w);
 		if (o == DONE)
 			o = store(rw, path, fd, &hs, i, &w);
+		else if (o == CURRENT && hs.count > 1 && (o = store(rw, path, fd, &hs, i, NULL)) == DONE)
+			o = CURRENT;
 		sodium_memzero(rw->dek, FMT_DEK_SIZE);
 		sodium_memzero(rw->keys, sizeof(*rw->keys));
 	}

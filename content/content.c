@@ -157,6 +157,30 @@ int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZ
 	return r;
 }
 
+int content_header_clear(int fd, unsigned slot)
+{
+	static const uint8_t zeros[FMT_HEADER_SIZE];
+	int r;
+
+	if (slot >= FMT_HEADER_SLOTS)
+		return -EINVAL;
+	r = pwrite_full(fd, zeros, sizeof(zeros), fmt_header_offset(slot));
+	if (r == 0 && fdatasync(fd) < 0)
+		r = -errno;
+	return r;
+}
+
+int content_header_rewrite(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE])
+{
+	int r = content_header_store(fd, slot, raw);
+
+	/* Only once the new slot is durable may the old one go: at every moment one slot
+	 * authenticates. Both hold the same DEK, so a torn clear only costs a log line. */
+	if (r == 0)
+		r = content_header_clear(fd, 1 - slot);
+	return r;
+}
+
 static int header_lock_op(int fd, short type)
 {
 	struct flock fl = {

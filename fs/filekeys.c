@@ -78,12 +78,24 @@ static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 	memcpy(cf->file_id, inode->file_id, FMT_FILE_ID_SIZE);
 }
 
+/* Whether slot still holds the header h that authenticated: its tag covers every byte. */
+static bool slot_unchanged(const struct content_headers *hs, unsigned slot, const struct fmt_header *h)
+{
+	for (unsigned i = 0; i < hs->count; i++)
+		if (hs->slot[i] == slot)
+			return hs->hdr[i].generation == h->generation &&
+			       memcmp(hs->hdr[i].tag, h->tag, FMT_HEADER_TAG_SIZE) == 0;
+	return false;
+}
+
 /* Store a DEK the service re-wrapped with a newer key version, in the slot not in use, with
- * the next generation: until that write is durable the current slot still authenticates.
+ * the next generation: until that write is durable the current slot still authenticates;
+ * then the current slot is cleared, so the old wrapping does not stay in the file.
  * Best effort: the old blob keeps unwrapping while the service keeps that key version.
- * Called with keys_lock held and the header epoch checked. Under the header lock the header
- * is read again: 'keyfsctl rewrap' may have stored a newer one meanwhile, and then there is
- * nothing left to do. */
+ * Called with keys_lock held, the header epoch checked and inode->header_slot the slot that
+ * authenticated. Under the header lock the header is read again: 'keyfsctl rewrap' may have
+ * stored a newer one meanwhile, and then there is nothing left to do. Only that slot counts:
+ * the other may hold anything (a torn write, a forged generation), and is overwritten. */
 static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old,
 			   const struct kms_wrapped *w, const struct fmt_keys *keys)
 {
@@ -91,18 +103,16 @@ static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old
 	struct content_headers hs;
 	uint8_t raw[FMT_HEADER_SIZE];
 	char proc[32], label[64];
-	unsigned slot = 0;
+	unsigned cur = inode->header_slot, slot = 1 - cur;
 	bool locked;
-	int fd, r = -EOVERFLOW;
+	int fd, r;
 
 	inode_label(inode, label, sizeof(label));
 	memcpy(h.wrapped, w->blob, w->len);
 	h.wrapped_len = w->len;
 	snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
-	if (old->generation < UINT32_MAX) {
-		h.generation = old->generation + 1;
-		r = fmt_header_encode(&h, keys, raw);
-	}
+	h.generation = fmt_generation_next(old->generation);
+	r = fmt_header_encode(&h, keys, raw);
 	if (r < 0)
 		goto fail;
 	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
@@ -114,13 +124,10 @@ static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old
 	r = header_lock(fd, &locked);
 	if (r == 0) {
 		r = content_headers_read(fd, &hs);
-		if (r == 0 && (hs.hdr[0].generation != old->generation ||
-			       memcmp(hs.hdr[0].file_id, old->file_id, FMT_FILE_ID_SIZE) != 0))
+		if (r == 0 && !slot_unchanged(&hs, cur, old))
 			r = 1;          /* rewritten or replaced since we read it */
-		if (r == 0) {
-			slot = 1 - hs.slot[0];
-			r = content_header_store(fd, slot, raw);
-		}
+		if (r == 0)
+			r = content_header_rewrite(fd, slot, raw);
 		header_unlock(fd, locked);
 	}
 	close(fd);

@@ -106,9 +106,10 @@ def test_rewrap_local_after_rotation(local, mount):
     for rel in nonempty:
         (g0, g1), data_hash = backing_state(backing, rel)
         (b0, b1), data_before = before[rel]
-        # Data untouched; the new header is in the other slot, one generation newer.
+        # Data untouched; the new header is in the other slot, one generation newer, and the
+        # old slot is cleared (all zero: unused) once the new one is durable.
         assert data_hash == data_before
-        assert (g0, g1) == (b0, b0 + 1)
+        assert (g0, g1) == (0, b0 + 1)
     assert os.path.getsize(os.path.join(backing, "d", "no-header")) == 0
 
     # Run again: nothing left to do.
@@ -120,7 +121,7 @@ def test_rewrap_local_after_rotation(local, mount):
     rotate_local(ks)
     assert rewrap(backing).returncode == EXIT_OK
     assert versions(backing, nonempty) == {rel: "3" for rel in nonempty}
-    assert backing_state(backing, "a.txt")[0] == [3, 2]
+    assert backing_state(backing, "a.txt")[0] == [3, 0]
 
     m = mount(backing=backing)
     for rel, data in files.items():
@@ -288,3 +289,117 @@ def test_rewrap_keyprotect_needs_api_key(kpvol, monkeypatch):
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", os.path.dirname(apikey))
     r = rewrap(backing)
     assert r.returncode == EXIT_OK, r
+
+
+# ---- the old wrapping leaves the file; only a slot that authenticates counts ----
+
+def slot_raw(backing, rel, slot):
+    with open(os.path.join(backing, rel), "rb") as f:
+        f.seek(slot * HEADER_SIZE)
+        return f.read(HEADER_SIZE)
+
+
+def wrapped_of(raw):
+    """The wrapped DEK of a header slot (docs/FORMAT.md: Lk at 32, Lv at 33, Lw at 34, from 40)."""
+    lk, lv, lw = raw[32], raw[33], raw[34] | raw[35] << 8
+    return raw[40 + lk + lv:40 + lk + lv + lw]
+
+
+def forge_newest(backing, rel):
+    """Slot 1 := slot 0 with generation 0xFFFFFFFF: it parses, names itself the newest, and does
+    not authenticate (the tag covers the generation). A backing-dir writer can do this."""
+    raw = bytearray(slot_raw(backing, rel, 0))
+    struct.pack_into("<I", raw, GEN_OFFSET, 0xFFFFFFFF)
+    with open(os.path.join(backing, rel), "r+b") as f:
+        f.seek(HEADER_SIZE)
+        f.write(bytes(raw))
+
+
+def fsck_clean(backing, *extra):
+    r = run([KEYFSCTL, "fsck", backing, *extra])
+    assert r.returncode == EXIT_OK, r
+    # One line, the summary: no note about a second slot, nothing damaged.
+    assert len(r.stdout.splitlines()) == 1 and ": 0 damaged, 0 not checked" in r.stdout, r.stdout
+
+
+def test_rewrap_leaves_no_old_wrapped_key(local, mount):
+    backing, ks = local
+    m = mount(backing=backing)
+    files = tree(m.mnt)
+    m.umount()
+    slot0 = {rel: slot_raw(backing, rel, 0) for rel in files}
+    old = {rel: wrapped_of(raw) for rel, raw in slot0.items()}
+    assert all(len(w) == 77 for w in old.values())
+    rotate_local(ks)
+    r = rewrap(backing)
+    assert r.returncode == EXIT_OK, r
+    for rel in files:
+        data = read_file(os.path.join(backing, rel))
+        assert old[rel] not in data, rel
+        assert data[:HEADER_SIZE] == bytes(HEADER_SIZE), rel        # slot 0: unused
+    fsck_clean(backing)
+
+    # A stale slot left behind (a crash between the new header and the clear, or a file
+    # re-wrapped by an older keyfs) is cleared by the next run, which re-wraps nothing.
+    p = os.path.join(backing, "d/e/c.bin")
+    with open(p, "r+b") as f:
+        f.write(slot0["d/e/c.bin"])
+    assert backing_state(backing, "d/e/c.bin")[0] == [1, 2]
+    r = rewrap(backing)
+    assert r.returncode == EXIT_OK, r
+    assert r.stdout == "rewrap: 5 files: 0 re-wrapped to key version 2, 5 already on it, 0 empty (no key yet)\n"
+    assert old["d/e/c.bin"] not in read_file(p)
+    assert backing_state(backing, "d/e/c.bin")[0] == [0, 2]
+    fsck_clean(backing)
+    m = mount(backing=backing)
+    for rel, data in files.items():
+        assert read_file(m.path(rel)) == data
+
+
+def test_rewrap_ignores_a_forged_newest_slot(local, mount):
+    backing, ks = local
+    m = mount(backing=backing)
+    data = os.urandom(5000)
+    write_file(m.path("f"), data)
+    m.umount()
+    forge_newest(backing, "f")
+    rotate_local(ks)
+    # Only the slot that authenticates decides the next generation and where it goes: the
+    # forged one is overwritten by the new header, and the old one cleared.
+    r = rewrap(backing)
+    assert r.returncode == EXIT_OK, r
+    assert r.stdout == "rewrap: 1 files: 1 re-wrapped to key version 2, 0 already on it, 0 empty (no key yet)\n"
+    assert backing_state(backing, "f")[0] == [0, 2]
+    assert versions(backing, ["f"]) == {"f": "2"}
+    fsck_clean(backing)
+    m = mount(backing=backing)
+    assert read_file(m.path("f")) == data
+
+
+def test_mount_rewrap_at_open_clears_old_slot_and_ignores_forged_one(emu, kpvol, mount):
+    backing, apikey = kpvol
+    opts = ["apikey_file=" + apikey, "dek_pool=0", "prefetch=0"]
+    # The forged slot makes the daemon log that it does not authenticate.
+    m = mount(backing=backing, opts=opts, allow_errors=True)
+    files = {"plain": os.urandom(9000), "forged": os.urandom(300)}
+    for rel, data in files.items():
+        write_file(m.path(rel), data)
+    m.umount()
+    old = {rel: wrapped_of(slot_raw(backing, rel, 0)) for rel in files}
+    forge_newest(backing, "forged")
+    emu.key_action(emu.kid, "rotate")
+    new = newest_version(emu)
+
+    # The first open after the rotation stores the DEK the service re-wrapped.
+    m.start()
+    for rel, data in files.items():
+        assert read_file(m.path(rel)) == data
+    m.umount()
+    assert versions(backing, files) == {rel: new for rel in files}
+    for rel in files:
+        assert backing_state(backing, rel)[0] == [0, 2], rel
+        assert old[rel] not in read_file(os.path.join(backing, rel)), rel
+    fsck_clean(backing, "--apikey-file", apikey)
+    m.start()
+    for rel, data in files.items():
+        assert read_file(m.path(rel)) == data

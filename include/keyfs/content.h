@@ -45,6 +45,15 @@ int content_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE]);
  * keeps the previous header until then, so a crash leaves one that authenticates. */
 int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE]);
 
+/* Mark one slot unused (all zero bytes, which never parse) and make that durable. */
+int content_header_clear(int fd, unsigned slot);
+
+/* Replace a file's header: raw into slot, durable, then the other slot cleared and synced, so
+ * the old wrapped DEK (of an older key version) does not stay in the file. A crash at any
+ * point leaves a slot that authenticates. Returns 0 or -errno; when the clear fails the new
+ * header is already in place. Call it under content_header_lock. */
+int content_header_rewrite(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE]);
+
 /*
  * An exclusive OFD lock on the header area of fd (open for writing), waiting for it. Whoever
  * changes a header takes it and, under it, re-reads before writing: the daemon (new headers,

@@ -76,6 +76,14 @@ int fmt_chunk_seal(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
 		   const uint8_t *ct, size_t ctlen, uint8_t *pt);
 
+/* The generation of a header that replaces one of generation g. After UINT32_MAX comes 1:
+ * a rewrite clears the slot it replaces once the new one is durable, so at most a crash in
+ * between leaves both, and both hold the same DEK (docs/FORMAT.md, two header slots). */
+static inline uint32_t fmt_generation_next(uint32_t g)
+{
+	return g == UINT32_MAX ? 1 : g + 1;
+}
+
 /* Size arithmetic: no key needed. */
 
 /* Backing offset of header slot i (0 or 1). */

@@ -268,6 +268,32 @@ static void test_header_slots(void)
 	CHECK_EQ(content_header_store(f.fd, 0, raw), 0);
 	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
 	CHECK_EQ(hs.count, 1);
+
+	/* A rewrite stores the new slot and then clears the other to zeros (unused), so the old
+	 * wrapped DEK is gone; after generation UINT32_MAX comes 1. */
+	h = hs.hdr[0];
+	h.generation = UINT32_MAX;
+	CHECK_EQ(fmt_header_encode(&h, keys, raw), 0);
+	CHECK_EQ(content_header_rewrite(f.fd, 1, raw), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(hs.count, 1);
+	CHECK_EQ(hs.slot[0], 1);
+	CHECK_EQ(pread(f.fd, junk, sizeof(junk), 0), (long long)sizeof(junk));
+	CHECK(sodium_is_zero(junk, sizeof(junk)));
+	h.generation = fmt_generation_next(h.generation);
+	CHECK_EQ(h.generation, 1);
+	strcpy(h.key_version, "3");
+	CHECK_EQ(fmt_header_encode(&h, keys, raw), 0);
+	CHECK_EQ(content_header_rewrite(f.fd, 0, raw), 0);
+	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(hs.count, 1);
+	CHECK_EQ(hs.slot[0], 0);
+	CHECK_EQ(hs.hdr[0].generation, 1);
+	CHECK(strcmp(hs.hdr[0].key_version, "3") == 0);
+	CHECK_EQ(pread(f.fd, junk, sizeof(junk), FMT_HEADER_SIZE), (long long)sizeof(junk));
+	CHECK(sodium_is_zero(junk, sizeof(junk)));
+	CHECK_EQ(content_header_rewrite(f.fd, 2, raw), -EINVAL);
+	CHECK_EQ(content_header_clear(f.fd, 2), -EINVAL);
 }
 
 int main(int argc, char **argv)

@@ -64,6 +64,9 @@ static void test_sizes(void)
 	CHECK_EQ(fmt_plain_size(2089), 1);
 	CHECK_EQ(fmt_plain_size(2090), 2);
 	CHECK_EQ(fmt_plain_size(2047), 0);
+	CHECK_EQ(fmt_generation_next(1), 2);
+	CHECK_EQ(fmt_generation_next(UINT32_MAX - 1), UINT32_MAX);
+	CHECK_EQ(fmt_generation_next(UINT32_MAX), 1);
 	CHECK_EQ(fmt_chunk_offset(0), 2048);
 	CHECK_EQ(fmt_chunk_offset(3), 2048 + 3 * 4136);
 	CHECK_EQ(fmt_header_offset(0), 0);
