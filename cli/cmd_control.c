@@ -584,12 +584,55 @@ static const char *json_str(const struct jobject *o, const char *name)
 
 /* ---- output ---- */
 
-/* The daemon runs as the mount's owner, who may not be us: no terminal control bytes from it. */
+/*
+ * The daemon runs as the mount's owner, who may not be us: no terminal control from it. C0
+ * bytes, DEL and backslash become \ooo as file names do (cli_fputs_safe); so do the C1
+ * controls U+0080..U+009F in their UTF-8 form (C2 80..C2 9F: 9B is CSI). s is cut to size.
+ */
+static const char *clean(const char *s, char *buf, size_t size)
+{
+	size_t n = 0;
+
+	for (; *s && n + 9 <= size; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (c == 0xc2 && (unsigned char)s[1] >= 0x80 && (unsigned char)s[1] <= 0x9f) {
+			n += (size_t)snprintf(buf + n, size - n, "\\%03o\\%03o", c, (unsigned char)s[1]);
+			s++;
+		} else if (c < 0x20 || c == 0x7f || c == '\\') {
+			n += (size_t)snprintf(buf + n, size - n, "\\%03o", c);
+		} else {
+			buf[n++] = (char)c;
+		}
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
 static void print_clean(const char *label, const char *s)
 {
+	char buf[CONTROL_ANSWER_MAX];
+
 	fputs(label, stdout);
-	for (; *s; s++)
-		putchar((unsigned char)*s < 0x20 || *s == 0x7f ? '?' : *s);
+	puts(clean(s, buf, sizeof(buf)));
+}
+
+/* The answer as it came (status --json), with DEL and C1 controls as \u escapes: the parser
+ * let them through inside strings, where the escape means the same character. */
+static void print_json_clean(const char *answer)
+{
+	for (const char *s = answer; *s; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (c == 0x7f) {
+			fputs("\\u007f", stdout);
+		} else if (c == 0xc2 && (unsigned char)s[1] >= 0x80 && (unsigned char)s[1] <= 0x9f) {
+			printf("\\u00%02x", (unsigned char)s[1]);
+			s++;
+		} else {
+			putchar(c);
+		}
+	}
 	putchar('\n');
 }
 
@@ -714,6 +757,7 @@ static int run_action(enum action act, int argc, char **argv)
 {
 	const char *cmd = action_names[act], *arg = NULL, *state, *err;
 	char mp[PATH_MAX], path[PATH_MAX], request[CONTROL_REQUEST_MAX], answer[CONTROL_ANSWER_MAX + 2];
+	char buf[512];
 	int timeout_s = act == ACT_LOCK ? TIMEOUT_LOCK_S : TIMEOUT_OTHER_S;
 	struct jobject *o = NULL;
 	bool json = false, locked;
@@ -772,7 +816,7 @@ static int run_action(enum action act, int argc, char **argv)
 	}
 	if ((err = json_str(o, "error"))) {
 		/* The daemon's words; root-or-owner refusals are "permission denied". */
-		log_err("'%s': %s", arg, err);
+		log_err("'%s': %s", arg, clean(err, buf, sizeof(buf)));
 		rc = strcasestr(err, "permission") ? KEYFS_EXIT_DENIED : KEYFS_EXIT_FAILURE;
 		goto out;
 	}
@@ -784,7 +828,7 @@ static int run_action(enum action act, int argc, char **argv)
 	}
 	locked = strcmp(state, "locked") == 0;
 	if (json)
-		printf("%s\n", answer);
+		print_json_clean(answer);
 	else
 		print_status(o);
 	rc = locked ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_OK;
@@ -797,7 +841,7 @@ static int run_action(enum action act, int argc, char **argv)
 	} else if (act == ACT_UNLOCK && locked) {
 		const char *reason = json_str(o, "reason");
 
-		log_err("'%s' stays locked: %s", arg, reason ? reason : "no reason given");
+		log_err("'%s' stays locked: %s", arg, reason ? clean(reason, buf, sizeof(buf)) : "no reason given");
 	}
 out:
 	free(o);

@@ -1,7 +1,11 @@
 # test_cli.py: keyfsctl key administration, inspect (human and --json), --version of both binaries
+import contextlib
+import json
 import os
 import re
+import socket
 import stat
+import threading
 
 import pytest
 
@@ -158,3 +162,93 @@ def test_help():
     r = run([KEYFSCTL, "help"])
     assert r.returncode == 0
     assert "inspect" in r.stdout and "init" in r.stdout
+
+
+# ---- what the daemon says reaches the admin's terminal only as text ----
+
+def _control_socket(mnt):
+    """The mount's control socket (util/control.c: FNV-1a of the mountpoint)."""
+    h = 0xcbf29ce484222325
+    for b in os.fsencode(os.path.realpath(mnt)):
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    d = "/run/keyfs" if os.getuid() == 0 else "/run/user/%d/keyfs" % os.getuid()
+    return os.path.join(d, "%016x.sock" % h)
+
+
+@contextlib.contextmanager
+def _fake_daemon(mnt, answer):
+    """Answer every control request with `answer` (bytes) in place of the mount's daemon,
+    whose socket is moved aside meanwhile and put back after."""
+    path = _control_socket(mnt)
+    assert os.path.exists(path), path
+    aside = path + ".real"
+    os.rename(path, aside)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.recv(256)
+                conn.sendall(answer + b"\n")
+
+    try:
+        srv.bind(path)
+        srv.listen(4)
+        srv.settimeout(0.1)
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+    finally:
+        srv.close()
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rename(aside, path)
+
+
+NASTY = "\x1b]2;owned\x07\x1b[2J\x9b31m\x7f"
+CLEAN = "\\033]2;owned\\007\\033[2J\\302\\23331m\\177"
+
+
+def _no_controls(text):
+    return not any(c in text for c in "\x1b\x07\x9b\x7f")
+
+
+def test_control_answers_are_filtered(mount):
+    m = mount()
+    mp = os.path.realpath(m.mnt)
+    # An error from the daemon: printed as text, escapes shown as \ooo like file names.
+    with _fake_daemon(m.mnt, json.dumps({"error": "denied " + NASTY}, ensure_ascii=False).encode()):
+        r = run([KEYFSCTL, "status", m.mnt])
+    assert r.returncode == 1, r
+    assert _no_controls(r.stdout + r.stderr), repr(r.stderr)
+    assert r.stderr == "keyfsctl: error: '%s': denied %s\n" % (m.mnt, CLEAN)
+
+    # A locked state whose reason and fields carry escapes: status, unlock and --json.
+    doc = {"state": "locked", "reason": "key-" + NASTY, "key": "k" + NASTY, "key_state": None,
+           "last_poll": None, "poll": 30, "grace": 300, "deactivated": False,
+           "backing": m.backing, "mountpoint": mp}
+    with _fake_daemon(m.mnt, json.dumps(doc, ensure_ascii=False).encode()):
+        st = run([KEYFSCTL, "status", m.mnt])
+        un = run([KEYFSCTL, "unlock", m.mnt])
+        js = run([KEYFSCTL, "status", "--json", m.mnt])
+    assert st.returncode == 8, st
+    assert _no_controls(st.stdout + st.stderr), repr(st.stdout)
+    assert st.stdout.splitlines()[:2] == ["state: locked (key-%s)" % CLEAN, "key: k%s" % CLEAN]
+    assert un.returncode == 8, un
+    assert _no_controls(un.stdout + un.stderr), repr(un.stderr)
+    assert un.stderr.endswith("keyfsctl: error: '%s' stays locked: key-%s\n" % (m.mnt, CLEAN))
+    assert js.returncode == 8, js
+    assert _no_controls(js.stdout), repr(js.stdout)
+    assert json.loads(js.stdout) == doc
+
+    # The real daemon answers again.
+    assert run([KEYFSCTL, "status", m.mnt]).returncode == 0
