@@ -889,3 +889,24 @@ def test_sd_notify_ready_and_status(volume, keystore, mount, tmp_path, monkeypat
         stop.set()
         t.join(timeout=5)
         sock.close()
+
+
+def test_map_private_copies_keep_plaintext_after_lock(mount):
+    """docs/FORMAT.md, "Memory": a page of a MAP_PRIVATE mapping that the process wrote to is its
+    own anonymous copy, which no filesystem can invalidate: it keeps plaintext after a lock,
+    while the file itself refuses. This pins what the documents say, not a wish."""
+    import mmap
+    m = mount()
+    data = os.urandom(2 * 4096)
+    write_file(m.path("f"), data)
+    fd = os.open(m.path("f"), os.O_RDONLY)
+    mm = mmap.mmap(fd, len(data), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        mm[0:1] = data[0:1]                 # a write: page 0 is now this process's own copy
+        r = run([KEYFSCTL, "lock", m.mnt])
+        assert r.returncode == EXIT_OK, r
+        expect_errno(errno.ENOKEY, read_file, m.path("f"))
+        assert mm[:4096] == data[:4096]
+    finally:
+        mm.close()
+        os.close(fd)

@@ -392,3 +392,33 @@ def test_torn_header_rewrite_falls_back_to_older_slot(tm):
     assert "using the header of generation 1" in tm.stderr()
     _open_and_read_eio(tm.path("both"))
     assert os.stat(tm.path("both")).st_size == len(data)
+
+
+def test_what_a_backing_dir_writer_can_do_undetected(tm, tmp_path):
+    """The threat model (docs/FORMAT.md, README "What keyfs protects") says these are NOT
+    detected: names and whole files are not authenticated. This pins that statement: if one
+    of these starts failing, the format got stronger and the documents must say so."""
+    a, b, c, v1, v2 = (os.urandom(2 * CHUNK + 5), os.urandom(3000), os.urandom(CHUNK),
+                       b"version 1 " * 50, b"version 2 " * 60)
+    _setup(tm, {"a": a, "b": b, "c": c, "s": b"secret", "d": v1})
+    old_d = read_file(tm.bpath("d"))
+    tm.start()
+    write_file(tm.path("d"), v2)
+    tm.umount()
+    # One encrypted file copied over another's name: it opens (the file id is in its own header).
+    write_file(tm.bpath("b"), read_file(tm.bpath("a")))
+    # A file replaced by a symlink to the writer's own plaintext, outside the volume.
+    evil = str(tmp_path / "evil")
+    write_file(evil, b"attacker's text")
+    os.unlink(tm.bpath("s"))
+    os.symlink(evil, tm.bpath("s"))
+    # Whole all-zero chunks appended to a file that ends on a chunk boundary read as holes.
+    with open(tm.bpath("c"), "ab") as f:
+        f.write(bytes(2 * CHUNK_DISK))
+    # A whole file rolled back to an older copy of itself.
+    write_file(tm.bpath("d"), old_d)
+    tm.start()
+    assert read_file(tm.path("b")) == a
+    assert read_file(tm.path("s")) == b"attacker's text"
+    assert read_file(tm.path("c")) == c + bytes(2 * CHUNK)
+    assert read_file(tm.path("d")) == v1
