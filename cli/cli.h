@@ -24,6 +24,7 @@ int cmd_rewrap(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_lock(int argc, char **argv);
 int cmd_unlock(int argc, char **argv);
+int cmd_trust(int argc, char **argv);
 
 /* Ask the daemon of the keyfs mount at mp (absolute, as in mountinfo) for its state within
  * timeout_s: "locked" or "unlocked" into state, the reason ("" when none) into reason.

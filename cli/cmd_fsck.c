@@ -91,7 +91,7 @@ struct jlist {
 };
 
 struct fsck {
-	struct cli_volume vol;
+	struct vol vol;
 	bool json;
 	struct progress prog;
 	uint8_t *buf;                   /* ciphertext only: plain malloc */
@@ -791,10 +791,10 @@ int cmd_fsck(int argc, char **argv)
 		rc = KEYFS_EXIT_FAILURE;
 		goto out;
 	}
-	rc = cli_volume_open(backing, &f->vol);
+	rc = cli_volume_open(backing, &kargs, "fsck", &f->vol);
 	if (rc)
 		goto out;
-	rc = cli_volume_kms(&f->vol, &kargs, "fsck");
+	rc = cli_volume_kms(&f->vol, "fsck");
 	if (rc)
 		goto out;
 	f->buf = malloc(BLOCK_CHUNKS * CDS);

@@ -19,6 +19,7 @@
 #include "keyfs/log.h"
 #include "keyfs/util.h"
 #include "keyfs/voldesc.h"
+#include "keyfs/volume.h"
 #include "cli.h"
 
 enum {
@@ -515,6 +516,7 @@ int cmd_init(int argc, char **argv)
 {
 	struct init_args a = { .key = "default" };
 	char keystore[PATH_MAX], backing[PATH_MAX], apikey_file[PATH_MAX], version[FMT_KEY_VERSION_MAX + 1] = "";
+	char trust_path[PATH_MAX + 64] = "", msg[PATH_MAX + 128];
 	struct kms_config cfg;
 	struct kms_err err;
 	struct voldesc vol;
@@ -640,9 +642,21 @@ int cmd_init(int argc, char **argv)
 			return KEYFS_EXIT_IO;
 		}
 	}
+	/* The host's record first: a volume never exists here without the host trusting its key
+	 * service, and a record without a volume is harmless. */
+	r = vol_trust_write(&vol, trust_path, sizeof(trust_path), msg, sizeof(msg));
+	if (r < 0) {
+		if (msg[0])
+			log_err("%s: cannot record the volume's key service as trusted there", msg);
+		else
+			log_err("cannot record the volume's key service as trusted in '%s': %s", trust_path, strerror(-r));
+		return r == -EPERM ? KEYFS_EXIT_UNTRUSTED : KEYFS_EXIT_IO;
+	}
 	rc = write_voldesc(backing, &vol);
-	if (rc)
+	if (rc) {
+		vol_trust_forget(vol.volume, trust_path, sizeof(trust_path));
 		return rc;
+	}
 
 	printf("created keyfs volume '%s'\n"
 	       "  volume:   %s\n"
@@ -655,6 +669,7 @@ int cmd_init(int argc, char **argv)
 	if (keystore[0])
 		printf("  keystore: %s\n", keystore);
 	if (!kp) {
+		printf("  trusted:  %s\n", trust_path);
 		printf("mount it with: keyfs %s MOUNTPOINT\n", backing);
 		return KEYFS_EXIT_OK;
 	}
@@ -666,6 +681,7 @@ int cmd_init(int argc, char **argv)
 		printf("  iam:      %s\n", vol.iam_endpoint);
 	if (vol.ca_file[0])
 		printf("  ca file:  %s (the mount trusts it; -o ca_file= overrides)\n", vol.ca_file);
+	printf("  trusted:  %s\n", trust_path);
 	print_mount_command(backing, cfg.apikey_file);
 	return KEYFS_EXIT_OK;
 }

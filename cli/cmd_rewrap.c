@@ -46,7 +46,7 @@ static const struct option rewrap_options[] = {
 #define REWRAP_TRIES 3
 
 struct rewrap {
-	struct cli_volume *v;
+	struct vol *v;
 	struct progress progress;
 	char newest[FMT_KEY_VERSION_MAX + 1];   /* the version a wrap gets now */
 	uint8_t *dek;                           /* sodium_malloc */
@@ -370,7 +370,7 @@ static int run(struct rewrap *rw)
 int cmd_rewrap(int argc, char **argv)
 {
 	struct cli_kms_args ka = { NULL, NULL, NULL };
-	struct cli_volume v;
+	struct vol v;
 	struct rewrap rw;
 	const char *backing = NULL;
 	int c, rc;
@@ -406,9 +406,9 @@ int cmd_rewrap(int argc, char **argv)
 		return KEYFS_EXIT_FAILURE;
 	}
 	memset(&rw, 0, sizeof(rw));
-	rc = cli_volume_open(backing, &v);
+	rc = cli_volume_open(backing, &ka, "rewrap", &v);
 	if (rc == 0)
-		rc = cli_volume_kms(&v, &ka, "rewrap");
+		rc = cli_volume_kms(&v, "rewrap");
 	if (rc == 0) {
 		rw.v = &v;
 		rw.dek = sodium_malloc(FMT_DEK_SIZE);

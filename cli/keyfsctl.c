@@ -23,7 +23,11 @@ static int cmd_help(int argc, char **argv);
 static const struct cli_cmd commands[] = {
 	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key]",
 	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F]",
-	  "make an empty or missing dir a keyfs volume bound to a key" },
+	  "make an empty or missing dir a keyfs volume bound to a key; records its key service\n"
+	  "            as trusted on this host" },
+	{ "trust", cmd_trust, "BACKING [--yes]", "--forget BACKING|UUID",
+	  "show the key service a volume names and trust it on this host (once per volume made\n"
+	  "            elsewhere or by an older keyfs); --forget: trust it no more" },
 	{ "inspect", cmd_inspect, "[-r] [--json] PATH...", NULL,
 	  "show the keyfs header of files (backing files or paths in a mount), no key needed;\n"
 	  "            -r: every file under a directory, with a summary" },
@@ -82,7 +86,8 @@ static void print_help(FILE *f)
 	fprintf(f, "\n"
 		   "exit codes: 0 ok, 1 failure, 2 usage, 3 config, 4 kms, 5 mount, 6 io, 7 damaged,\n"
 		   "8 locked (key suspended or destroyed; 'status' of a locked mount), 9 exists,\n"
-		   "10 denied (the control socket is for root and the mount's owner)\n");
+		   "10 denied (the control socket is for root and the mount's owner),\n"
+		   "11 untrusted (this host does not trust the key service the volume names: 'keyfsctl trust')\n");
 }
 
 int cli_usage_error(const char *cmd, const char *fmt, ...)

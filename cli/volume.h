@@ -1,4 +1,4 @@
-/* volume.h: open a volume from its backing dir, and its key service, for fsck and rewrap (private to cli/) */
+/* volume.h: the key service options of fsck and rewrap, over the volume layer (private to cli/) */
 #ifndef KEYFS_CLI_VOLUME_H
 #define KEYFS_CLI_VOLUME_H
 
@@ -6,6 +6,7 @@
 
 #include "keyfs/kms.h"
 #include "keyfs/voldesc.h"
+#include "keyfs/volume.h"
 #include "cli.h"
 
 /* The key service options fsck and rewrap share: add CLI_KMS_OPTIONS to the getopt table and
@@ -26,23 +27,17 @@ struct cli_kms_args {
 /* Take option c (with optarg) into a when it is one of CLI_KMS_OPTIONS. Returns 1 when taken. */
 int cli_kms_option(struct cli_kms_args *a, int c, const char *optarg);
 
-struct cli_volume {
-	char backing[PATH_MAX];         /* realpath of the backing dir */
-	int root_fd;                    /* O_RDONLY | O_DIRECTORY */
-	struct voldesc vol;
-	struct kms *kms;                /* after cli_volume_kms */
-	int key_state;                  /* enum kms_key_state, after cli_volume_kms */
-};
-
-/* Open the volume whose backing dir is arg and read its description. Returns 0 or an exit
- * code after printing why (3: not a volume). */
-int cli_volume_open(const char *arg, struct cli_volume *ret);
+/* Open the volume whose backing dir is arg: its description, checked against the host's trust
+ * (the volume layer, shared with the daemon), with a's --keystore and --ca-file as the host's
+ * word; what names the command ("fsck"). Returns 0 or an exit code after printing why (3: not a
+ * volume, 11: not trusted). */
+int cli_volume_open(const char *arg, const struct cli_kms_args *a, const char *what, struct vol *ret);
 
 /* Open the volume's key service and check its key can unwrap: active or deactivated. Returns
  * 0, or an exit code after printing why: 4 key service unusable, 8 key suspended or destroyed.
  * what names the command for messages ("fsck"). */
-int cli_volume_kms(struct cli_volume *v, const struct cli_kms_args *a, const char *what);
+int cli_volume_kms(struct vol *v, const char *what);
 
-void cli_volume_close(struct cli_volume *v);
+void cli_volume_close(struct vol *v);
 
 #endif

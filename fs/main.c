@@ -23,6 +23,7 @@
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
+#include "keyfs/volume.h"
 
 #include "ctlsock.h"
 #include "dekpool.h"
@@ -35,59 +36,6 @@
 /* Key Protect defaults of -o dek_pool= and -o prefetch= (the local keystore: 0 and 0). */
 #define DEFAULT_DEK_POOL 32
 #define DEFAULT_PREFETCH 64
-
-/* Open the backing dir as the root inode's fd. */
-static int open_backing(struct keyfs *fs, const char *arg, int *ret_fd, struct stat *st)
-{
-	int fd;
-
-	if (!realpath(arg, fs->backing)) {
-		log_err("backing dir '%s': %s", arg, strerror(errno));
-		return KEYFS_EXIT_CONFIG;
-	}
-	fd = open(fs->backing, O_PATH | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0) {
-		if (errno == ENOTDIR)
-			log_err("backing dir '%s' is not a directory", arg);
-		else
-			log_err("backing dir '%s': %s", arg, strerror(errno));
-		return KEYFS_EXIT_CONFIG;
-	}
-	if (fstat(fd, st) < 0) {
-		log_err("backing dir '%s': %s", arg, strerror(errno));
-		close(fd);
-		return KEYFS_EXIT_CONFIG;
-	}
-	*ret_fd = fd;
-	return 0;
-}
-
-static int read_voldesc(struct keyfs *fs, const char *arg, int root_fd)
-{
-	char err[256], *text = NULL;
-	size_t len;
-	int r;
-
-	r = util_read_file(root_fd, VOLDESC_NAME, VOLDESC_MAX, &text, &len);
-	if (r == -ENOENT) {
-		log_err("'%s' is not a keyfs volume (no %s); create one with 'keyfsctl init %s'", arg, VOLDESC_NAME,
-			arg);
-		return KEYFS_EXIT_CONFIG;
-	}
-	if (r < 0) {
-		log_err("volume description '%s/%s': %s", fs->backing, VOLDESC_NAME,
-			r == -EFBIG ? "too large" : r == -EINVAL ? "not a regular file" : strerror(-r));
-		return KEYFS_EXIT_CONFIG;
-	}
-	err[0] = '\0';
-	r = voldesc_parse(text, len, &fs->vol, err, sizeof(err));
-	free(text);
-	if (r < 0) {
-		log_err("volume description '%s/%s': %s", fs->backing, VOLDESC_NAME, err[0] ? err : strerror(-r));
-		return KEYFS_EXIT_CONFIG;
-	}
-	return 0;
-}
 
 static bool dir_is_empty(const char *path, int *ret_err)
 {
@@ -165,36 +113,6 @@ static int check_mounted(struct keyfs *fs, const char *arg)
 	return 0;
 }
 
-/*
- * One daemon per volume: two would each cache keys and rewrite partial chunks of the same
- * files without knowing of the other, and lose writes. The lock on the volume description
- * lives as long as the daemon (its fd is inherited when it goes to the background) and goes
- * with it, a crash included. keyfsctl fsck and rewrap do not take it: they run beside a mount.
- */
-static int lock_volume(struct keyfs *fs, int root_fd)
-{
-	int fd = openat(root_fd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-
-	if (fd < 0) {
-		log_err("volume description '%s/%s': %s", fs->backing, VOLDESC_NAME, strerror(errno));
-		return KEYFS_EXIT_CONFIG;
-	}
-	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
-		int err = errno;
-
-		close(fd);
-		if (err == EWOULDBLOCK) {
-			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t fuse.keyfs'): one mount per volume",
-				fs->backing);
-			return KEYFS_EXIT_MOUNT;
-		}
-		log_err("volume description '%s/%s': cannot lock it: %s", fs->backing, VOLDESC_NAME, strerror(err));
-		return KEYFS_EXIT_CONFIG;
-	}
-	fs->volume_lock_fd = fd;
-	return 0;
-}
-
 static int check_mountpoint(struct keyfs *fs, const struct keyfs_options *o)
 {
 	size_t blen = strlen(fs->backing);
@@ -235,34 +153,17 @@ static int check_mountpoint(struct keyfs *fs, const struct keyfs_options *o)
 	return 0;
 }
 
-static int open_kms(struct keyfs *fs, const struct keyfs_options *o)
+/* The key service the host trusts (the volume layer checked the description against it). */
+static int open_kms(struct keyfs *fs, struct vol *v)
 {
-	struct kms_config cfg = {
-		.vol = &fs->vol,
-		.keystore = o->keystore,
-		.apikey_file = o->apikey_file,
-		/* -o ca_file= overrides the CA bundle recorded at init. */
-		.ca_file = o->ca_file ? o->ca_file : fs->vol.ca_file[0] ? fs->vol.ca_file : NULL,
-	};
-	struct kms_err err = { .msg = "" };
-	int r, state = -1;
+	int code, state;
 
-	r = kms_open(&cfg, &fs->kms, &err);
-	if (r < 0) {
-		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
-		return KEYFS_EXIT_KMS;
-	}
-	r = kms_key_state(fs->kms, &state, &err);
-	if (r == -EKEYREVOKED)
-		state = KMS_STATE_DESTROYED;
-	else if (r == -ENOKEY) {
-		log_err("key '%s' is not usable: %s: contents are unavailable", fs->vol.key,
-			err.msg[0] ? err.msg : strerror(-r));
-		return KEYFS_EXIT_LOCKED;
-	} else if (r < 0) {
-		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
-		return KEYFS_EXIT_KMS;
-	}
+	code = vol_kms_open(v, NULL);
+	if (code)
+		return code;
+	fs->kms = v->kms;
+	v->kms = NULL;
+	state = v->key_state;
 	fs->initial_key_state = state;
 	switch (state) {
 	case KMS_STATE_ACTIVE:
@@ -544,17 +445,31 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 
 static int run(struct keyfs *fs, const struct keyfs_options *o)
 {
+	const struct vol_host host = {
+		.keystore = o->keystore, .ca_file = o->ca_file, .apikey_file = o->apikey_file,
+		.kms = o->kms, .key = o->key, .endpoint = o->endpoint, .instance = o->instance,
+		.iam_endpoint = o->iam_endpoint,
+	};
 	struct stat root_st;
+	struct vol v;
 	int root_fd = -1, report_fd = -1, code, r;
 
-	code = open_backing(fs, o->backing, &root_fd, &root_st);
-	if (code)
+	/* The description, checked against the host's trust before anything else is read. */
+	code = vol_open(o->backing, &host, VOL_DAEMON, &v);
+	if (code == 0)
+		code = vol_lock(&v);
+	if (code) {
+		vol_close(&v);
 		return code;
-	code = read_voldesc(fs, o->backing, root_fd);
-	if (code == 0)
-		code = lock_volume(fs, root_fd);
-	if (code == 0)
-		code = check_mountpoint(fs, o);
+	}
+	memcpy(fs->backing, v.backing, sizeof(fs->backing));
+	fs->vol = v.vol;
+	fs->volume_lock_fd = v.lock_fd;
+	v.lock_fd = -1;
+	root_fd = v.root_fd;
+	v.root_fd = -1;
+	root_st = v.root_st;
+	code = check_mountpoint(fs, o);
 	if (code) {
 		close(root_fd);
 		return code;
@@ -580,7 +495,7 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 
 	if (!o->foreground)
 		report_fd = daemon_fork();
-	code = open_kms(fs, o);
+	code = open_kms(fs, &v);
 	if (code == 0 && keystate_new(fs, (unsigned)o->poll, (unsigned)o->grace, fs->initial_key_state, &fs->ks) < 0)
 		code = KEYFS_EXIT_FAILURE;
 	if (code == 0)
@@ -604,6 +519,7 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 	keyslab_destroy(&fs->slab);
 	kms_free(fs->kms);
 	fs->kms = NULL;
+	vol_close(&v);
 	return code;
 }
 

@@ -57,6 +57,12 @@ void options_help(FILE *f)
 	      "  -o keystore=DIR     local key store to use instead of the one recorded at init\n"
 	      "  -o apikey_file=F    Key Protect API key file (else $CREDENTIALS_DIRECTORY/apikey)\n"
 	      "  -o ca_file=F        extra trusted CA bundle for the key service\n"
+	      "  -o kms=KMS          state where the key service is instead of the host's trust\n"
+	      "                      record (keyfsctl trust): local or keyprotect, with\n"
+	      "  -o key=KEY          the key (name, id or CRN), and keystore= (local) or\n"
+	      "  -o endpoint=URL     the Key Protect endpoint,\n"
+	      "  -o instance=GUID    instance,\n"
+	      "  -o iam_endpoint=URL IAM endpoint (if the volume names one) and ca_file=\n"
 	      "  -o poll=SEC         read the root key's state every SEC seconds, +-10 % (default 30)\n"
 	      "  -o grace=SEC        lock after SEC seconds without an answer from the key service\n"
 	      "                      (default 300; 0: at once)\n"
@@ -75,7 +81,8 @@ void options_help(FILE *f)
 	      "comment=..., x-...\n"
 	      "\n"
 	      "Exit codes: 0 ok, 1 failure, 2 usage, 3 not a volume or bad .keyfs, 4 key service,\n"
-	      "5 mountpoint or mount, 8 key suspended or destroyed.\n", f);
+	      "5 mountpoint or mount, 8 key suspended or destroyed, 11 the host does not trust the\n"
+	      "key service the volume names (keyfsctl trust).\n", f);
 }
 
 /* An absolute copy of path, so that it still names the same file after the daemon's chdir("/"). */
@@ -129,6 +136,21 @@ static int add_fuse(struct keyfs_options *o, const char *opt)
 	return 0;
 }
 
+static int set_string(char **dst, const char *name, const char *value)
+{
+	if (!*value) {
+		log_err("mount option '%s' needs a value", name);
+		return -EINVAL;
+	}
+	free(*dst);
+	*dst = strdup(value);
+	if (!*dst) {
+		log_err("out of memory");
+		return -ENOMEM;
+	}
+	return 0;
+}
+
 static int set_count(int *dst, const char *name, const char *value, unsigned max)
 {
 	uint64_t v;
@@ -162,6 +184,21 @@ static int one_option(struct keyfs_options *o, const char *opt)
 		return set_path(&o->apikey_file, "apikey_file", opt + 12);
 	if (strncmp(opt, "ca_file=", 8) == 0)
 		return set_path(&o->ca_file, "ca_file", opt + 8);
+	if (strncmp(opt, "kms=", 4) == 0) {
+		if (strcmp(opt + 4, "local") != 0 && strcmp(opt + 4, "keyprotect") != 0) {
+			log_err("mount option 'kms': '%s' is not local or keyprotect", opt + 4);
+			return -EINVAL;
+		}
+		return set_string(&o->kms, "kms", opt + 4);
+	}
+	if (strncmp(opt, "key=", 4) == 0)
+		return set_string(&o->key, "key", opt + 4);
+	if (strncmp(opt, "endpoint=", 9) == 0)
+		return set_string(&o->endpoint, "endpoint", opt + 9);
+	if (strncmp(opt, "instance=", 9) == 0)
+		return set_string(&o->instance, "instance", opt + 9);
+	if (strncmp(opt, "iam_endpoint=", 13) == 0)
+		return set_string(&o->iam_endpoint, "iam_endpoint", opt + 13);
 	if (strcmp(opt, "nonempty") == 0) {
 		o->nonempty = true;
 		return 0;
@@ -256,6 +293,15 @@ int options_parse(int argc, char *argv[], struct keyfs_options *ret)
 			}
 		}
 	}
+	if (!o.kms && (o.key || o.endpoint || o.instance || o.iam_endpoint)) {
+		log_err("mount option '%s' states where the key service is: give kms= with it",
+			o.key ? "key" : o.endpoint ? "endpoint" : o.instance ? "instance" : "iam_endpoint");
+		goto usage;
+	}
+	if (o.kms && !o.key) {
+		log_err("mount option 'kms' states where the key service is: give key= with it");
+		goto usage;
+	}
 	if (!o.help && !o.version && !o.mountpoint) {
 		log_err(o.backing ? "missing MOUNTPOINT" : "missing BACKING and MOUNTPOINT");
 		goto usage;
@@ -275,4 +321,10 @@ void options_free(struct keyfs_options *o)
 	free(o->apikey_file);
 	free(o->ca_file);
 	o->keystore = o->apikey_file = o->ca_file = NULL;
+	free(o->kms);
+	free(o->key);
+	free(o->endpoint);
+	free(o->instance);
+	free(o->iam_endpoint);
+	o->kms = o->key = o->endpoint = o->instance = o->iam_endpoint = NULL;
 }

@@ -18,6 +18,12 @@ struct keyfs_options {
 	char *keystore;                 /* -o keystore=DIR, absolute; malloc'd or NULL */
 	char *apikey_file;              /* -o apikey_file=F, absolute; malloc'd or NULL */
 	char *ca_file;                  /* -o ca_file=F, absolute; malloc'd or NULL */
+	/* The key service's location stated whole (-o kms=...): trusted instead of a record. */
+	char *kms;                      /* -o kms=local|keyprotect; malloc'd or NULL */
+	char *key;                      /* -o key=NAME|ID|CRN */
+	char *endpoint;                 /* -o endpoint=URL */
+	char *instance;                 /* -o instance=GUID */
+	char *iam_endpoint;             /* -o iam_endpoint=URL */
 	int dek_pool;                   /* -o dek_pool=N, 0..DEKPOOL_MAX; -1: the kms's default */
 	int prefetch;                   /* -o prefetch=N, 0..PREFETCH_MAX; -1: the kms's default */
 	int poll;                       /* -o poll=SEC, 1..KS_POLL_MAX: seconds between key state reads */

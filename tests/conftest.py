@@ -58,6 +58,23 @@ def keyfs_binaries():
     return KEYFS, KEYFSCTL
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trust_dir(tmp_path_factory):
+    """Where keyfsctl init and trust record the volumes this host trusts (KEYFS_TRUST_DIR): a
+    private dir per run, so that the suite never writes /etc/keyfs or ~/.config. Every keyfs and
+    keyfsctl the suite starts inherits it; tests of the default locations unset it."""
+    d = str(tmp_path_factory.mktemp("trust"))
+    old = os.environ.get("KEYFS_TRUST_DIR")
+    os.environ["KEYFS_TRUST_DIR"] = d
+    try:
+        yield d
+    finally:
+        if old is None:
+            os.environ.pop("KEYFS_TRUST_DIR", None)
+        else:
+            os.environ["KEYFS_TRUST_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory):
     """The Key Protect emulator's CA and server certificate, made once per run."""

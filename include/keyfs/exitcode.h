@@ -14,6 +14,7 @@ enum keyfs_exit {
 	KEYFS_EXIT_LOCKED = 8,      /* the key is suspended or destroyed: contents unavailable */
 	KEYFS_EXIT_EXISTS = 9,      /* refusing to overwrite: volume or key already exists, dir not empty */
 	KEYFS_EXIT_DENIED = 10,     /* not allowed: the control socket is for root and the mount's owner */
+	KEYFS_EXIT_UNTRUSTED = 11,  /* the host does not trust the key service the volume description names */
 };
 
 #endif

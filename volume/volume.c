@@ -1,0 +1,295 @@
+/* volume.c: open a volume for keyfs and keyfsctl alike: description, host trust, one-mount lock, key service */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "keyfs/exitcode.h"
+#include "keyfs/log.h"
+#include "keyfs/util.h"
+#include "keyfs/volume.h"
+
+/* A value from the backing dir, fit for a terminal: control bytes and backslash as \ooo. */
+#define SHOWN_MAX 1024
+static const char *shown(const char *s, char out[SHOWN_MAX])
+{
+	size_t n = 0;
+
+	if (!s[0])
+		return "(none)";
+	out[n++] = '\'';
+	for (; *s && n + 6 < SHOWN_MAX; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (c < 0x20 || c == 0x7f || c == '\\')
+			n += (size_t)snprintf(out + n, SHOWN_MAX - n, "\\%03o", c);
+		else
+			out[n++] = (char)c;
+	}
+	out[n++] = '\'';
+	out[n] = '\0';
+	return out;
+}
+
+static int read_desc(struct vol *v, const char *arg)
+{
+	char err[256], *text = NULL;
+	size_t len;
+	int r;
+
+	r = util_read_file(v->root_fd, VOLDESC_NAME, VOLDESC_MAX, &text, &len);
+	if (r == -ENOENT) {
+		if (v->flags & VOL_DAEMON)
+			log_err("'%s' is not a keyfs volume (no %s); create one with 'keyfsctl init %s'", arg,
+				VOLDESC_NAME, arg);
+		else
+			log_err("'%s' is not a keyfs volume (no %s): give the backing dir, not the mountpoint", arg,
+				VOLDESC_NAME);
+		return KEYFS_EXIT_CONFIG;
+	}
+	if (r < 0) {
+		log_err("volume description '%s/%s': %s", v->backing, VOLDESC_NAME,
+			r == -EFBIG ? "too large" : r == -EINVAL ? "not a regular file" : strerror(-r));
+		return KEYFS_EXIT_CONFIG;
+	}
+	err[0] = '\0';
+	r = voldesc_parse(text, len, &v->vol, err, sizeof(err));
+	free(text);
+	if (r < 0) {
+		log_err("volume description '%s/%s': %s", v->backing, VOLDESC_NAME, err[0] ? err : strerror(-r));
+		return KEYFS_EXIT_CONFIG;
+	}
+	return 0;
+}
+
+static int copy_path(char *dst, size_t size, const char *src, const char *what)
+{
+	if (!src)
+		return 0;
+	if (strlen(src) >= size) {
+		log_err("%s '%s': path too long", what, src);
+		return KEYFS_EXIT_USAGE;
+	}
+	strcpy(dst, src);
+	return 0;
+}
+
+/* The location stated on the command line, as a record would hold it. Returns 0 or an exit code. */
+static int stated(const struct vol_host *h, const struct voldesc *d, struct voldesc *ret)
+{
+	const char *src[] = { h->kms, h->key, h->endpoint, h->instance, h->iam_endpoint };
+	char *dst[] = { ret->kms, ret->key, ret->endpoint, ret->instance, ret->iam_endpoint };
+	size_t sizes[] = { sizeof(ret->kms), sizeof(ret->key), sizeof(ret->endpoint), sizeof(ret->instance),
+			   sizeof(ret->iam_endpoint) };
+
+	memset(ret, 0, sizeof(*ret));
+	memcpy(ret->volume, d->volume, sizeof(ret->volume));
+	for (size_t i = 0; i < sizeof(src) / sizeof(src[0]); i++) {
+		size_t n = src[i] ? strlen(src[i]) : 0;
+
+		/* URLs as init records them: without trailing slashes. */
+		if (i >= 2 && i != 3)
+			while (n > 0 && src[i][n - 1] == '/')
+				n--;
+		if (n >= sizes[i]) {
+			log_err("mount option value too long: %.64s...", src[i]);
+			return KEYFS_EXIT_USAGE;
+		}
+		if (n)
+			memcpy(dst[i], src[i], n);
+		dst[i][n] = '\0';
+	}
+	return 0;
+}
+
+/* Does the description agree with the host? Returns 0 or KEYFS_EXIT_UNTRUSTED after saying why. */
+static int check_trust(struct vol *v, const struct vol_host *h)
+{
+	char path[PATH_MAX + 64], msg[PATH_MAX + 128], dir[PATH_MAX], a[SHOWN_MAX], b[SHOWN_MAX];
+	struct voldesc trusted;
+	int r;
+
+	if (v->stated) {
+		r = stated(h, &v->vol, &trusted);
+		if (r)
+			return r;
+	} else {
+		r = vol_trust_read(v->vol.volume, &trusted, path, sizeof(path), msg, sizeof(msg));
+		if (r == -ENOENT) {
+			if (vol_trust_dir(dir, sizeof(dir)) < 0)
+				snprintf(dir, sizeof(dir), "the trust dir");
+			log_err("volume '%s' (uuid %s) is not trusted on this host: no record of its key service in %s; "
+				"check the key service its %s names and run 'keyfsctl trust %s' (needed once for a volume made on another host or by a keyfs that did not record trust)%s",
+				v->backing, v->vol.volume, dir, VOLDESC_NAME, v->backing,
+				v->flags & VOL_DAEMON ? ", or state it in mount options (kms=,key=,...; see keyfs(8))" : "");
+			return KEYFS_EXIT_UNTRUSTED;
+		}
+		if (r < 0) {
+			if (msg[0])
+				log_err("%s: refusing to trust it", msg);
+			else
+				log_err("trust record of volume %s ('%s'): %s", v->vol.volume, path, strerror(-r));
+			return KEYFS_EXIT_UNTRUSTED;
+		}
+	}
+	for (size_t i = 0; i < VOL_LOCATION_FIELDS; i++) {
+		const char *name = vol_location_name(i);
+
+		/* The host named these on its command line: the description's value is not used. */
+		if ((strcmp(name, "keystore") == 0 && v->keystore[0]) || (strcmp(name, "ca_file") == 0 && v->ca_file[0]))
+			continue;
+		/* A stated location is checked against the key service's own id once it is open. */
+		if (v->stated && strcmp(name, "key_id") == 0)
+			continue;
+		if (strcmp(vol_location_value(&v->vol, i), vol_location_value(&trusted, i)) == 0)
+			continue;
+		if (v->stated)
+			log_err("volume '%s': its %s says %s %s but the mount options say %s: refusing it before any key service is contacted",
+				v->backing, VOLDESC_NAME, name, shown(vol_location_value(&v->vol, i), a),
+				shown(vol_location_value(&trusted, i), b));
+		else
+			log_err("volume '%s': its %s says %s %s but this host trusts %s (%s): refusing it before any key service is contacted; if the key service really moved, run 'keyfsctl trust %s'",
+				v->backing, VOLDESC_NAME, name, shown(vol_location_value(&v->vol, i), a),
+				shown(vol_location_value(&trusted, i), b), path, v->backing);
+		return KEYFS_EXIT_UNTRUSTED;
+	}
+	return 0;
+}
+
+int vol_open(const char *arg, const struct vol_host *h, unsigned flags, struct vol *ret)
+{
+	static const struct vol_host none;
+	int code;
+
+	memset(ret, 0, sizeof(*ret));
+	ret->root_fd = ret->lock_fd = -1;
+	ret->flags = flags;
+	h = h ? h : &none;
+	ret->stated = h->kms != NULL;
+	code = copy_path(ret->keystore, sizeof(ret->keystore), h->keystore, "keystore");
+	if (!code)
+		code = copy_path(ret->ca_file, sizeof(ret->ca_file), h->ca_file, "CA file");
+	if (!code)
+		code = copy_path(ret->apikey_file, sizeof(ret->apikey_file), h->apikey_file, "API key file");
+	if (code)
+		return code;
+	if (!realpath(arg, ret->backing)) {
+		log_err("backing dir '%s': %s", arg, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	ret->root_fd = open(ret->backing, (flags & VOL_DAEMON ? O_PATH : O_RDONLY) | O_DIRECTORY | O_CLOEXEC);
+	if (ret->root_fd < 0) {
+		if (errno == ENOTDIR)
+			log_err("backing dir '%s' is not a directory", arg);
+		else
+			log_err("backing dir '%s': %s", arg, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	if (fstat(ret->root_fd, &ret->root_st) < 0) {
+		log_err("backing dir '%s': %s", arg, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	code = read_desc(ret, arg);
+	if (code == 0 && !(flags & VOL_SKIP_TRUST))
+		code = check_trust(ret, h);
+	return code;
+}
+
+/*
+ * One daemon per volume: two would each cache keys and rewrite partial chunks of the same
+ * files without knowing of the other, and lose writes. The lock on the volume description
+ * lives as long as the daemon (its fd is inherited when it goes to the background) and goes
+ * with it, a crash included. keyfsctl fsck and rewrap do not take it: they run beside a mount.
+ */
+int vol_lock(struct vol *v)
+{
+	int fd = openat(v->root_fd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+
+	if (fd < 0) {
+		log_err("volume description '%s/%s': %s", v->backing, VOLDESC_NAME, strerror(errno));
+		return KEYFS_EXIT_CONFIG;
+	}
+	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+		int err = errno;
+
+		close(fd);
+		if (err == EWOULDBLOCK) {
+			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t fuse.keyfs'): one mount per volume",
+				v->backing);
+			return KEYFS_EXIT_MOUNT;
+		}
+		log_err("volume description '%s/%s': cannot lock it: %s", v->backing, VOLDESC_NAME, strerror(err));
+		return KEYFS_EXIT_CONFIG;
+	}
+	v->lock_fd = fd;
+	v->locked = true;
+	return 0;
+}
+
+int vol_kms_open(struct vol *v, const char *what)
+{
+	struct voldesc open_as = v->vol;
+	struct kms_config cfg = {
+		.vol = &open_as,
+		.keystore = v->keystore[0] ? v->keystore : NULL,
+		.apikey_file = v->apikey_file[0] ? v->apikey_file : NULL,
+		/* A CA file the host names overrides the trusted one. */
+		.ca_file = v->ca_file[0] ? v->ca_file : v->vol.ca_file[0] ? v->vol.ca_file : NULL,
+	};
+	struct kms_err err = { .msg = "" };
+	char a[SHOWN_MAX];
+	int r, state = -1;
+
+	if (what && strcmp(v->vol.kms, VOLDESC_KMS_KEYPROTECT) == 0 && !cfg.apikey_file) {
+		const char *creds = getenv("CREDENTIALS_DIRECTORY");
+
+		if (!creds || !creds[0]) {
+			log_err("volume '%s' uses Key Protect: give --apikey-file FILE, or set CREDENTIALS_DIRECTORY to a dir holding the API key as 'apikey'",
+				v->backing);
+			return KEYFS_EXIT_KMS;
+		}
+	}
+	/* A stated location names no key id: the backend finds the key's own. */
+	if (v->stated)
+		open_as.key_id[0] = '\0';
+	r = kms_open(&cfg, &v->kms, &err);
+	if (r < 0) {
+		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+	if (v->stated && strcmp(kms_key_id(v->kms), v->vol.key_id) != 0) {
+		log_err("volume '%s': its %s says key_id %s but key '%s' of the key service the mount options state has id '%s': refusing it",
+			v->backing, VOLDESC_NAME, shown(v->vol.key_id, a), v->vol.key, kms_key_id(v->kms));
+		return KEYFS_EXIT_UNTRUSTED;
+	}
+	r = kms_key_state(v->kms, &state, &err);
+	if (r == -EKEYREVOKED) {
+		state = KMS_STATE_DESTROYED;
+	} else if (r == -ENOKEY) {
+		log_err("key '%s' is not usable: %s%s", v->vol.key, err.msg[0] ? err.msg : strerror(-r),
+			what ? "" : ": contents are unavailable");
+		return KEYFS_EXIT_LOCKED;
+	} else if (r < 0) {
+		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+	v->key_state = state;
+	return 0;
+}
+
+void vol_close(struct vol *v)
+{
+	kms_free(v->kms);
+	v->kms = NULL;
+	if (v->locked && v->lock_fd >= 0)
+		close(v->lock_fd);
+	v->lock_fd = -1;
+	v->locked = false;
+	if (v->root_fd >= 0)
+		close(v->root_fd);
+	v->root_fd = -1;
+}
