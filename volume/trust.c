@@ -20,10 +20,11 @@ struct loc_field {
 };
 
 #define LOC(n, k) { #n, offsetof(struct voldesc, n), k }
+/* Where secrets would go first: a refusal names the first field that disagrees. */
 static const struct loc_field loc_fields[VOL_LOCATION_FIELDS] = {
-	LOC(kms, NULL), LOC(key, NULL), LOC(key_id, NULL), LOC(keystore, VOLDESC_KMS_LOCAL),
-	LOC(endpoint, VOLDESC_KMS_KEYPROTECT), LOC(instance, VOLDESC_KMS_KEYPROTECT),
+	LOC(kms, NULL), LOC(keystore, VOLDESC_KMS_LOCAL), LOC(endpoint, VOLDESC_KMS_KEYPROTECT),
 	LOC(iam_endpoint, VOLDESC_KMS_KEYPROTECT), LOC(ca_file, VOLDESC_KMS_KEYPROTECT),
+	LOC(instance, VOLDESC_KMS_KEYPROTECT), LOC(key, NULL), LOC(key_id, NULL),
 };
 
 const char *vol_location_name(size_t i)
@@ -170,7 +171,7 @@ out:
 	return r;
 }
 
-/* mkdir -p: missing components made with mode. */
+/* mkdir -p: the leaf made with mode, missing parents 0700 (/etc/keyfs also holds API keys). */
 static int mkdirs(const char *path, unsigned mode)
 {
 	char buf[PATH_MAX];
@@ -181,7 +182,7 @@ static int mkdirs(const char *path, unsigned mode)
 		if (*p != '/')
 			continue;
 		*p = '\0';
-		if (mkdir(buf, mode) < 0 && errno != EEXIST)
+		if (mkdir(buf, 0700) < 0 && errno != EEXIST)
 			return -errno;
 		*p = '/';
 	}
