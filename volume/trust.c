@@ -85,6 +85,19 @@ int vol_trust_dir(char *buf, size_t size)
 	return join(buf, size, base, "/.config/keyfs/volumes");
 }
 
+/* Why there is no trust dir, for msg. Returns r. */
+static int dir_error(int r, char *msg, size_t msg_size)
+{
+	if (r == -EINVAL)
+		snprintf(msg, msg_size, "%s must be an absolute path", VOL_TRUST_DIR_ENV);
+	else if (r == -ENOENT)
+		snprintf(msg, msg_size, "no home dir to keep trust records in: set XDG_CONFIG_HOME or %s",
+			 VOL_TRUST_DIR_ENV);
+	else
+		snprintf(msg, msg_size, "trust dir: %s", strerror(-r));
+	return r;
+}
+
 /* A record is the host's word only when nobody but the host's admin or this user can change it. */
 static int check_owner(const char *what, const char *path, const struct stat *st, char *msg, size_t msg_size)
 {
@@ -130,14 +143,14 @@ int vol_trust_read(const char *uuid, struct voldesc *ret, char *path, size_t pat
 	size_t len;
 	int dfd, r;
 
-	msg[0] = '\0';
+	msg[0] = path[0] = '\0';
 	if (!vol_uuid_valid(uuid))
 		return -EINVAL;
 	r = vol_trust_dir(dir, sizeof(dir));
 	if (r == 0)
 		r = snprintf(path, path_size, "%s/%s", dir, uuid) >= (int)path_size ? -ENAMETOOLONG : 0;
 	if (r < 0)
-		return r;
+		return dir_error(r, msg, msg_size);
 	dfd = open_dir(dir, msg, msg_size);
 	if (dfd < 0)
 		return dfd;
@@ -197,14 +210,14 @@ int vol_trust_write(const struct voldesc *d, char *path, size_t path_size, char 
 	bool root = geteuid() == 0;
 	int dfd, n, m, r;
 
-	msg[0] = '\0';
+	msg[0] = path[0] = '\0';
 	if (!vol_uuid_valid(d->volume))
 		return -EINVAL;
 	r = vol_trust_dir(dir, sizeof(dir));
 	if (r == 0)
 		r = snprintf(path, path_size, "%s/%s", dir, d->volume) >= (int)path_size ? -ENAMETOOLONG : 0;
 	if (r < 0)
-		return r;
+		return dir_error(r, msg, msg_size);
 	/* Records hold no secret: root's are world-readable, a user's are the user's alone. */
 	r = mkdirs(dir, root ? 0755 : 0700);
 	if (r < 0)
@@ -230,6 +243,7 @@ int vol_trust_forget(const char *uuid, char *path, size_t path_size)
 	char dir[PATH_MAX];
 	int r;
 
+	path[0] = '\0';
 	if (!vol_uuid_valid(uuid))
 		return -EINVAL;
 	r = vol_trust_dir(dir, sizeof(dir));

@@ -119,7 +119,7 @@ static int check_trust(struct vol *v, const struct vol_host *h)
 			return r;
 	} else {
 		r = vol_trust_read(v->vol.volume, &trusted, path, sizeof(path), msg, sizeof(msg));
-		if (r == -ENOENT) {
+		if (r == -ENOENT && !msg[0]) {
 			if (vol_trust_dir(dir, sizeof(dir)) < 0)
 				snprintf(dir, sizeof(dir), "the trust dir");
 			log_err("volume '%s' (uuid %s) is not trusted on this host: no record of its key service in %s; "
