@@ -46,6 +46,8 @@ static int key_show(const char *dir, const char *name)
 	       "path: %s\n",
 	       info.name, info.id, kms_state_name(info.state), info.state, info.version, info.created,
 	       info.updated, info.path);
+	if (info.note[0])
+		printf("note: %s; finish with 'keyfsctl key destroy %s'\n", info.note, name);
 	return KEYFS_EXIT_OK;
 }
 
@@ -58,6 +60,11 @@ static int key_set_state(const char *dir, const char *name, int state)
 	if (r == 0 && info.state == state) {
 		printf("key '%s' (id %s) is already %s\n", name, info.id, kms_state_name(state));
 		return KEYFS_EXIT_OK;
+	}
+	if (r == 0 && info.note[0]) {
+		log_err("key '%s': %s: it cannot be %s; finish the destroy with 'keyfsctl key destroy %s'", name,
+			info.note, state == KMS_STATE_ACTIVE ? "enabled" : "suspended", name);
+		return KEYFS_EXIT_LOCKED;
 	}
 	if (r == 0)
 		r = keystore_set_state(dir, name, state);
@@ -108,7 +115,7 @@ static int key_destroy(const char *dir, const char *name)
 	int r;
 
 	r = keystore_show(dir, name, &info);
-	if (r == 0 && info.state == KMS_STATE_DESTROYED) {
+	if (r == 0 && info.state == KMS_STATE_DESTROYED && !info.note[0]) {
 		log_err("key '%s' (id %s) in keystore '%s' was already destroyed on %s", name, info.id, dir, info.updated);
 		return KEYFS_EXIT_LOCKED;
 	}
@@ -116,10 +123,15 @@ static int key_destroy(const char *dir, const char *name)
 		r = keystore_destroy(dir, name);
 	if (r < 0)
 		return cli_keystore_error(r, dir, name);
-	printf("destroyed key '%s' (id %s): its material was overwritten and removed; data it protected can no longer be decrypted\n"
+	/* Say what was done, and no more: copies outside the keystore's files are out of reach. */
+	printf("destroyed key '%s' (id %s): the only copy of its material (%u version%s) was overwritten in place with random bytes, flushed to disk and removed\n",
+	       name, info.id, info.version, info.version == 1 ? "" : "s");
+	if (info.format == 1)
+		printf("note: this key file was in the layout of an earlier keyfs, which rewrote it on every suspend, enable and rotate: copies of the material may remain in disk blocks those rewrites freed\n");
+	printf("data it protected can no longer be decrypted, unless a copy survives outside this keystore's files: backups, snapshots, copy-on-write filesystems, flash wear levelling (see keyfsctl(8))\n"
 	       "mounts using it lock at their next key poll\n"
 	       "tombstone left at '%s': the name '%s' cannot be reused\n",
-	       name, info.id, info.path, name);
+	       info.path, name);
 	return KEYFS_EXIT_OK;
 }
 

@@ -2,8 +2,10 @@
 #ifndef KEYFS_KEYSTORE_PRIV_H
 #define KEYFS_KEYSTORE_PRIV_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 
 #include "keyfs/keystore.h"
 
@@ -11,12 +13,16 @@
 struct keystore_material {
 	unsigned version;               /* 0 when the wanted version is not in the key file */
 	uint8_t key[KEYSTORE_MATERIAL_SIZE];
+	struct stat st;                 /* of the file the material came from, taken before reading */
+	char path[PATH_MAX];            /* that file */
 };
 
 /*
  * Read key name from dir under a shared lock: its public facts into ret_info and, when mat is
- * non-NULL, the material of version want (0: the newest) into mat. A tombstone or a key file
- * without that version succeeds with mat->version = 0: the caller decides from ret_info->state.
+ * non-NULL, the material of version want (0: the newest) into mat. Every version's material
+ * file is checked either way. A tombstone or a key file without that version succeeds
+ * with mat->version = 0: the caller decides from ret_info->state. A material file missing or
+ * damaged also succeeds, with ret_info->state destroyed, ret_info->note and err saying why.
  * Returns 0 or -errno with a one-line message in err:
  *   -ENOENT no keystore dir or no key file   -EACCES not readable   -EPERM unsafe owner or mode
  *   -ENOTDIR keystore is not a dir            -EUCLEAN damaged key file

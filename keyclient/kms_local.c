@@ -46,9 +46,10 @@ struct kms_local {
 	char path[PATH_MAX + KEYSTORE_NAME_MAX + 8];    /* the key file */
 
 	/*
-	 * The newest version's material, kept while the key file is unchanged: re-reading and
-	 * parsing it cost 0.7 ms a call, which bounded file creation. keyfsctl replaces key files
-	 * by rename, so a suspend, destroy or new version changes the inode or ctime and the next
+	 * The newest version's material, kept while the state file and the material file are
+	 * unchanged: re-reading and parsing them cost 0.7 ms a call, which bounded file creation.
+	 * keyfsctl replaces state files by rename, so a suspend, destroy or new version changes
+	 * the inode or ctime, and a material file overwritten in place changes its mtime: the next
 	 * call reloads. lock guards everything below; it is held across one AEAD of 32 bytes, and
 	 * across the reload itself (a local file read), never across anything slower.
 	 */
@@ -109,6 +110,9 @@ static int map_keystore_error(int r)
  * Read the key file afresh: a suspend or destroy by keyfsctl takes effect at the next call,
  * and material stays in memory no longer than one call. A key file whose id is not the
  * volume's means the volume's key is gone and the name was reused: -EKEYREVOKED.
+ * A state file that exists but does not parse (zeroed, garbage: a shred without -u) is a
+ * destroyed key, as a damaged material file is (keystore_load says so in info): no outage, so
+ * no grace. Only trouble reading the keystore (permissions, I/O) is an error.
  */
 static int local_load(const struct kms_local *kl, unsigned want, struct keystore_info *info,
 		      struct keystore_material *mat, struct kms_err *err)
@@ -116,6 +120,19 @@ static int local_load(const struct kms_local *kl, unsigned want, struct keystore
 	int r;
 
 	r = keystore_load(kl->dir, kl->name, want, info, mat, err->msg, sizeof(err->msg));
+	if (r == -EUCLEAN) {
+		memset(info, 0, sizeof(*info));
+		snprintf(info->name, sizeof(info->name), "%s", kl->name);
+		snprintf(info->id, sizeof(info->id), "%s", kl->id);
+		info->state = KMS_STATE_DESTROYED;
+		snprintf(info->note, sizeof(info->note), "%s: the key counts as destroyed", err->msg);
+		kms_err_set(err, "%s", info->note);
+		if (mat) {
+			sodium_memzero(mat->key, sizeof(mat->key));
+			mat->version = 0;
+		}
+		return 0;
+	}
 	if (r < 0)
 		return map_keystore_error(r);
 	if (strcmp(info->id, kl->id) != 0) {
@@ -130,8 +147,10 @@ static int local_load(const struct kms_local *kl, unsigned want, struct keystore
 	return 0;
 }
 
-static int state_error(const struct kms_local *kl, int state, bool wrap, struct kms_err *err)
+static int state_error(const struct kms_local *kl, const struct keystore_info *info, bool wrap, struct kms_err *err)
 {
+	int state = info->state;
+
 	switch (state) {
 	case KMS_STATE_ACTIVE:
 		return 0;
@@ -142,7 +161,10 @@ static int state_error(const struct kms_local *kl, int state, bool wrap, struct 
 			    kl->name, kl->dir);
 		return -EKEYEXPIRED;
 	case KMS_STATE_DESTROYED:
-		kms_err_set(err, "key '%s' in keystore '%s' is destroyed", kl->name, kl->dir);
+		if (info->note[0])
+			kms_err_set(err, "key '%s' in keystore '%s': %s", kl->name, kl->dir, info->note);
+		else
+			kms_err_set(err, "key '%s' in keystore '%s' is destroyed", kl->name, kl->dir);
 		return -EKEYREVOKED;
 	default:
 		kms_err_set(err, "key '%s' in keystore '%s' is %s: enable it with 'keyfsctl key enable %s --keystore %s'",
@@ -159,12 +181,14 @@ static int local_acquire(struct kms_local *kl, unsigned want, bool wrap, const s
 			 struct kms_err *err)
 {
 	struct keystore_info info;
-	struct stat st;
+	struct stat st, mst;
 	bool have_st = stat(kl->path, &st) == 0;
 	int r;
 
 	pthread_mutex_lock(&kl->lock);
-	if (!(have_st && kl->cached && same_file(&st, &kl->st) && (want == 0 || want == kl->mat->version))) {
+	/* The material file's stat too: a shred in place leaves the state file as it was. */
+	if (!(have_st && kl->cached && same_file(&st, &kl->st) && (want == 0 || want == kl->mat->version) &&
+	      stat(kl->mat->path, &mst) == 0 && same_file(&mst, &kl->mat->st))) {
 		/* The stat comes first: a change racing with the reload makes the next call reload. */
 		kl->cached = false;
 		r = local_load(kl, want, &info, kl->mat, err);
@@ -174,7 +198,7 @@ static int local_acquire(struct kms_local *kl, unsigned want, bool wrap, const s
 		kl->st = st;
 		kl->cached = have_st && want == 0;
 	}
-	r = state_error(kl, kl->info.state, wrap, err);
+	r = state_error(kl, &kl->info, wrap, err);
 	if (r < 0)
 		goto fail;
 	if (kl->mat->version == 0 || (want && kl->mat->version != want)) {
@@ -408,6 +432,10 @@ int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, s
 		goto fail;
 	}
 	r = keystore_load(kl->dir, kl->name, 0, &info, NULL, err->msg, sizeof(err->msg));
+	/* A damaged key file of a volume that names its key id: open, and let the key state say
+	 * destroyed (the mount comes up locked). */
+	if (r == -EUCLEAN && vol->key_id[0])
+		r = 0;
 	if (r < 0) {
 		r = map_keystore_error(r);
 		goto fail;
