@@ -16,6 +16,7 @@
 #include "keyfs/keystore.h"
 #include "keyfs/kms.h"
 #include "keyfs/log.h"
+#include "keyfs/secmem.h"
 #include "cli.h"
 
 static int cmd_help(int argc, char **argv);
@@ -329,6 +330,13 @@ int main(int argc, char **argv)
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	setrlimit(RLIMIT_CORE, &no_core);
 	log_init("keyfsctl", LOG_LEVEL_INFO);
+	/* Before libcurl, OpenSSL or cJSON is used: their heaps wipe on free. Memory is locked
+	 * where the limits allow every page to be (a short-lived command: no message otherwise). */
+	if (secmem_init() < 0) {
+		log_err("libcurl cannot be initialised");
+		return KEYFS_EXIT_FAILURE;
+	}
+	secmem_lock_all();
 	if (argc < 2) {
 		log_err("no command given");
 		print_help(stderr);

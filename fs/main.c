@@ -22,12 +22,14 @@
 #include "keyfs-config.h"
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
+#include "keyfs/secmem.h"
 #include "keyfs/util.h"
 #include "keyfs/volume.h"
 
 #include "ctlsock.h"
 #include "dekpool.h"
 #include "keystate.h"
+#include "loop.h"
 #include "notify.h"
 #include "fs.h"
 #include "options.h"
@@ -372,7 +374,6 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	char arg0[] = "keyfs", arg_o[] = "-o", arg_d[] = "-d";
 	char *argv[] = { arg0, arg_o, optstr, o->debug ? arg_d : NULL, NULL };
 	struct fuse_args args = FUSE_ARGS_INIT(o->debug ? 4 : 3, argv);
-	struct fuse_loop_config *cfg;
 	struct fuse_session *se;
 	int r, code = KEYFS_EXIT_OK;
 
@@ -411,20 +412,11 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	control_start(fs, fs->ks, &fs->control);
 	notify_send("READY=1\nSTATUS=%s: key %s", keystate_locked(fs->ks) ? "locked" : "unlocked", fs->vol.key);
 
-	cfg = fuse_loop_cfg_create();
-	if (!cfg) {
-		log_err("out of memory");
+	/* Our loop, not fuse_session_loop_mt: its receive buffers are wiped after each request. */
+	r = loop_run(se, &(struct loop_config){ .max_threads = 10, .max_idle = 10 });
+	if (r < 0) {
+		log_err("fuse session: %s", strerror(-r));
 		code = KEYFS_EXIT_FAILURE;
-	} else {
-		fuse_loop_cfg_set_clone_fd(cfg, 1);
-		fuse_loop_cfg_set_idle_threads(cfg, 10);
-		r = fuse_session_loop_mt(se, cfg);
-		fuse_loop_cfg_destroy(cfg);
-		/* 0 after an unmount, a signal number after SIGTERM/SIGINT/SIGHUP: both are clean. */
-		if (r < 0) {
-			log_err("fuse session: %s", strerror(-r));
-			code = KEYFS_EXIT_FAILURE;
-		}
 	}
 	notify_send("STOPPING=1");
 	/* Unmount first: a lock under way then finds no kernel to wait for, and ends. */
@@ -441,6 +433,23 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	fs->se = NULL;
 	log_info("'%s' unmounted", fs->mountpoint);
 	return code;
+}
+
+/* Keys, tokens and plaintext never reach swap where the limits let every page stay locked. */
+static void lock_memory(void)
+{
+	struct rlimit rl;
+	int r = secmem_lock_all();
+
+	if (r > 0)
+		return;
+	if (r < 0) {
+		log_warn("memory not locked: %s: secrets may reach swap", strerror(-r));
+		return;
+	}
+	getrlimit(RLIMIT_MEMLOCK, &rl);
+	log_info("memory not locked (RLIMIT_MEMLOCK is %llu KiB, not infinity): secrets may reach swap; run with LimitMEMLOCK=infinity (keyfs@.service does) or ulimit -l unlimited, or encrypt swap",
+		 (unsigned long long)rl.rlim_cur / 1024);
 }
 
 static int run(struct keyfs *fs, const struct keyfs_options *o)
@@ -495,6 +504,7 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 
 	if (!o->foreground)
 		report_fd = daemon_fork();
+	lock_memory();                  /* after the fork: memory locks are not inherited */
 	code = open_kms(fs, &v);
 	if (code == 0 && keystate_new(fs, (unsigned)o->poll, (unsigned)o->grace, fs->initial_key_state, &fs->ks) < 0)
 		code = KEYFS_EXIT_FAILURE;
@@ -534,6 +544,11 @@ int main(int argc, char *argv[])
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	setrlimit(RLIMIT_CORE, &no_core);
 	log_init("keyfs", LOG_LEVEL_INFO);
+	/* Before any thread and any use of libcurl, OpenSSL or cJSON: their heaps wipe on free. */
+	if (secmem_init() < 0) {
+		log_err("libcurl cannot be initialised");
+		return KEYFS_EXIT_FAILURE;
+	}
 	if (sodium_init() < 0) {
 		log_err("libsodium cannot be initialised");
 		return KEYFS_EXIT_FAILURE;

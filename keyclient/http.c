@@ -11,6 +11,7 @@
 #include <curl/curl.h>
 #include <sodium.h>
 
+#include "keyfs/secmem.h"
 #include "http.h"
 
 /*
@@ -21,8 +22,20 @@
 #define POOL_IDLE_MAX   8
 #define HEADER_LINE_MAX 256
 
+/*
+ * The TLS session cache and DNS cache every handle of one generation shares. http_forget
+ * starts a new generation; the old share is cleaned up (its TLS sessions freed, and wiped by
+ * secmem's allocator) when the last handle attached to it is closed.
+ */
+struct http_share {
+	CURLSH *sh;
+	pthread_mutex_t locks[CURL_LOCK_DATA_LAST];
+	unsigned refs;                  /* under http.pool_lock: the struct http and each handle */
+};
+
 struct http_conn {
 	struct http *owner;
+	struct http_share *share;       /* the generation this handle was made in */
 	CURL *curl;
 	char *body;                     /* sodium_malloc, body_max + 1 bytes */
 	size_t len;
@@ -41,45 +54,76 @@ struct http {
 	long connect_timeout_ms;
 	long timeout_ms;
 	size_t body_max;
-	CURLSH *share;
-	pthread_mutex_t share_locks[CURL_LOCK_DATA_LAST];
+	struct http_share *share;       /* pool_lock: the current generation */
 	pthread_mutex_t pool_lock;
 	struct http_conn *idle[POOL_IDLE_MAX];
 	size_t nidle;
 	atomic_bool cancelled;
 };
 
-static pthread_once_t global_once = PTHREAD_ONCE_INIT;
-static int global_result;
-
-static void global_init_once(void)
-{
-	global_result = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -EIO;
-}
-
+/* libcurl is initialised by secmem, with its wiping allocator. */
 int http_global_init(void)
 {
-	pthread_once(&global_once, global_init_once);
-	return global_result;
+	return secmem_init();
 }
 
 static void share_lock(CURL *handle, curl_lock_data data, curl_lock_access access, void *userp)
 {
-	struct http *h = userp;
+	struct http_share *s = userp;
 
 	(void)handle;
 	(void)access;
 	if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST)
-		pthread_mutex_lock(&h->share_locks[data]);
+		pthread_mutex_lock(&s->locks[data]);
 }
 
 static void share_unlock(CURL *handle, curl_lock_data data, void *userp)
 {
-	struct http *h = userp;
+	struct http_share *s = userp;
 
 	(void)handle;
 	if ((int)data >= 0 && data < CURL_LOCK_DATA_LAST)
-		pthread_mutex_unlock(&h->share_locks[data]);
+		pthread_mutex_unlock(&s->locks[data]);
+}
+
+static void share_free(struct http_share *s)
+{
+	if (!s)
+		return;
+	/* No handle uses it any more: the cleanup frees every cached TLS session. */
+	if (s->sh)
+		curl_share_cleanup(s->sh);
+	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
+		pthread_mutex_destroy(&s->locks[i]);
+	free(s);
+}
+
+static struct http_share *share_new(void)
+{
+	struct http_share *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return NULL;
+	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
+		pthread_mutex_init(&s->locks[i], NULL);
+	s->refs = 1;
+	s->sh = curl_share_init();
+	if (!s->sh ||
+	    curl_share_setopt(s->sh, CURLSHOPT_LOCKFUNC, share_lock) != CURLSHE_OK ||
+	    curl_share_setopt(s->sh, CURLSHOPT_UNLOCKFUNC, share_unlock) != CURLSHE_OK ||
+	    curl_share_setopt(s->sh, CURLSHOPT_USERDATA, s) != CURLSHE_OK ||
+	    curl_share_setopt(s->sh, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK ||
+	    curl_share_setopt(s->sh, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK) {
+		share_free(s);
+		return NULL;
+	}
+	return s;
+}
+
+/* Drop one reference; the caller holds pool_lock. Returns the share to free, if it was the last. */
+static struct http_share *share_unref(struct http_share *s)
+{
+	return s && --s->refs == 0 ? s : NULL;
 }
 
 int http_new(const struct http_settings *s, struct http **ret)
@@ -102,16 +146,9 @@ int http_new(const struct http_settings *s, struct http **ret)
 		free(h);
 		return -ENOMEM;
 	}
-	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
-		pthread_mutex_init(&h->share_locks[i], NULL);
 	pthread_mutex_init(&h->pool_lock, NULL);
-	h->share = curl_share_init();
-	if (!h->share ||
-	    curl_share_setopt(h->share, CURLSHOPT_LOCKFUNC, share_lock) != CURLSHE_OK ||
-	    curl_share_setopt(h->share, CURLSHOPT_UNLOCKFUNC, share_unlock) != CURLSHE_OK ||
-	    curl_share_setopt(h->share, CURLSHOPT_USERDATA, h) != CURLSHE_OK ||
-	    curl_share_setopt(h->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK ||
-	    curl_share_setopt(h->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK) {
+	h->share = share_new();
+	if (!h->share) {
 		http_free(h);
 		return -ENOMEM;
 	}
@@ -119,6 +156,8 @@ int http_new(const struct http_settings *s, struct http **ret)
 	return 0;
 }
 
+/* Close the handle (its connection, TLS state and buffers: wiped by secmem's free). The
+ * caller drops the handle's share reference. */
 static void conn_free(struct http_conn *c)
 {
 	if (!c)
@@ -140,13 +179,14 @@ void http_free(struct http *h)
 {
 	if (!h)
 		return;
-	for (size_t i = 0; i < h->nidle; i++)
+	for (size_t i = 0; i < h->nidle; i++) {
+		struct http_share *s = h->idle[i]->share;
+
 		conn_free(h->idle[i]);
+		share_free(share_unref(s));
+	}
 	/* Every handle is gone, so the share is no longer in use. */
-	if (h->share)
-		curl_share_cleanup(h->share);
-	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
-		pthread_mutex_destroy(&h->share_locks[i]);
+	share_free(share_unref(h->share));
 	pthread_mutex_destroy(&h->pool_lock);
 	free(h->ca_file);
 	free(h->user_agent);
@@ -169,12 +209,16 @@ int http_conn_get(struct http *h, struct http_conn **ret)
 	if (!c)
 		return -ENOMEM;
 	c->owner = h;
+	pthread_mutex_lock(&h->pool_lock);
+	c->share = h->share;
+	c->share->refs++;
+	pthread_mutex_unlock(&h->pool_lock);
 	c->body_max = h->body_max;
 	c->curl = curl_easy_init();
 	c->body = sodium_malloc(c->body_max + 1);
 	c->scratch = sodium_malloc(HTTP_SCRATCH_SIZE);
 	if (!c->curl || !c->body || !c->scratch) {
-		conn_free(c);
+		http_conn_put(h, c);
 		return -ENOMEM;
 	}
 	c->body[0] = '\0';
@@ -184,18 +228,52 @@ int http_conn_get(struct http *h, struct http_conn **ret)
 
 void http_conn_put(struct http *h, struct http_conn *c)
 {
+	struct http_share *gone = NULL;
+
 	if (!c)
 		return;
-	sodium_memzero(c->body, c->len + 1 <= c->body_max + 1 ? c->len + 1 : c->body_max + 1);
+	if (c->body)
+		sodium_memzero(c->body, c->len + 1 <= c->body_max + 1 ? c->len + 1 : c->body_max + 1);
 	c->len = 0;
-	sodium_memzero(c->scratch, HTTP_SCRATCH_SIZE);
+	if (c->scratch)
+		sodium_memzero(c->scratch, HTTP_SCRATCH_SIZE);
 	pthread_mutex_lock(&h->pool_lock);
-	if (h->nidle < POOL_IDLE_MAX) {
+	/* A handle of an older generation (http_forget ran while it was out) is closed. */
+	if (c->curl && c->body && c->scratch && c->share == h->share && h->nidle < POOL_IDLE_MAX) {
 		h->idle[h->nidle++] = c;
 		c = NULL;
+	} else {
+		gone = share_unref(c->share);
 	}
 	pthread_mutex_unlock(&h->pool_lock);
 	conn_free(c);
+	share_free(gone);
+}
+
+void http_forget(struct http *h)
+{
+	struct http_conn *idle[POOL_IDLE_MAX];
+	struct http_share *fresh = share_new(), *old[POOL_IDLE_MAX + 1];
+	size_t n, nold = 0;
+
+	pthread_mutex_lock(&h->pool_lock);
+	n = h->nidle;
+	memcpy(idle, h->idle, n * sizeof(idle[0]));
+	h->nidle = 0;
+	for (size_t i = 0; i < n; i++)
+		if ((old[nold] = share_unref(idle[i]->share)))
+			nold++;
+	/* Without memory for a new share the old one stays: its sessions go with the next forget. */
+	if (fresh) {
+		if ((old[nold] = share_unref(h->share)))
+			nold++;
+		h->share = fresh;
+	}
+	pthread_mutex_unlock(&h->pool_lock);
+	for (size_t i = 0; i < n; i++)
+		conn_free(idle[i]);
+	for (size_t i = 0; i < nold; i++)
+		share_free(old[i]);
 }
 
 char *http_conn_scratch(struct http_conn *c)
@@ -359,7 +437,7 @@ static int setup(struct http *h, struct http_conn *c, const struct http_request 
 	SET(CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
 	if (h->ca_file)
 		SET(CURLOPT_CAINFO, h->ca_file);
-	SET(CURLOPT_SHARE, h->share);
+	SET(CURLOPT_SHARE, c->share->sh);
 	SET(CURLOPT_USERAGENT, h->user_agent);
 	SET(CURLOPT_HTTPHEADER, hdrs);
 	SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)h->body_max);
@@ -372,6 +450,9 @@ static int setup(struct http *h, struct http_conn *c, const struct http_request 
 	SET(CURLOPT_XFERINFOFUNCTION, on_progress);
 	SET(CURLOPT_XFERINFODATA, c);
 	SET(CURLOPT_TCP_KEEPALIVE, 1L);
+	/* HTTP/1.1 only: an HTTP/2 library (nghttp2) would keep header tables, the authorization
+	 * line included, in memory that secmem's allocator does not reach. */
+	SET(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
 	/* https_proxy/no_proxy from the environment are honoured (sites that reach IBM Cloud only
 	 * through a proxy): the peer is verified end to end, so a proxy sees only TLS. */
 	if (strcmp(rq->method, "POST") == 0) {

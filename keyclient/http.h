@@ -65,6 +65,10 @@ struct http_response {
 int http_perform(struct http_conn *c, const struct http_request *rq, struct http_response *ret,
 		 char why[HTTP_WHY_MAX]);
 
+/* Close every idle connection and the TLS session cache (new connections start a new one);
+ * a connection in use is closed when it is given back. Safe while other threads make calls. */
+void http_forget(struct http *h);
+
 /* From now on every transfer of h, those under way included, ends at once with -ECANCELED.
  * For a daemon shutting down: nothing waits out a timeout for an answer nobody needs. */
 void http_cancel(struct http *h);

@@ -74,8 +74,8 @@ struct kp {
 	char instance[64];
 	char key_id[FMT_KEY_ID_MAX + 1];
 	char instance_header[96];
-	char *apikey;                   /* sodium_malloc */
-	size_t apikey_len;
+	char apikey_path[PATH_MAX];     /* absolute: read at each token fetch, never kept in memory */
+	bool apikey_credential;         /* the path is $CREDENTIALS_DIRECTORY/apikey */
 	struct kp_tunables tun;
 	struct http *http;
 
@@ -91,6 +91,10 @@ struct kp {
 	time_t tok_use_until;           /* wall clock: expiration - KP_TOKEN_MARGIN */
 	int tok_fail;                   /* errno of the last fetch, 0 when it worked */
 	char tok_fail_msg[KMS_ERR_MAX];
+	/* After kms_forget (a lock) no token is cached and no connection is kept, until a wrap or
+	 * unwrap begun after the forget succeeds: keyfs makes those only while unlocked. */
+	bool tok_nocache;
+	uint64_t forget_gen;            /* bumped by each forget */
 };
 
 /* One logical call: one correlation id across its retries and its token fetch. */
@@ -101,52 +105,14 @@ struct kp_call {
 	char cid[37];
 	unsigned attempts;
 	uint64_t token_gen;
+	uint64_t forget_gen;            /* kp->forget_gen when the call began */
+	bool nocache;                   /* kp->tok_nocache when the call began */
 };
 
 struct kp_detail {
 	char code[KP_CODE_MAX + 1];
 	char msg[KP_DETAIL_MAX + 1];
 };
-
-/* ---- cJSON memory: every buffer cJSON frees is wiped first (bodies carry DEKs and tokens) ---- */
-
-#define HOOK_HDR 16
-
-static void *wipe_malloc(size_t n)
-{
-	unsigned char *p;
-
-	if (n > SIZE_MAX - HOOK_HDR)
-		return NULL;
-	p = malloc(n + HOOK_HDR);
-	if (!p)
-		return NULL;
-	memcpy(p, &n, sizeof(n));
-	return p + HOOK_HDR;
-}
-
-static void wipe_free(void *q)
-{
-	unsigned char *p;
-	size_t n;
-
-	if (!q)
-		return;
-	p = (unsigned char *)q - HOOK_HDR;
-	memcpy(&n, p, sizeof(n));
-	sodium_memzero(q, n);
-	free(p);
-}
-
-static pthread_once_t kp_once = PTHREAD_ONCE_INIT;
-
-static void kp_global_init(void)
-{
-	cJSON_Hooks hooks = { .malloc_fn = wipe_malloc, .free_fn = wipe_free };
-
-	/* keyclient/ is the only cJSON user in keyfs (DESIGN.md, layers), so the hooks are ours. */
-	cJSON_InitHooks(&hooks);
-}
 
 /* ---- small helpers ---- */
 
@@ -243,20 +209,22 @@ static time_t mono_now(void)
 	return ts.tv_sec;
 }
 
-/* Copy service text for a message: printable ASCII only, bounded, and never the API key. */
-static void detail_copy(const struct kp *kp, char *out, size_t size, const char *in)
+/* Copy service text for a message: printable ASCII only, bounded, and never the API key
+ * (given while it is in memory, for an IAM answer). */
+static void detail_copy(const char *apikey, size_t apikey_len, char *out, size_t size, const char *in)
 {
 	size_t j = 0;
 
 	for (size_t i = 0; in[i] && j + 1 < size; i++)
 		out[j++] = (in[i] >= 0x20 && in[i] < 0x7f) ? in[i] : '?';
 	out[j] = '\0';
-	if (kp->apikey_len > 0 && memmem(out, j, kp->apikey, kp->apikey_len))
+	if (apikey_len > 0 && memmem(out, j, apikey, apikey_len))
 		snprintf(out, size, "(details withheld: they quote the API key)");
 }
 
 /* Pull a reason code and message out of a KMS error collection or an IAM error object. */
-static void error_detail(const struct kp *kp, const struct http_response *resp, struct kp_detail *d)
+static void error_detail(const char *apikey, size_t apikey_len, const struct http_response *resp,
+			 struct kp_detail *d)
 {
 	const cJSON *res, *reasons, *v;
 	cJSON *root;
@@ -272,7 +240,7 @@ static void error_detail(const struct kp *kp, const struct http_response *resp, 
 
 		v = cJSON_GetObjectItemCaseSensitive(r0, "errorMsg");
 		if (cJSON_IsString(v))
-			detail_copy(kp, d->msg, sizeof(d->msg), v->valuestring);
+			detail_copy(apikey, apikey_len, d->msg, sizeof(d->msg), v->valuestring);
 		reasons = cJSON_GetObjectItemCaseSensitive(r0, "reasons");
 		if (cJSON_IsArray(reasons) && cJSON_IsObject(reasons->child)) {
 			v = cJSON_GetObjectItemCaseSensitive(reasons->child, "code");
@@ -287,7 +255,7 @@ static void error_detail(const struct kp *kp, const struct http_response *resp, 
 		if (!cJSON_IsString(v))
 			v = cJSON_GetObjectItemCaseSensitive(root, "message");
 		if (cJSON_IsString(v))
-			detail_copy(kp, d->msg, sizeof(d->msg), v->valuestring);
+			detail_copy(apikey, apikey_len, d->msg, sizeof(d->msg), v->valuestring);
 	}
 	cJSON_Delete(root);
 }
@@ -477,36 +445,50 @@ static size_t form_encode(const char *in, size_t len, char *out)
 	return j;
 }
 
-/* POST {iam}/identity/token; on success store the token and put its header in the scratch. */
+static int apikey_load(const struct kp *kp, char *buf, size_t *ret_len, struct kms_err *err);
+
+/* POST {iam}/identity/token; on success store the token (unless kms_forget said not to) and
+ * put its header in the scratch. The API key is read from its file for this request only. */
 static int token_fetch(struct kp_call *c, struct kms_err *err)
 {
 	struct kp *kp = c->kp;
 	char *form = http_conn_scratch(c->conn);
+	char *apikey;
 	struct http_response resp;
 	struct kp_detail d;
 	const cJSON *tok, *exp_in, *exp_at, *type;
 	cJSON *root = NULL;
-	size_t n, toklen;
+	size_t n, toklen, apikey_len = 0;
 	time_t now_wall, now_mono, lifetime, expiration;
 	bool has_in, has_at;
 	int r;
 
+	apikey = sodium_malloc(KP_APIKEY_MAX + 1);
+	if (!apikey) {
+		call_fail(c, err, "out of locked memory for the API key");
+		return -ENOMEM;
+	}
+	r = apikey_load(kp, apikey, &apikey_len, err);
+	if (r < 0)
+		goto out;
 	memcpy(form, KP_GRANT, sizeof(KP_GRANT) - 1);
-	n = sizeof(KP_GRANT) - 1 + form_encode(kp->apikey, kp->apikey_len, form + sizeof(KP_GRANT) - 1);
+	n = sizeof(KP_GRANT) - 1 + form_encode(apikey, apikey_len, form + sizeof(KP_GRANT) - 1);
 	r = kp_send(c, "POST", kp->iam_url, kp->iam_url, false, false, form, n, &resp, err);
 	sodium_memzero(form, n);
 	if (r < 0)
-		return r;
+		goto out;
 	if (resp.status != 200) {
-		error_detail(kp, &resp, &d);
+		error_detail(apikey, apikey_len, &resp, &d);
 		if (resp.status == 400 || resp.status == 401 || resp.status == 403) {
 			call_fail(c, err, "IAM '%s' refused the API key: HTTP %ld%s%s: %s", kp->iam_url, resp.status,
 				  d.code[0] ? " " : "", d.code, d.msg[0] ? d.msg : "no details");
-			return -ENOKEY;
+			r = -ENOKEY;
+			goto out;
 		}
 		call_fail(c, err, "IAM '%s' gave no token: HTTP %ld%s%s: %s", kp->iam_url, resp.status,
 			  d.code[0] ? " " : "", d.code, d.msg[0] ? d.msg : "no details");
-		return -EIO;
+		r = -EIO;
+		goto out;
 	}
 	root = cJSON_ParseWithLength(resp.body, resp.len);
 	tok = cJSON_GetObjectItemCaseSensitive(root, "access_token");
@@ -532,12 +514,14 @@ static int token_fetch(struct kp_call *c, struct kms_err *err)
 	expiration = has_at ? (time_t)exp_at->valuedouble : now_wall + (time_t)exp_in->valuedouble;
 	lifetime = has_in ? (time_t)exp_in->valuedouble : expiration - now_wall;
 	pthread_mutex_lock(&kp->tok_lock);
-	memcpy(kp->token, tok->valuestring, toklen + 1);
-	kp->token_len = toklen;
-	kp->tok_ok = true;
-	kp->tok_gen++;
-	kp->tok_refresh_at = now_mono + (lifetime > 0 ? lifetime * 8 / 10 : 0);
-	kp->tok_use_until = expiration - KP_TOKEN_MARGIN;
+	if (!kp->tok_nocache) {
+		memcpy(kp->token, tok->valuestring, toklen + 1);
+		kp->token_len = toklen;
+		kp->tok_ok = true;
+		kp->tok_gen++;
+		kp->tok_refresh_at = now_mono + (lifetime > 0 ? lifetime * 8 / 10 : 0);
+		kp->tok_use_until = expiration - KP_TOKEN_MARGIN;
+	}
 	c->token_gen = kp->tok_gen;
 	pthread_mutex_unlock(&kp->tok_lock);
 	/* This call uses the token even if it is short-lived; the cache keeps it only while fresh. */
@@ -545,6 +529,8 @@ static int token_fetch(struct kp_call *c, struct kms_err *err)
 	r = 0;
 out:
 	cJSON_Delete(root);
+	sodium_memzero(apikey, KP_APIKEY_MAX + 1);
+	sodium_free(apikey);
 	return r;
 }
 
@@ -610,6 +596,10 @@ static int call_begin(struct kp *kp, struct kp_call *c, const char *op, struct k
 	c->kp = kp;
 	c->op = op;
 	util_uuid4(c->cid);
+	pthread_mutex_lock(&kp->tok_lock);
+	c->forget_gen = kp->forget_gen;
+	c->nocache = kp->tok_nocache;
+	pthread_mutex_unlock(&kp->tok_lock);
 	r = http_conn_get(kp->http, &c->conn);
 	if (r < 0) {
 		kms_err_set(err, "key protect: %s of key '%s' failed: out of memory", op, kp->key_id);
@@ -622,6 +612,20 @@ static void call_end(struct kp_call *c)
 {
 	http_conn_put(c->kp->http, c->conn);
 	c->conn = NULL;
+	/* Forgotten (locked): this call's connection, buffers and TLS session go now. */
+	if (c->nocache)
+		http_forget(c->kp->http);
+}
+
+/* A wrap or unwrap worked: the mount is unlocked, tokens may be cached again. */
+static void call_worked(struct kp_call *c)
+{
+	struct kp *kp = c->kp;
+
+	pthread_mutex_lock(&kp->tok_lock);
+	if (kp->forget_gen == c->forget_gen)
+		kp->tok_nocache = false;
+	pthread_mutex_unlock(&kp->tok_lock);
 }
 
 static int key_url(const struct kp *kp, const char *suffix, char url[KP_URL_MAX])
@@ -638,7 +642,7 @@ static int status_error(struct kp_call *c, const struct http_response *resp, boo
 	const char *hint = NULL;
 	int r;
 
-	error_detail(c->kp, resp, &d);
+	error_detail(NULL, 0, resp, &d);
 	switch (resp->status) {
 	case 401:
 	case 403:
@@ -909,6 +913,7 @@ static int kp_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *con
 		goto out;
 	}
 	*ret = out;
+	call_worked(&c);
 	r = 0;
 out:
 	cJSON_Delete(root);
@@ -978,6 +983,7 @@ static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *c
 	}
 	if (ret_was_rewrapped)
 		*ret_was_rewrapped = was;
+	call_worked(&c);
 	r = 0;
 out:
 	cJSON_Delete(root);
@@ -1015,10 +1021,6 @@ static void kp_free(void *state)
 	if (!kp)
 		return;
 	http_free(kp->http);
-	if (kp->apikey) {
-		sodium_memzero(kp->apikey, KP_APIKEY_MAX + 1);
-		sodium_free(kp->apikey);
-	}
 	if (kp->token) {
 		sodium_memzero(kp->token, KP_TOKEN_MAX + 1);
 		sodium_free(kp->token);
@@ -1039,11 +1041,28 @@ static void kp_cancel(void *state)
 	pthread_mutex_unlock(&kp->tok_lock);
 }
 
+/* A lock: the cached token is wiped and no other is kept; idle connections and the TLS session
+ * cache are closed now, connections in use when their call ends. */
+static void kp_forget(void *state)
+{
+	struct kp *kp = state;
+
+	pthread_mutex_lock(&kp->tok_lock);
+	sodium_memzero(kp->token, KP_TOKEN_MAX + 1);
+	kp->token_len = 0;
+	kp->tok_ok = false;
+	kp->tok_nocache = true;
+	kp->forget_gen++;
+	pthread_mutex_unlock(&kp->tok_lock);
+	http_forget(kp->http);
+}
+
 static const struct kms_backend keyprotect_backend = {
 	.name = VOLDESC_KMS_KEYPROTECT,
 	.wrap = kp_wrap,
 	.unwrap = kp_unwrap,
 	.key_state = kp_key_state,
+	.forget = kp_forget,
 	.cancel = kp_cancel,
 	.free = kp_free,
 };
@@ -1088,30 +1107,58 @@ bad:
 	return -EINVAL;
 }
 
-static int read_apikey(struct kp *kp, const struct kms_config *cfg, struct kms_err *err)
+/* Where the API key is: the file given, or the systemd credential. Made absolute, since the
+ * daemon leaves its working directory once it runs in the background. */
+static int apikey_locate(struct kp *kp, const struct kms_config *cfg, struct kms_err *err)
 {
-	char path[PATH_MAX];
-	const char *p, *dir;
+	char cwd[PATH_MAX];
+	const char *dir;
+	int r;
+
+	if (cfg->apikey_file && cfg->apikey_file[0]) {
+		if (cfg->apikey_file[0] == '/') {
+			r = snprintf(kp->apikey_path, sizeof(kp->apikey_path), "%s", cfg->apikey_file);
+		} else {
+			if (!getcwd(cwd, sizeof(cwd))) {
+				kms_err_set(err, "API key file '%s': cannot tell the working directory: %s",
+					    cfg->apikey_file, strerror(errno));
+				return -EACCES;
+			}
+			r = snprintf(kp->apikey_path, sizeof(kp->apikey_path), "%s/%s", cwd, cfg->apikey_file);
+		}
+		if (r < 0 || (size_t)r >= sizeof(kp->apikey_path)) {
+			kms_err_set(err, "API key file '%s': path too long", cfg->apikey_file);
+			return -EINVAL;
+		}
+		return 0;
+	}
+	dir = getenv("CREDENTIALS_DIRECTORY");
+	if (!dir || !dir[0]) {
+		kms_err_set(err, "key protect: no API key: give an API key file (apikey_file=), or run under systemd with LoadCredential=apikey:FILE");
+		return -EACCES;
+	}
+	r = snprintf(kp->apikey_path, sizeof(kp->apikey_path), "%s/apikey", dir);
+	if (r < 0 || (size_t)r >= sizeof(kp->apikey_path)) {
+		kms_err_set(err, "key protect: $CREDENTIALS_DIRECTORY is too long");
+		return -EINVAL;
+	}
+	kp->apikey_credential = true;
+	return 0;
+}
+
+/*
+ * Read the API key into buf (KP_APIKEY_MAX + 1 bytes, sodium memory; the caller wipes it as
+ * soon as the request that needs it is built). The file is the credential and stays; keyfs
+ * keeps no copy of it between token requests. Returns 0, -EACCES or -EINVAL.
+ */
+static int apikey_load(const struct kp *kp, char *buf, size_t *ret_len, struct kms_err *err)
+{
+	const char *p = kp->apikey_path;
 	struct stat st;
 	size_t len = 0, start = 0;
 	ssize_t n;
 	int fd, r;
 
-	if (cfg->apikey_file && cfg->apikey_file[0]) {
-		p = cfg->apikey_file;
-	} else {
-		dir = getenv("CREDENTIALS_DIRECTORY");
-		if (!dir || !dir[0]) {
-			kms_err_set(err, "key protect: no API key: give an API key file (apikey_file=), or run under systemd with LoadCredential=apikey:FILE");
-			return -EACCES;
-		}
-		r = snprintf(path, sizeof(path), "%s/apikey", dir);
-		if (r < 0 || (size_t)r >= sizeof(path)) {
-			kms_err_set(err, "key protect: $CREDENTIALS_DIRECTORY is too long");
-			return -EINVAL;
-		}
-		p = path;
-	}
 	fd = open(p, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 	if (fd < 0) {
 		r = -errno;
@@ -1123,16 +1170,8 @@ static int read_apikey(struct kp *kp, const struct kms_config *cfg, struct kms_e
 		kms_err_set(err, "API key file '%s' is not a regular file", p);
 		return -EACCES;
 	}
-	if (st.st_mode & (S_IRGRP | S_IROTH))
-		log_warn("API key file '%s' is readable by group or others: chmod 600 it", p);
-	kp->apikey = sodium_malloc(KP_APIKEY_MAX + 1);
-	if (!kp->apikey) {
-		close(fd);
-		kms_err_set(err, "key protect: out of locked memory");
-		return -ENOMEM;
-	}
 	for (;;) {
-		n = read(fd, kp->apikey + len, KP_APIKEY_MAX + 1 - len);
+		n = read(fd, buf + len, KP_APIKEY_MAX + 1 - len);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
@@ -1151,17 +1190,16 @@ static int read_apikey(struct kp *kp, const struct kms_config *cfg, struct kms_e
 		}
 	}
 	close(fd);
-	while (start < len && (kp->apikey[start] == ' ' || kp->apikey[start] == '\t' || kp->apikey[start] == '\n' ||
-			       kp->apikey[start] == '\r'))
+	while (start < len && (buf[start] == ' ' || buf[start] == '\t' || buf[start] == '\n' || buf[start] == '\r'))
 		start++;
-	while (len > start && (kp->apikey[len - 1] == ' ' || kp->apikey[len - 1] == '\t' ||
-			       kp->apikey[len - 1] == '\n' || kp->apikey[len - 1] == '\r'))
+	while (len > start && (buf[len - 1] == ' ' || buf[len - 1] == '\t' || buf[len - 1] == '\n' ||
+			       buf[len - 1] == '\r'))
 		len--;
-	memmove(kp->apikey, kp->apikey + start, len - start);
+	memmove(buf, buf + start, len - start);
 	len -= start;
-	sodium_memzero(kp->apikey + len, KP_APIKEY_MAX + 1 - len);
+	sodium_memzero(buf + len, KP_APIKEY_MAX + 1 - len);
 	if (len == 0) {
-		if (p == path)
+		if (kp->apikey_credential)
 			/* keyfs@.service falls back to an empty credential when the file is missing. */
 			kms_err_set(err, "the systemd credential 'apikey' ('%s') is empty: put the API key in the file the unit's LoadCredential=apikey: names (keyfs@NAME.service: /etc/keyfs/NAME.apikey)",
 				    p);
@@ -1170,13 +1208,38 @@ static int read_apikey(struct kp *kp, const struct kms_config *cfg, struct kms_e
 		return -EINVAL;
 	}
 	for (size_t i = 0; i < len; i++) {
-		if (kp->apikey[i] < 0x21 || kp->apikey[i] > 0x7e) {
+		if (buf[i] < 0x21 || buf[i] > 0x7e) {
 			kms_err_set(err, "API key file '%s' holds more than one word or a non-printable byte", p);
 			return -EINVAL;
 		}
 	}
-	kp->apikey_len = len;
+	*ret_len = len;
 	return 0;
+}
+
+/* At open: the key file is there and well formed (a mount fails now, not at the first token);
+ * what was read is wiped at once. */
+static int apikey_check(struct kp *kp, const struct kms_config *cfg, struct kms_err *err)
+{
+	char *buf;
+	size_t len = 0;
+	struct stat st;
+	int r;
+
+	r = apikey_locate(kp, cfg, err);
+	if (r < 0)
+		return r;
+	buf = sodium_malloc(KP_APIKEY_MAX + 1);
+	if (!buf) {
+		kms_err_set(err, "key protect: out of locked memory");
+		return -ENOMEM;
+	}
+	r = apikey_load(kp, buf, &len, err);
+	sodium_memzero(buf, KP_APIKEY_MAX + 1);
+	sodium_free(buf);
+	if (r == 0 && stat(kp->apikey_path, &st) == 0 && (st.st_mode & (S_IRGRP | S_IROTH)))
+		log_warn("API key file '%s' is readable by group or others: chmod 600 it", kp->apikey_path);
+	return r;
 }
 
 static void read_tunables(struct kp_tunables *t)
@@ -1221,7 +1284,6 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 	bool is_kms = false, crn = false;
 	int r, n;
 
-	pthread_once(&kp_once, kp_global_init);
 	if (http_global_init() < 0) {
 		kms_err_set(err, "key protect: libcurl cannot be initialised");
 		return -EIO;
@@ -1306,7 +1368,7 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 		}
 		close(fd);
 	}
-	r = read_apikey(kp, cfg, err);
+	r = apikey_check(kp, cfg, err);
 	if (r < 0)
 		goto fail;
 	kp->token = sodium_malloc(KP_TOKEN_MAX + 1);

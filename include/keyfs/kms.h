@@ -74,7 +74,10 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
 	       struct kms_err *err);
 
 /* Wipe any root key material the backend caches (the local keystore keeps the newest version
- * while its key file is unchanged); the next call reads it again. A locked mount calls this. */
+ * while its key file is unchanged); the next call reads it again. Key Protect wipes its token,
+ * closes idle connections and its TLS session cache now and connections in use when their call
+ * ends, and from then on caches no token and keeps no connection until a wrap or unwrap begun
+ * after this succeeds. Safe while other threads are in calls. A locked mount calls this. */
 void kms_forget(struct kms *k);
 
 /* End every call under way at once and refuse new ones with -ECANCELED, for good: a daemon
