@@ -336,6 +336,7 @@ class Emulator:
         self.keys = {}
         self.tokens = {}                # token -> {"apikey", "expires"}
         self.issued_tokens = []         # every token ever issued, for leak checks
+        self.deks = []                  # every DEK wrap was given or unwrap returned, for memory scans
         self.faults = []
         self.latency = {"kms": latency_ms, "iam": 0}
         self.log = []
@@ -818,11 +819,13 @@ class Emulator:
                 else:
                     pt, generated = os.urandom(32), True
                 v = k.latest
+                self.deks.append(pt)
                 out = {"ciphertext": seal(v["secret"], v["id"], pt, aad), "keyVersion": {"id": v["id"]}}
                 if generated:
                     out["plaintext"] = b64e(pt)
                 return 200, out, {}
             v, pt = self._unseal(k, doc, aad)
+            self.deks.append(pt)
             latest = k.latest
             if action == "unwrap":
                 out = {"plaintext": b64e(pt), "keyVersion": {"id": v["id"]}}
