@@ -1,4 +1,6 @@
 # helpers.py: shared helpers of the pytest suite: binaries, keyfsctl runs, size formula, run_as
+import base64
+import glob
 import hashlib
 import json
 import os
@@ -231,3 +233,26 @@ def init_keyprotect(emu, backing, apikey_file, key=None):
     return run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
                 "--instance", emu.instance, "--key", key or emu.kid, "--apikey-file", apikey_file,
                 "--ca-file", emu.ca_file])
+
+
+# The local keystore's files (docs/FORMAT.md, "The local keystore"): NAME.vN.material files (112 bytes,
+# material at offset 48), and for keystores of an earlier keyfs (format 1) "version=N BASE64" lines of NAME.key.
+MAT_SIZE = 112
+MAT_MAGIC = b"KEYFSKM1"
+MAT_OFF = 48
+OLD_LINE = re.compile(rb"^version=(\d+) ([A-Za-z0-9+/=]{44})$", re.M)
+
+
+def materials(keystore, name):
+    """{version: 32 bytes of material} of key name, read from its files as they are now."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(keystore), glob.escape(name) + ".v*.material")):
+        data = read_file(path)
+        m = re.fullmatch(re.escape(name) + r"\.v(\d+)\.material", os.path.basename(path))
+        assert m and len(data) == MAT_SIZE and data[:8] == MAT_MAGIC, path
+        assert int.from_bytes(data[8:12], "little") == int(m.group(1)), path
+        found[int(m.group(1))] = data[MAT_OFF:MAT_OFF + 32]
+    for v, b64 in OLD_LINE.findall(read_file(os.path.join(keystore, name + ".key"))):
+        found[int(v)] = base64.b64decode(b64)
+    assert all(len(x) == 32 for x in found.values()), found
+    return found

@@ -17,28 +17,8 @@ import time
 
 import pytest
 
-from helpers import EXIT_LOCKED, EXIT_KMS, EXIT_OK, KEYFSCTL, expect_errno, key_show, keyfsctl, read_file, run, write_file
-
-MAT_SIZE = 112
-MAT_MAGIC = b"KEYFSKM1"
-MAT_OFF = 48
-OLD_LINE = re.compile(rb"^version=(\d+) ([A-Za-z0-9+/=]{44})$", re.M)
-
-
-def materials(keystore, name):
-    """{version: 32 bytes of material} of key name, read from its files as they are now."""
-    found = {}
-    for path in glob.glob(os.path.join(glob.escape(keystore), glob.escape(name) + ".v*.material")):
-        data = read_file(path)
-        m = re.fullmatch(re.escape(name) + r"\.v(\d+)\.material", os.path.basename(path))
-        assert m and len(data) == MAT_SIZE and data[:8] == MAT_MAGIC, path
-        assert int.from_bytes(data[8:12], "little") == int(m.group(1)), path
-        found[int(m.group(1))] = data[MAT_OFF:MAT_OFF + 32]
-    for v, b64 in OLD_LINE.findall(read_file(os.path.join(keystore, name + ".key"))):
-        found[int(v)] = base64.b64decode(b64)
-    assert all(len(x) == 32 for x in found.values()), found
-    return found
-
+from helpers import (EXIT_LOCKED, EXIT_KMS, EXIT_OK, KEYFSCTL, MAT_MAGIC, MAT_OFF, MAT_SIZE, expect_errno, key_show,
+                     keyfsctl, materials, read_file, run, write_file)
 
 def encodings(material):
     """Every form a key file could hold material in: raw, base64 (its unpadded prefix, so a copy with
@@ -232,6 +212,8 @@ def test_format1_keystore_migrates_on_first_change(tmp_path, mount):
     assert b"version=" not in text and b"versions=2\n" in text, text
     now = materials(ks, "fixture")
     assert now[1] == old[1] and len(now) == 2
+    # A volume from elsewhere, as a user would bring it: trusted once, then mounted.
+    keyfsctl("trust", "--yes", os.path.join(vol, "backing"))
     m = mount(backing=os.path.join(vol, "backing"), opts=("keystore=" + ks,))
     name, want = next((n, w) for n, w in manifest["files"].items() if "sha256" in w and w["size"])
     import hashlib

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import EXIT_OK, KEYFSCTL, read_file, run, write_file
+from helpers import EXIT_OK, KEYFSCTL, materials, read_file, run, write_file
 from kpemu import Emulator
 
 APIKEY = "kpi-secrets-" + secrets.token_hex(20)
@@ -221,11 +221,7 @@ def test_core_of_locked_local_daemon_holds_no_secret(tmp_path, mount):
     backing = str(tmp_path / "backing")
     r = run([KEYFSCTL, "init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key"])
     assert r.returncode == EXIT_OK, r
-    material = []
-    with open(os.path.join(keystore, "test.key")) as f:
-        for line in f:
-            if line.startswith("version="):
-                material.append(line.split()[1].encode())
+    material = list(materials(keystore, "test").values())
     assert len(material) == 1
     marker = b"MARKER-" + secrets.token_hex(16).encode()
 
@@ -236,8 +232,9 @@ def test_core_of_locked_local_daemon_holds_no_secret(tmp_path, mount):
     lock_and_wait(m)
 
     needles = {
-        "root key (raw)": [base64.b64decode(x) for x in material],
-        "root key (base64, as in the key file)": material,
+        "root key (raw)": material,
+        "root key (base64)": [base64.b64encode(x).rstrip(b"=") for x in material],
+        "root key (hex)": [x.hex().encode() for x in material],
         "plaintext marker": [marker],
     }
     found = scan_core(m.proc.pid, tmp_path, needles)
