@@ -447,7 +447,7 @@ static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t
 		if (r < 0) {
 			/* Not the file's fault: the key or the service. Asking again per file would only
 			 * hammer a service that is down. */
-			f->fatal = r == -ENOKEY || r == -EKEYREVOKED ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_KMS;
+			f->fatal = r == -ENOKEY || r == -EACCES || r == -EKEYREVOKED ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_KMS;
 			snprintf(f->fatal_msg, sizeof(f->fatal_msg), "%s", err.msg[0] ? err.msg : strerror(-r));
 			return PASS_FATAL;
 		}

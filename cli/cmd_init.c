@@ -158,16 +158,14 @@ static const char zero_id[2 * FMT_FILE_ID_SIZE + 1] = "0000000000000000000000000
 static int prove_failed(struct kms *k, const struct voldesc *vol, const char *op, int r, const struct kms_err *err)
 {
 	char where[WHERE_MAX];
-	struct kms_err scratch;
-	int state;
 
+	(void)k;
 	if (!is_keyprotect(vol)) {
 		log_err("test %s failed: %s", op, err->msg);
 		return kms_exit(r);
 	}
 	kp_where(vol, where);
-	/* -ENOKEY is a key state that refuses, or access that is refused: the state tells which. */
-	if (r == -ENOKEY && !(kms_key_state(k, &state, &scratch) == 0 && state != KMS_STATE_ACTIVE)) {
+	if (r == -EACCES) {
 		log_err("test %s with key '%s' at %s was denied: %s: %s", op, vol->key, where, KP_ACCESS_HINT,
 			err->msg);
 		return KEYFS_EXIT_KMS;
@@ -284,7 +282,7 @@ static int kp_check_state(struct kms *k, const struct voldesc *vol)
 
 	kp_where(vol, where);
 	r = kms_key_state(k, &state, &err);
-	if (r == -ENOKEY) {
+	if (r == -EACCES) {
 		log_err("access to key '%s' at %s was denied: %s: %s", vol->key, where, KP_ACCESS_HINT, err.msg);
 		return KEYFS_EXIT_KMS;
 	}

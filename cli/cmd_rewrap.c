@@ -80,6 +80,7 @@ static int kms_fatal(struct rewrap *rw, int r, const struct kms_err *err)
 	case -EBADMSG:
 		return 0;
 	case -ENOKEY:
+	case -EACCES:
 	case -EKEYREVOKED:
 	case -EKEYEXPIRED:
 		progress_clear(&rw->progress);

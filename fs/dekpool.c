@@ -46,7 +46,7 @@ struct dekpool {
 /* The key itself is unusable: a wrapped entry made before must not give a file life now. */
 static bool key_unusable(int r)
 {
-	return r == -ENOKEY || r == -EKEYREVOKED || r == -EKEYEXPIRED;
+	return r == -ENOKEY || r == -EACCES || r == -EKEYREVOKED || r == -EKEYEXPIRED;
 }
 
 static void entry_wipe(struct dekpool *p, struct dekpool_entry *e)

@@ -41,6 +41,8 @@ struct loaded {
 static int file_errno(int r)
 {
 	switch (r) {
+	case -EACCES:           /* access to the key denied: the mount locks as access-revoked */
+		return -ENOKEY;
 	case -ENOKEY:
 	case -EKEYREVOKED:
 	case -EKEYEXPIRED:
@@ -254,7 +256,7 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 	if (r < 0) {
 		log_err("%s: cannot create a file key: %s", label, err.msg);
 		keyslab_free(&fs->slab, keys);
-		return file_errno(r);
+		return r;      /* unmapped: the caller pokes the key state with it */
 	}
 	memcpy(h.file_id, e.file_id, sizeof(h.file_id));
 	snprintf(h.key_id, sizeof(h.key_id), "%s", kms_key_id(fs->kms));

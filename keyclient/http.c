@@ -6,7 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <sodium.h>
@@ -21,6 +23,9 @@
  */
 #define POOL_IDLE_MAX   8
 #define HEADER_LINE_MAX 256
+/* Sockets http_interrupt can shut down to wake a transfer at once; one beyond this is still
+ * interrupted, at curl's next progress call (within about a second). */
+#define SOCKS_MAX       64
 
 /*
  * The TLS session cache and DNS cache every handle of one generation shares. http_forget
@@ -44,6 +49,14 @@ struct http_conn {
 	long retry_after;
 	char *scratch;                  /* sodium_malloc, HTTP_SCRATCH_SIZE bytes */
 	char errbuf[CURL_ERROR_SIZE];
+	unsigned epoch;                 /* owner's interrupt epoch when the connection was taken */
+	atomic_bool busy;               /* a transfer is under way */
+};
+
+/* A socket curl opened for a connection: http_interrupt shuts it down to end a stalled wait. */
+struct http_sock {
+	int fd;                         /* -1: free */
+	struct http_conn *conn;
 };
 
 /* Lock order: pool_lock, then (inside libcurl) the share locks; none is held across a transfer
@@ -59,6 +72,9 @@ struct http {
 	struct http_conn *idle[POOL_IDLE_MAX];
 	size_t nidle;
 	atomic_bool cancelled;
+	atomic_uint epoch;              /* bumped by http_interrupt */
+	pthread_mutex_t socks_lock;     /* guards socks; held across open/close of their fds */
+	struct http_sock socks[SOCKS_MAX];
 };
 
 /* libcurl is initialised by secmem, with its wiping allocator. */
@@ -147,6 +163,9 @@ int http_new(const struct http_settings *s, struct http **ret)
 		return -ENOMEM;
 	}
 	pthread_mutex_init(&h->pool_lock, NULL);
+	pthread_mutex_init(&h->socks_lock, NULL);
+	for (int i = 0; i < SOCKS_MAX; i++)
+		h->socks[i].fd = -1;
 	h->share = share_new();
 	if (!h->share) {
 		http_free(h);
@@ -188,6 +207,7 @@ void http_free(struct http *h)
 	/* Every handle is gone, so the share is no longer in use. */
 	share_free(share_unref(h->share));
 	pthread_mutex_destroy(&h->pool_lock);
+	pthread_mutex_destroy(&h->socks_lock);
 	free(h->ca_file);
 	free(h->user_agent);
 	free(h);
@@ -202,6 +222,7 @@ int http_conn_get(struct http *h, struct http_conn **ret)
 		c = h->idle[--h->nidle];
 	pthread_mutex_unlock(&h->pool_lock);
 	if (c) {
+		c->epoch = atomic_load(&h->epoch);
 		*ret = c;
 		return 0;
 	}
@@ -222,6 +243,7 @@ int http_conn_get(struct http *h, struct http_conn **ret)
 		return -ENOMEM;
 	}
 	c->body[0] = '\0';
+	c->epoch = atomic_load(&h->epoch);
 	*ret = c;
 	return 0;
 }
@@ -405,6 +427,55 @@ bool http_cancelled(const struct http *h)
 	return atomic_load(&h->cancelled);
 }
 
+void http_interrupt(struct http *h)
+{
+	atomic_fetch_add(&h->epoch, 1);
+	/* A transfer waiting for a stalled peer sleeps in poll(): a shut-down socket wakes it now.
+	 * Under socks_lock no fd in the table is closed, so none is someone else's by now. */
+	pthread_mutex_lock(&h->socks_lock);
+	for (int i = 0; i < SOCKS_MAX; i++)
+		if (h->socks[i].fd >= 0 && atomic_load(&h->socks[i].conn->busy))
+			shutdown(h->socks[i].fd, SHUT_RDWR);
+	pthread_mutex_unlock(&h->socks_lock);
+}
+
+bool http_conn_interrupted(const struct http_conn *c)
+{
+	return atomic_load(&c->owner->epoch) != c->epoch || http_cancelled(c->owner);
+}
+
+static curl_socket_t on_open_socket(void *userp, curlsocktype purpose, struct curl_sockaddr *a)
+{
+	struct http_conn *c = userp;
+	struct http *h = c->owner;
+	curl_socket_t fd;
+
+	(void)purpose;
+	pthread_mutex_lock(&h->socks_lock);
+	fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+	for (int i = 0; fd >= 0 && i < SOCKS_MAX; i++) {
+		if (h->socks[i].fd < 0) {
+			h->socks[i] = (struct http_sock){ .fd = fd, .conn = c };
+			break;
+		}
+	}
+	pthread_mutex_unlock(&h->socks_lock);
+	return fd >= 0 ? fd : CURL_SOCKET_BAD;
+}
+
+static int on_close_socket(void *userp, curl_socket_t fd)
+{
+	struct http *h = userp;
+
+	pthread_mutex_lock(&h->socks_lock);
+	for (int i = 0; i < SOCKS_MAX; i++)
+		if (h->socks[i].fd == fd)
+			h->socks[i].fd = -1;
+	close(fd);
+	pthread_mutex_unlock(&h->socks_lock);
+	return 0;
+}
+
 /* curl calls this about once a second, and more often while data moves. */
 static int on_progress(void *userp, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal, curl_off_t ulnow)
 {
@@ -414,7 +485,7 @@ static int on_progress(void *userp, curl_off_t dltotal, curl_off_t dlnow, curl_o
 	(void)dlnow;
 	(void)ultotal;
 	(void)ulnow;
-	return http_cancelled(c->owner) ? 1 : 0;
+	return http_conn_interrupted(c) ? 1 : 0;
 }
 
 static int setup(struct http *h, struct http_conn *c, const struct http_request *rq, struct curl_slist *hdrs)
@@ -453,6 +524,10 @@ static int setup(struct http *h, struct http_conn *c, const struct http_request 
 	/* HTTP/1.1 only: an HTTP/2 library (nghttp2) would keep header tables, the authorization
 	 * line included, in memory that secmem's allocator does not reach. */
 	SET(CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+	SET(CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
+	SET(CURLOPT_OPENSOCKETDATA, c);
+	SET(CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
+	SET(CURLOPT_CLOSESOCKETDATA, h);
 	/* https_proxy/no_proxy from the environment are honoured (sites that reach IBM Cloud only
 	 * through a proxy): the peer is verified end to end, so a proxy sees only TLS. */
 	if (strcmp(rq->method, "POST") == 0) {
@@ -478,8 +553,8 @@ int http_perform(struct http_conn *c, const struct http_request *rq, struct http
 	int r;
 
 	why[0] = '\0';
-	if (http_cancelled(c->owner)) {
-		snprintf(why, HTTP_WHY_MAX, "cancelled: shutting down");
+	if (http_conn_interrupted(c)) {
+		snprintf(why, HTTP_WHY_MAX, "%s", http_cancelled(c->owner) ? "cancelled: shutting down" : "interrupted");
 		return -ECANCELED;
 	}
 	sodium_memzero(c->body, c->len + 1 <= c->body_max + 1 ? c->len + 1 : c->body_max + 1);
@@ -503,16 +578,24 @@ int http_perform(struct http_conn *c, const struct http_request *rq, struct http
 		snprintf(why, HTTP_WHY_MAX, "cannot set up the request");
 		return r;
 	}
-	rc = curl_easy_perform(c->curl);
+	/* busy first, then the epoch: an interrupt in between either sees busy or is seen here. */
+	atomic_store(&c->busy, true);
+	rc = http_conn_interrupted(c) ? CURLE_ABORTED_BY_CALLBACK : curl_easy_perform(c->curl);
+	atomic_store(&c->busy, false);
 	/* Drop our header list from the handle before freeing it. */
 	curl_easy_setopt(c->curl, CURLOPT_HTTPHEADER, NULL);
 	curl_easy_setopt(c->curl, CURLOPT_POSTFIELDS, NULL);
 	slist_wipe_free(hdrs);
 	c->body[c->len] = '\0';
+	/* Interrupted: whatever curl made of the shut-down socket, the answer is the interrupt. */
+	if (rc != CURLE_OK && http_conn_interrupted(c))
+		rc = CURLE_ABORTED_BY_CALLBACK;
 	if (rc != CURLE_OK) {
 		r = map_curl_error(rc, c->too_large);
 		if (r == -EMSGSIZE)
 			snprintf(why, HTTP_WHY_MAX, "response too large (over %zu bytes)", c->body_max);
+		else if (r == -ECANCELED)
+			snprintf(why, HTTP_WHY_MAX, "%s", http_cancelled(h) ? "cancelled: shutting down" : "interrupted");
 		else
 			snprintf(why, HTTP_WHY_MAX, "%s", c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc));
 		sodium_memzero(c->body, c->len + 1);

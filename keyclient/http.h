@@ -58,7 +58,7 @@ struct http_response {
  *   -EPROTO        TLS certificate not trusted or unusable    not retryable
  *   -EMSGSIZE      answer larger than body_max                not retryable
  *   -EINVAL        unsupported URL (not https)                not retryable
- *   -ECANCELED     http_cancel was called                     not retryable
+ *   -ECANCELED     http_cancel or http_interrupt was called   not retryable
  *   -ENOMEM, -EIO
  * and a one-line reason in why (curl's own words, never a header or a body).
  */
@@ -73,5 +73,13 @@ void http_forget(struct http *h);
  * For a daemon shutting down: nothing waits out a timeout for an answer nobody needs. */
 void http_cancel(struct http *h);
 bool http_cancelled(const struct http *h);
+
+/* End every transfer under way now with -ECANCELED, and every later attempt of a connection
+ * taken before this call; connections taken afterwards work as usual. For a lock that must not
+ * wait for a stalled key service. */
+void http_interrupt(struct http *h);
+
+/* http_interrupt (or http_cancel) was called since c was taken: its call should give up. */
+bool http_conn_interrupted(const struct http_conn *c);
 
 #endif

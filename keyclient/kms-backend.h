@@ -24,6 +24,7 @@ struct kms_backend {
 	int (*key_state)(void *state, int *ret_state, struct kms_err *err);
 	void (*forget)(void *state);    /* optional: wipe cached key material */
 	void (*cancel)(void *state);    /* optional: end calls under way and refuse new ones */
+	void (*interrupt)(void *state); /* optional: end calls under way; new ones proceed */
 	void (*free)(void *state);
 };
 

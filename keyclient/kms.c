@@ -134,6 +134,12 @@ void kms_cancel(struct kms *k)
 		k->ops->cancel(k->state);
 }
 
+void kms_interrupt(struct kms *k)
+{
+	if (k && k->ops->interrupt)
+		k->ops->interrupt(k->state);
+}
+
 const char *kms_key_id(const struct kms *k)
 {
 	return k->key_id;

@@ -28,13 +28,14 @@
  * service's ciphertext string itself (base64 ASCII, opaque): it goes back verbatim on unwrap.
  *
  * Errors (kms.h), chosen here:
- *   IAM refuses the API key (400/401/403), KMS 401 after one fresh token, KMS 403  -ENOKEY
+ *   IAM refuses the API key (400/401/403), KMS 401 after one fresh token, KMS 403  -EACCES
  *   404 on wrap/unwrap (purged, or never created), 410                             -EKEYREVOKED
  *   409 KEY_ACTION_INVALID_STATE_ERR                 -ENOKEY, or -EKEYEXPIRED when a wrap meets
  *                                                    a deactivated key (asked by one metadata call)
  *   400/422 on unwrap                                                               -EBADMSG
  *   no connection, broken connection, untrusted TLS certificate                     -EHOSTUNREACH
  *   timeout                                                                         -ETIMEDOUT
+ *   kms_cancel, or kms_interrupt while the call was under way                       -ECANCELED
  *   429/5xx after the retries, malformed or oversized answers, anything else        -EIO
  * An untrusted certificate is "the genuine service cannot be reached": it is not retried.
  */
@@ -188,10 +189,10 @@ static int base_url(const char *in, char *out, size_t size, const char *what, st
 	return 0;
 }
 
-/* Sleep between retries, in slices, so that a cancel ends the wait too. */
-static void sleep_ms(const struct kp *kp, long ms)
+/* Sleep between retries, in slices, so that a cancel or an interrupt ends the wait too. */
+static void sleep_ms(const struct kp_call *c, long ms)
 {
-	while (ms > 0 && !http_cancelled(kp->http)) {
+	while (ms > 0 && !http_conn_interrupted(c->conn)) {
 		long slice = ms < 50 ? ms : 50;
 		struct timespec ts = { .tv_sec = 0, .tv_nsec = slice * 1000000L };
 
@@ -365,7 +366,7 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		}
 		if (!(r == 0 ? retryable_status(resp->status) : retryable_transport(r)) || retry >= kp->tun.retries)
 			break;
-		sleep_ms(kp, retry_delay_ms(kp, retry, resp, r == 0));
+		sleep_ms(c, retry_delay_ms(kp, retry, resp, r == 0));
 		retry++;
 	}
 	if (r == 0)
@@ -392,7 +393,7 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		call_fail(c, err, "out of memory");
 		return -ENOMEM;
 	case -ECANCELED:
-		call_fail(c, err, "call to '%s' cancelled: shutting down", site);
+		call_fail(c, err, "call to '%s' %s", site, http_cancelled(kp->http) ? "cancelled: shutting down" : "interrupted");
 		return -ECANCELED;
 	default:
 		call_fail(c, err, "talking to '%s' failed: %s", site, why);
@@ -482,7 +483,7 @@ static int token_fetch(struct kp_call *c, struct kms_err *err)
 		if (resp.status == 400 || resp.status == 401 || resp.status == 403) {
 			call_fail(c, err, "IAM '%s' refused the API key: HTTP %ld%s%s: %s", kp->iam_url, resp.status,
 				  d.code[0] ? " " : "", d.code, d.msg[0] ? d.msg : "no details");
-			r = -ENOKEY;
+			r = -EACCES;
 			goto out;
 		}
 		call_fail(c, err, "IAM '%s' gave no token: HTTP %ld%s%s: %s", kp->iam_url, resp.status,
@@ -545,9 +546,9 @@ static int token_header(struct kp_call *c, struct kms_err *err)
 	pthread_mutex_lock(&kp->tok_lock);
 	epoch = kp->tok_epoch;
 	for (;;) {
-		if (http_cancelled(kp->http)) {
+		if (http_conn_interrupted(c->conn)) {
 			pthread_mutex_unlock(&kp->tok_lock);
-			kms_err_set(err, "key protect: call cancelled: shutting down");
+			kms_err_set(err, "key protect: call %s", http_cancelled(kp->http) ? "cancelled: shutting down" : "interrupted");
 			return -ECANCELED;
 		}
 		if (token_fresh(kp)) {
@@ -647,7 +648,7 @@ static int status_error(struct kp_call *c, const struct http_response *resp, boo
 	case 401:
 	case 403:
 		hint = "access denied: the API key's service ID has no access to this key";
-		r = -ENOKEY;
+		r = -EACCES;
 		break;
 	case 404:
 		hint = "key not found: purged, or never created";
@@ -1057,6 +1058,17 @@ static void kp_forget(void *state)
 	http_forget(kp->http);
 }
 
+static void kp_interrupt(void *state)
+{
+	struct kp *kp = state;
+
+	http_interrupt(kp->http);
+	/* A call waiting for another's token fetch wakes up and finds the interrupt. */
+	pthread_mutex_lock(&kp->tok_lock);
+	pthread_cond_broadcast(&kp->tok_cond);
+	pthread_mutex_unlock(&kp->tok_lock);
+}
+
 static const struct kms_backend keyprotect_backend = {
 	.name = VOLDESC_KMS_KEYPROTECT,
 	.wrap = kp_wrap,
@@ -1064,6 +1076,7 @@ static const struct kms_backend keyprotect_backend = {
 	.key_state = kp_key_state,
 	.forget = kp_forget,
 	.cancel = kp_cancel,
+	.interrupt = kp_interrupt,
 	.free = kp_free,
 };
 

@@ -474,7 +474,7 @@ def test_untrusted_certificate(emu, tmp_path):
 
 def test_wrong_api_key(emu, tmp_path):
     r = probe(emu, tmp_path, "wrap", *aad(), apikey="kpemu-wrong-" + secrets.token_hex(8))
-    expect_error(r, errno.ENOKEY, "key protect: wrap of key '%s' failed: IAM '%s/identity/token' refused the API key: "
+    expect_error(r, errno.EACCES, "key protect: wrap of key '%s' failed: IAM '%s/identity/token' refused the API key: "
                  "HTTP 400 BXNIM0415E: Provided API key could not be found." % (emu.kid, emu.url))
     assert emu.requests(kind="kms") == []
     assert len(emu.token_requests()) == 1
@@ -494,18 +494,18 @@ def test_expired_token_is_refreshed_once(emu, tmp_path):
 def test_persistent_401_is_access_denied(emu, tmp_path):
     emu.add_fault("status", status=401, count=-1)
     r = probe(emu, tmp_path, "state")
-    expect_error(r, errno.ENOKEY, "HTTP 401: access denied")
+    expect_error(r, errno.EACCES, "HTTP 401: access denied")
     assert len(emu.token_requests()) == 2      # one fresh token, once
     assert len(kms_requests(emu, "/metadata")) == 2
 
 
 def test_403_is_access_denied(emu, tmp_path):
     r = probe(emu, tmp_path, "wrap", *aad(), apikey=READER_APIKEY)
-    expect_error(r, errno.ENOKEY, "HTTP 403 FORBIDDEN_ERR: access denied")
+    expect_error(r, errno.EACCES, "HTTP 403 FORBIDDEN_ERR: access denied")
     r = probe(emu, tmp_path, "state", apikey=READER_APIKEY)
     assert r.ok and r.doc["state"] == 1
     r = probe(emu, tmp_path, "state", apikey=NOACCESS_APIKEY)
-    expect_error(r, errno.ENOKEY, "HTTP 403 FORBIDDEN_ERR")
+    expect_error(r, errno.EACCES, "HTTP 403 FORBIDDEN_ERR")
     assert len(kms_requests(emu, "/metadata")) == 2   # 403 is not retried
 
 

@@ -269,7 +269,7 @@ int vol_kms_open(struct vol *v, const char *what)
 	r = kms_key_state(v->kms, &state, &err);
 	if (r == -EKEYREVOKED) {
 		state = KMS_STATE_DESTROYED;
-	} else if (r == -ENOKEY) {
+	} else if (r == -ENOKEY || r == -EACCES) {
 		log_err("key '%s' is not usable: %s%s", v->vol.key, err.msg[0] ? err.msg : strerror(-r),
 			what ? "" : ": contents are unavailable");
 		return KEYFS_EXIT_LOCKED;

@@ -47,11 +47,13 @@ struct kms;
 /*
  * Errors (negative errno) shared by all backends:
  *   -ENOENT       key unknown (never created)              -EKEYREVOKED  key destroyed or purged
- *   -ENOKEY       key suspended, pre-active, or access denied -EKEYEXPIRED  key deactivated: wrap refused
+ *   -ENOKEY       key suspended or pre-active              -EKEYEXPIRED  key deactivated: wrap refused
+ *   -EACCES       access to the key denied: Key Protect 401 after a fresh token, 403, or IAM
+ *                 refusing the API key; local: keystore or key file not readable
  *   -EBADMSG      wrapped DEK does not unwrap (wrong key, AAD or corrupt)
- *   -EACCES       keystore or credentials not readable     -EHOSTUNREACH, -ETIMEDOUT  service unreachable
- *   -EINVAL       bad configuration                         -EIO          anything else
- *   -ECANCELED    kms_cancel was called
+ *   -EHOSTUNREACH, -ETIMEDOUT  service unreachable         -EINVAL       bad configuration
+ *   -EIO          anything else
+ *   -ECANCELED    kms_cancel was called, or kms_interrupt while the call was under way
  */
 
 /* Open the backend the volume names. Checks configuration and that the keystore or credentials
@@ -83,6 +85,10 @@ void kms_forget(struct kms *k);
 /* End every call under way at once and refuse new ones with -ECANCELED, for good: a daemon
  * that has unmounted stops without waiting out a request timeout of the key service. */
 void kms_cancel(struct kms *k);
+
+/* End every call under way now with -ECANCELED (a stalled one included); calls made afterwards
+ * work as usual. A lock calls this so that it never waits for the key service. Thread-safe. */
+void kms_interrupt(struct kms *k);
 
 /* Current state of the root key (enum kms_key_state). On success err may still carry a line
  * naming the answer (Key Protect: its correlation id), for the log of a transition. */
