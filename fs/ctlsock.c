@@ -1,4 +1,4 @@
-/* ctlsock.c: the control socket server (include/keyfs/control.h): one thread, one request per connection */
+/* ctlsock.c: the control socket server (include/keyfs/control.h): one thread per connection, one request each */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -21,6 +21,10 @@
 #include "fs.h"
 #include "keystate.h"
 
+/* Connections served at once; one more is refused at once. A lock request waits for the lock
+ * thread and a slow peer for its request line: neither may keep status from answering. */
+#define CONTROL_CLIENTS_MAX 8
+
 struct control {
 	struct keystate *ks;
 	int listen_fd;
@@ -28,6 +32,15 @@ struct control {
 	bool started;
 	pthread_t thread;
 	struct sockaddr_un addr;
+	pthread_mutex_t lock;
+	pthread_cond_t gone;            /* lock: a client thread ended */
+	int client_fd[CONTROL_CLIENTS_MAX];     /* lock: -1 when the slot is free */
+	unsigned nclients;              /* lock */
+};
+
+struct client {
+	struct control *c;
+	unsigned slot;
 };
 
 static void answer(int fd, const char *text)
@@ -82,10 +95,14 @@ static void serve_one(struct control *c, int fd)
 	req[got] = '\0';
 	if (strcmp(req, "lock\n") == 0) {
 		log_info("manual lock requested (uid %u)", (unsigned)cred.uid);
-		keystate_manual(c->ks, true);
+		if (keystate_manual(c->ks, true) < 0)
+			log_warn("manual lock: not carried out within %d s; answering the status as it is",
+				 KS_MANUAL_WAIT_MS / 1000);
 	} else if (strcmp(req, "unlock\n") == 0) {
 		log_info("manual unlock requested (uid %u)", (unsigned)cred.uid);
-		keystate_manual(c->ks, false);
+		if (keystate_manual(c->ks, false) < 0)
+			log_warn("manual unlock: not carried out within %d s; answering the status as it is",
+				 KS_MANUAL_WAIT_MS / 1000);
 	} else if (strcmp(req, "status\n") != 0) {
 		answer_error(fd, "unknown request: expected status, lock or unlock");
 		return;
@@ -94,6 +111,63 @@ static void serve_one(struct control *c, int fd)
 		answer_error(fd, "status too large");
 	else
 		answer(fd, out);
+}
+
+static void *client_thread(void *arg)
+{
+	struct client *cl = arg;
+	struct control *c = cl->c;
+	int fd;
+
+	pthread_mutex_lock(&c->lock);
+	fd = c->client_fd[cl->slot];
+	pthread_mutex_unlock(&c->lock);
+	serve_one(c, fd);
+	pthread_mutex_lock(&c->lock);
+	c->client_fd[cl->slot] = -1;
+	close(fd);
+	c->nclients--;
+	pthread_cond_broadcast(&c->gone);
+	pthread_mutex_unlock(&c->lock);
+	free(cl);
+	return NULL;
+}
+
+/* Serve fd on a thread of its own; refuse it when CONTROL_CLIENTS_MAX are being served. */
+static void dispatch(struct control *c, int fd)
+{
+	struct client *cl = NULL;
+	pthread_attr_t attr;
+	pthread_t t;
+	unsigned slot = CONTROL_CLIENTS_MAX;
+
+	pthread_mutex_lock(&c->lock);
+	for (unsigned i = 0; i < CONTROL_CLIENTS_MAX && slot == CONTROL_CLIENTS_MAX; i++)
+		if (c->client_fd[i] < 0)
+			slot = i;
+	if (slot < CONTROL_CLIENTS_MAX && (cl = malloc(sizeof(*cl)))) {
+		*cl = (struct client){ .c = c, .slot = slot };
+		c->client_fd[slot] = fd;
+		c->nclients++;
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (!cl) {
+		answer_error(fd, "busy: too many control requests at once, try again");
+		close(fd);
+		return;
+	}
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&t, &attr, client_thread, cl) != 0) {
+		pthread_mutex_lock(&c->lock);
+		c->client_fd[slot] = -1;
+		c->nclients--;
+		pthread_mutex_unlock(&c->lock);
+		free(cl);
+		answer_error(fd, "busy: cannot start a thread for the request, try again");
+		close(fd);
+	}
+	pthread_attr_destroy(&attr);
 }
 
 static void *control_thread(void *arg)
@@ -115,8 +189,7 @@ static void *control_thread(void *arg)
 		fd = accept4(c->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 		if (fd < 0)
 			continue;
-		serve_one(c, fd);
-		close(fd);
+		dispatch(c, fd);
 	}
 	return NULL;
 }
@@ -145,6 +218,10 @@ int control_start(struct keyfs *fs, struct keystate *ks, struct control **ret)
 		return -ENOMEM;
 	c->ks = ks;
 	c->listen_fd = c->stop_pipe[0] = c->stop_pipe[1] = -1;
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_cond_init(&c->gone, NULL);
+	for (unsigned i = 0; i < CONTROL_CLIENTS_MAX; i++)
+		c->client_fd[i] = -1;
 	*ret = c;
 	c->addr.sun_family = AF_UNIX;
 	if (control_socket_dir(geteuid(), dir, sizeof(dir)) < 0 ||
@@ -190,6 +267,17 @@ void control_stop(struct control *c)
 			log_warn("control: cannot stop the control thread: %s", strerror(errno));
 		pthread_join(c->thread, NULL);
 	}
+	/* Client threads: a peer still sending its request is cut off; a lock request ends when
+	 * the key state stops (the caller frees it after this). */
+	pthread_mutex_lock(&c->lock);
+	for (unsigned i = 0; i < CONTROL_CLIENTS_MAX; i++)
+		if (c->client_fd[i] >= 0)
+			shutdown(c->client_fd[i], SHUT_RDWR);
+	while (c->nclients > 0)
+		pthread_cond_wait(&c->gone, &c->lock);
+	pthread_mutex_unlock(&c->lock);
+	pthread_cond_destroy(&c->gone);
+	pthread_mutex_destroy(&c->lock);
 	if (c->listen_fd >= 0) {
 		close(c->listen_fd);
 		unlink(c->addr.sun_path);

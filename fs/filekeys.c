@@ -170,7 +170,8 @@ static int slot_open(struct keyfs *fs, const char *label, const struct fmt_heade
 			log_msg(lvl, "%s: wrapped by key '%s', not by this volume's key '%s'", label, h->key_id,
 				kms_key_id(fs->kms));
 		else
-			log_msg(lvl, "%s: %s", label, err.msg);
+			/* Interrupted by a lock: the lock is what gets logged. */
+			log_msg(r == -ECANCELED ? LOG_LEVEL_DEBUG : lvl, "%s: %s", label, err.msg);
 		return r;
 	}
 	fmt_keys_derive(dek, keys);
@@ -348,9 +349,12 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 		 * so nothing else writes this file meanwhile; a prefetch sees keys_loading and skips. */
 		if (r == 0 && !ld.keys && create)
 			r = keys_create(fs, label, fd, &ld);
-		/* The KMS says the key is unusable: the poller finds out now, not at its next poll. */
+		/* The KMS says the key is unusable or access is denied: the mount finds out now. */
 		keystate_poke(fs->ks, r);
-		if (r < 0)
+		/* Locked meanwhile (a call under way is interrupted then): answer as the lock does. */
+		if (r < 0 && keystate_check(fs->ks, KS_OP_OPEN))
+			r = -keystate_check(fs->ks, KS_OP_OPEN);
+		else if (r < 0)
 			r = file_errno(r);
 
 		pthread_mutex_lock(&inode->keys_lock);

@@ -1,4 +1,4 @@
-/* keystate.c: the poller thread and the lock state machine: when contents are served, and how a lock is carried out */
+/* keystate.c: the poller (asks the key service, records what it hears) and the lock thread (decides and carries out locks) */
 #include <errno.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -13,105 +13,114 @@
 #include "keyfs/util.h"
 
 #include "bgthread.h"
-#include "dekpool.h"
-#include "filekeys.h"
-#include "fs.h"
 #include "keystate.h"
+#include "lockdecision.h"
 #include "notify.h"
-#include "prefetch.h"
 
 enum phase { PHASE_UNLOCKED, PHASE_LOCKING, PHASE_LOCKED };
 
-enum reason {
-	REASON_NONE,
-	REASON_SUSPENDED,
-	REASON_DESTROYED,
-	REASON_REVOKED,
-	REASON_UNREACHABLE,
-	REASON_MANUAL,
-};
-
-static const char *const reason_names[] = {
-	[REASON_NONE] = NULL,
-	[REASON_SUSPENDED] = "key-suspended",
-	[REASON_DESTROYED] = "key-destroyed",
-	[REASON_REVOKED] = "access-revoked",
-	[REASON_UNREACHABLE] = "kms-unreachable",
-	[REASON_MANUAL] = "manual",
-};
-
 /* During an outage within grace, one log line this often: not one per poll. */
 #define OUTAGE_LOG_EVERY 300.0
-
-/* What the KMS answers mean for the mount: the pure part of the state machine. */
-struct verdict {
-	bool locked;
-	enum reason reason;
-	int err;                /* ENOKEY or EKEYREVOKED when locked */
-	bool no_create;         /* deactivated key: existing files only */
-};
+/* While a lock is carried out, key service calls are interrupted this often: one that started
+ * just after an interrupt must not hold a content lock the lock is waiting for. */
+#define INTERRUPT_EVERY_MS 50
+#define WHY_MAX (KMS_ERR_MAX + 96)
 
 /*
- * The poller thread alone changes the phase and carries out locks and unlocks: transitions are
- * never made inside a request handler (cache invalidations from there can deadlock the kernel).
+ * Observation and action are apart. The poller thread only asks the key service and records
+ * the answer; request handlers record what their wraps and unwraps heard (keystate_poke); the
+ * lock thread alone decides (ks_decide) and carries out transitions, so neither a stalled key
+ * service nor a request handler ever waits for a lock, and a lock never waits for the service.
  * phase, err and no_create are atomics read by every contents operation; the rest is under lock.
  */
 struct keystate {
-	struct keyfs *fs;
-	unsigned poll, grace;
+	struct keystate_config cfg;
 
 	_Atomic int phase;
 	_Atomic int err;
 	_Atomic bool no_create;
 
 	pthread_mutex_t lock;
-	pthread_cond_t wake;            /* lock: the poller waits on it; manual requests wait on applied */
-	pthread_cond_t applied;
+	pthread_cond_t wake;            /* lock: the poller waits on it */
+	pthread_cond_t decide;          /* lock: the lock thread waits on it */
+	pthread_cond_t applied;         /* lock: manual requests wait on it */
+	pthread_cond_t calm;            /* lock: interrupting ended (the interrupter and the poller wait) */
 	bool poked;                     /* lock: poll now */
 	bool stop;                      /* lock */
 	bool manual;                    /* lock: keyfsctl lock is in force */
 	unsigned manual_seq, applied_seq;       /* lock: manual requests asked and carried out */
-	struct verdict verdict;         /* lock: the current one */
-	int key_state;                  /* lock: last state the KMS gave, -1 before any */
-	char last_poll[32];             /* lock: RFC 3339 of the last answer (good or bad) */
-	struct timespec last_good;      /* lock: CLOCK_MONOTONIC of the last definite answer */
-	double outage_logged;           /* lock: seconds into the current outage of its last log line; <0: none */
+	bool interrupting;              /* lock: a lock is being carried out */
+
+	/* Observations, under lock; times are CLOCK_MONOTONIC seconds. */
+	int key_state;                  /* newest key state heard (KMS_STATE_PURGED for 404) */
+	bool revoked;                   /* the access-revoked latch */
+	bool poll_failed;               /* the newest poll got no definite answer */
+	bool polling;                   /* a poll is waiting for its answer, since poll_since */
+	double poll_since;
+	double poke_at;                 /* newest poke: a poll sent before it says nothing newer */
+	double last_good;               /* newest definite answer */
+	double outage_logged;           /* seconds into the current outage of its last log line; <0: none */
+	char last_poll[32];             /* RFC 3339 of the newest poll answer (good or bad) */
+	char why[KMS_ERR_MAX];          /* what the newest observation said, for the log */
+	char outage_why[KMS_ERR_MAX];   /* why the newest poll failed */
+
+	struct ks_verdict verdict;      /* lock: the one in force (applied) */
 	bool started;
-	pthread_t thread;
+	pthread_t poller_thread, lock_thread;
 };
 
-static struct verdict verdict_of_state(int state)
+static double mono_now(void)
 {
-	switch (state) {
-	case KMS_STATE_ACTIVE:
-		return (struct verdict){ .locked = false };
-	case KMS_STATE_DEACTIVATED:
-		return (struct verdict){ .locked = false, .no_create = true };
-	case KMS_STATE_DESTROYED:
-	case KMS_STATE_PURGED:
-		return (struct verdict){ .locked = true, .reason = REASON_DESTROYED, .err = EKEYREVOKED };
-	default:        /* suspended, pre-active, anything unknown: not usable, maybe later */
-		return (struct verdict){ .locked = true, .reason = REASON_SUSPENDED, .err = ENOKEY };
-	}
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-int keystate_new(struct keyfs *fs, unsigned poll, unsigned grace, int initial_state, struct keystate **ret)
+static struct timespec mono_at(double t)
+{
+	struct timespec ts;
+
+	ts.tv_sec = (time_t)t;
+	ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+	if (ts.tv_nsec >= 1000000000L) {
+		ts.tv_sec++;
+		ts.tv_nsec -= 1000000000L;
+	}
+	return ts;
+}
+
+/* The observations as of now: the only place the clock meets the decision. Called with lock. */
+static struct ks_observed observed_locked(const struct keystate *ks, double now)
+{
+	return (struct ks_observed){
+		.key_state = ks->key_state,
+		.unreachable = ks->poll_failed || (ks->polling && now - ks->poll_since > KS_STALL_MS / 1000.0),
+		.quiet = now - ks->last_good,
+		.grace = ks->cfg.grace,
+		.manual = ks->manual,
+		.revoked = ks->revoked,
+	};
+}
+
+int keystate_new(const struct keystate_config *cfg, struct keystate **ret)
 {
 	struct keystate *ks = calloc(1, sizeof(*ks));
 
 	if (!ks)
 		return -ENOMEM;
-	ks->fs = fs;
-	ks->poll = poll;
-	ks->grace = grace;
+	ks->cfg = *cfg;
 	pthread_mutex_init(&ks->lock, NULL);
 	bgthread_cond_init(&ks->wake);
+	bgthread_cond_init(&ks->decide);
 	bgthread_cond_init(&ks->applied);
-	ks->verdict = verdict_of_state(initial_state);
-	ks->key_state = initial_state;
-	util_now_rfc3339(ks->last_poll);
-	clock_gettime(CLOCK_MONOTONIC, &ks->last_good);
+	bgthread_cond_init(&ks->calm);
+	ks->key_state = cfg->initial_state;
+	ks->last_good = mono_now();
+	ks->poke_at = -1;
 	ks->outage_logged = -1;
+	util_now_rfc3339(ks->last_poll);
+	ks->verdict = ks_decide(&(struct ks_observed){ .key_state = cfg->initial_state, .grace = cfg->grace });
 	/* Nothing is cached yet: a mount that starts locked has nothing to flush or wipe. */
 	atomic_store(&ks->phase, ks->verdict.locked ? PHASE_LOCKED : PHASE_UNLOCKED);
 	atomic_store(&ks->err, ks->verdict.err);
@@ -136,93 +145,132 @@ bool keystate_locked(struct keystate *ks)
 	return atomic_load(&ks->phase) != PHASE_UNLOCKED;
 }
 
+void keystate_refuse_writes(struct keystate *ks)
+{
+	atomic_store_explicit(&ks->phase, PHASE_LOCKED, memory_order_release);
+}
+
 void keystate_poke(struct keystate *ks, int r)
 {
-	if (r != -ENOKEY && r != -EKEYREVOKED && r != -EKEYEXPIRED)
+	int state;
+
+	switch (r) {
+	case -ENOKEY:
+		state = KMS_STATE_SUSPENDED;
+		break;
+	case -EKEYREVOKED:
+		state = KMS_STATE_DESTROYED;
+		break;
+	case -EKEYEXPIRED:
+		state = KMS_STATE_DEACTIVATED;
+		break;
+	case -EACCES:
+		state = -1;
+		break;
+	default:
 		return;
+	}
 	pthread_mutex_lock(&ks->lock);
+	if (state < 0) {
+		if (!ks->revoked)
+			snprintf(ks->why, sizeof(ks->why), "a wrap or unwrap was refused: access denied");
+		ks->revoked = true;
+	} else {
+		/* The newest answer about the key: a poll already under way may be older. */
+		if (ks->key_state != state)
+			snprintf(ks->why, sizeof(ks->why), "a wrap or unwrap found the key %s", kms_state_name(state));
+		ks->key_state = state;
+		ks->poke_at = mono_now();
+	}
 	ks->poked = true;
 	pthread_cond_signal(&ks->wake);
+	pthread_cond_signal(&ks->decide);
 	pthread_mutex_unlock(&ks->lock);
 }
 
-void keystate_manual(struct keystate *ks, bool lock)
+int keystate_manual(struct keystate *ks, bool lock)
 {
+	struct timespec deadline = bgthread_deadline(KS_MANUAL_WAIT_MS);
 	unsigned seq;
+	int r = 0;
 
 	pthread_mutex_lock(&ks->lock);
 	ks->manual = lock;
 	seq = ++ks->manual_seq;
-	ks->poked = true;
-	pthread_cond_signal(&ks->wake);
-	/* The poller applies requests in order; wait for ours (or for the end of the mount). */
-	while (ks->started && !ks->stop && ks->applied_seq < seq)
-		pthread_cond_wait(&ks->applied, &ks->lock);
+	pthread_cond_signal(&ks->decide);
+	/* The lock thread applies requests in order; wait for ours, not for the key service. */
+	while (ks->started && !ks->stop && ks->applied_seq < seq && r == 0)
+		r = -pthread_cond_timedwait(&ks->applied, &ks->lock, &deadline);
 	pthread_mutex_unlock(&ks->lock);
+	return r;
 }
 
-static void invalidate(struct keyfs *fs, struct kfs_inode **inodes, size_t n)
-{
-	for (size_t i = 0; i < n; i++) {
-		int r = fuse_lowlevel_notify_inval_inode(fs->se, inode_node_id(inodes[i]), 0, 0);
+/* ---- carrying out a lock ---- */
 
-		if (r < 0 && r != -ENOENT)
-			log_warn("lock: cache invalidation of an inode failed: %s", strerror(-r));
+/* While a lock is carried out: interrupt every key service call, now and every 50 ms. */
+static void *interrupter(void *arg)
+{
+	struct keystate *ks = arg;
+
+	pthread_mutex_lock(&ks->lock);
+	while (ks->interrupting) {
+		struct timespec next = bgthread_deadline(INTERRUPT_EVERY_MS);
+
+		pthread_mutex_unlock(&ks->lock);
+		kms_interrupt(ks->cfg.kms);
+		pthread_mutex_lock(&ks->lock);
+		if (ks->interrupting)
+			pthread_cond_timedwait(&ks->calm, &ks->lock, &next);
+	}
+	pthread_mutex_unlock(&ks->lock);
+	return NULL;
+}
+
+static void interrupting(struct keystate *ks, bool on, pthread_t *thread, bool *started)
+{
+	pthread_mutex_lock(&ks->lock);
+	ks->interrupting = on;
+	pthread_cond_broadcast(&ks->calm);
+	pthread_mutex_unlock(&ks->lock);
+	if (on) {
+		kms_interrupt(ks->cfg.kms);
+		*started = bgthread_start(thread, interrupter, ks) == 0;
+	} else if (*started) {
+		pthread_join(*thread, NULL);
 	}
 }
 
-/* Drop cached plaintext and keys of every file: steps 2 to 4 of docs/LOCKING.md. */
-static void lockdown(struct keystate *ks)
+/* Carry out a change of verdict. Called by the lock thread only, without ks->lock. */
+static void transition(struct keystate *ks, const struct ks_verdict *was, const struct ks_verdict *now,
+		       const char *why)
 {
-	struct keyfs *fs = ks->fs;
-	struct kfs_inode **inodes = NULL;
-	size_t n = 0, wiped = 0, pooled;
-
-	pooled = dekpool_drain(fs->pool);
-	dekpool_pause(fs->pool, true);
-	if (fs->prefetch)
-		prefetch_clear(fs->prefetch);
-	/* Every inode the kernel knows: it may have pages cached or mapped, however it was opened.
-	 * Dirty pages of shared mappings come back as writes, still accepted while locking. */
-	n = inode_table_snapshot(&fs->table, &inodes);
-	invalidate(fs, inodes, n);
-	atomic_store_explicit(&ks->phase, PHASE_LOCKED, memory_order_release);
-	/* Exclusive content lock: a read or write still running with the keys finishes first. */
-	for (size_t i = 0; i < n; i++) {
-		pthread_rwlock_wrlock(&inodes[i]->content);
-		wiped += filekeys_forget(fs, inodes[i]);
-		pthread_rwlock_unlock(&inodes[i]->content);
-	}
-	/* A read that passed its check just before locking began may have filled pages after the
-	 * first pass; it has finished now (content locks), and no read succeeds any more. */
-	invalidate(fs, inodes, n);
-	inode_table_release(&fs->table, inodes, n);
-	kms_forget(fs->kms);
-	log_info("lock: caches of %zu files invalidated, %zu file keys and %zu pooled keys wiped", n, wiped, pooled);
-}
-
-/* Carry out a change of verdict. Called by the poller only, without ks->lock. */
-static void transition(struct keystate *ks, const struct verdict *was, const struct verdict *now, const char *why)
-{
-	const char *key = ks->fs->vol.key;
+	const char *key = ks->cfg.key;
+	const char *name = ks_reason_name(now->reason);
 
 	if (now->locked && !was->locked) {
+		pthread_t thread;
+		bool started = false;
+
+		/* Step 1: refuse opens and reads; then nothing waits for the key service. */
 		atomic_store(&ks->err, now->err);
 		atomic_store_explicit(&ks->phase, PHASE_LOCKING, memory_order_release);
-		lockdown(ks);
-		log_warn("locked (%s): key '%s'%s%s", reason_names[now->reason], key, why[0] ? ": " : "", why);
-		notify_send("STATUS=locked (%s): key %s", reason_names[now->reason], key);
+		interrupting(ks, true, &thread, &started);
+		ks->cfg.hooks.lockdown(ks->cfg.hooks.ctx, ks);
+		keystate_refuse_writes(ks);
+		kms_forget(ks->cfg.kms);
+		interrupting(ks, false, &thread, &started);
+		log_warn("locked (%s): key '%s'%s%s", name, key, why[0] ? ": " : "", why);
+		notify_send("STATUS=locked (%s): key %s", name, key);
 	} else if (now->locked) {
 		/* Still locked, for another reason: the errno follows the worse news. */
 		atomic_store(&ks->err, now->err);
 		if (now->reason != was->reason) {
-			log_warn("still locked, now %s: key '%s'%s%s", reason_names[now->reason], key,
-				 why[0] ? ": " : "", why);
-			notify_send("STATUS=locked (%s): key %s", reason_names[now->reason], key);
+			log_warn("still locked, now %s: key '%s'%s%s", name, key, why[0] ? ": " : "", why);
+			notify_send("STATUS=locked (%s): key %s", name, key);
 		}
 	} else if (was->locked) {
 		atomic_store(&ks->no_create, now->no_create);
-		dekpool_pause(ks->fs->pool, false);
+		ks->cfg.hooks.unlocked(ks->cfg.hooks.ctx);
 		atomic_store_explicit(&ks->phase, PHASE_UNLOCKED, memory_order_release);
 		log_info("unlocked: key '%s' is usable again%s%s", key, why[0] ? ": " : "", why);
 		notify_send("STATUS=unlocked: key %s%s", key, now->no_create ? " (deactivated: no new files)" : "");
@@ -234,70 +282,193 @@ static void transition(struct keystate *ks, const struct verdict *was, const str
 	}
 }
 
-/* One poll: ask the KMS and decide. Returns the verdict; *why gets a message worth logging. */
-static struct verdict poll_once(struct keystate *ks, const struct verdict *prev, char *why, size_t whylen)
+/* The message a transition to v logs. Called with lock. */
+static void why_of(const struct keystate *ks, const struct ks_verdict *v, const struct ks_observed *o,
+		   char *why, size_t size)
 {
-	struct kms_err err = { .msg = "" };
-	struct timespec now;
-	struct verdict v;
-	int state = -1, r;
+	if (v->reason == KS_REASON_UNREACHABLE && ks->poll_failed)
+		snprintf(why, size, "no answer for %lu s (grace %u s): %s", (unsigned long)o->quiet, o->grace,
+			 ks->outage_why);
+	else if (v->reason == KS_REASON_UNREACHABLE)
+		snprintf(why, size, "no answer for %lu s (grace %u s): a key poll has waited %lu ms for its answer",
+			 (unsigned long)o->quiet, o->grace, (unsigned long)((mono_now() - ks->poll_since) * 1000));
+	else if (v->reason == KS_REASON_MANUAL)
+		snprintf(why, size, "requested with keyfsctl lock");
+	else
+		snprintf(why, size, "%s", ks->why);
+}
 
-	r = kms_key_state(ks->fs->kms, &state, &err);
-	/* Cancelled because the mount is gone: no verdict, nothing to log. */
-	if (r == -ECANCELED) {
-		why[0] = '\0';
-		return *prev;
-	}
-	clock_gettime(CLOCK_MONOTONIC, &now);
+/* When the observations change by themselves: a poll becomes stalled, or grace runs out. */
+static struct timespec next_look(const struct keystate *ks, double now)
+{
+	double at = now + 1.0;
+	double stalled = ks->poll_since + KS_STALL_MS / 1000.0 + 0.001;
+	double graceless = ks->last_good + ks->cfg.grace + 0.001;
+
+	if (ks->polling && stalled > now && stalled < at)
+		at = stalled;
+	if ((ks->polling || ks->poll_failed) && graceless > now && graceless < at)
+		at = graceless;
+	return mono_at(at);
+}
+
+static void *lock_thread(void *arg)
+{
+	struct keystate *ks = arg;
+
 	pthread_mutex_lock(&ks->lock);
-	util_now_rfc3339(ks->last_poll);
-	/* An outage is logged when it starts, every OUTAGE_LOG_EVERY s while it lasts, and when it ends. */
-	if (r == 0 || r == -EKEYREVOKED || r == -ENOKEY || r == -EACCES) {
-		if (ks->outage_logged >= 0)
-			log_info("key service answers again after %.0f s without an answer",
-				 (double)(now.tv_sec - ks->last_good.tv_sec));
-		ks->outage_logged = -1;
-	}
-	if (r == 0) {
-		ks->key_state = state;
-		ks->last_good = now;
-		v = verdict_of_state(state);
-		if (err.msg[0])
-			snprintf(why, whylen, "%s", err.msg);
-		else
-			snprintf(why, whylen, "the key service reports it %s", kms_state_name(state));
-	} else if (r == -EKEYREVOKED) {
-		ks->last_good = now;
-		ks->key_state = KMS_STATE_PURGED;
-		v = verdict_of_state(KMS_STATE_PURGED);
-		snprintf(why, whylen, "%s", err.msg);
-	} else if (r == -ENOKEY || r == -EACCES) {
-		/* The client already retried with a fresh token: access itself is revoked. */
-		ks->last_good = now;
-		v = (struct verdict){ .locked = true, .reason = REASON_REVOKED, .err = ENOKEY };
-		snprintf(why, whylen, "%s", err.msg);
-	} else {
-		double quiet = (double)(now.tv_sec - ks->last_good.tv_sec) +
-			       (double)(now.tv_nsec - ks->last_good.tv_nsec) / 1e9;
+	while (!ks->stop) {
+		double now = mono_now();
+		struct ks_observed o = observed_locked(ks, now);
+		struct ks_verdict v = ks_decide(&o), was = ks->verdict;
+		unsigned seq = ks->manual_seq;
+		struct timespec next;
+		char why[WHY_MAX];
 
-		if (quiet > ks->grace) {
-			v = (struct verdict){ .locked = true, .reason = REASON_UNREACHABLE, .err = ENOKEY };
-			snprintf(why, whylen, "no answer for %.0f s (grace %u s): %s", quiet, ks->grace, err.msg);
-		} else {
-			/* Within grace an outage changes nothing, the lock it may have caused included. */
-			v = *prev;
-			if ((!prev->locked || prev->reason != REASON_UNREACHABLE) &&
-			    (ks->outage_logged < 0 || quiet - ks->outage_logged >= OUTAGE_LOG_EVERY)) {
-				log_warn("key service unreachable for %.0f s (grace %u s): %s", quiet, ks->grace, err.msg);
-				ks->outage_logged = quiet;
-			}
-			why[0] = '\0';
+		if (!ks_verdict_equal(&v, &was)) {
+			why_of(ks, &v, &o, why, sizeof(why));
+			pthread_mutex_unlock(&ks->lock);
+			transition(ks, &was, &v, why);
+			pthread_mutex_lock(&ks->lock);
+			ks->verdict = v;
+		}
+		if (ks->applied_seq < seq) {
+			ks->applied_seq = seq;
+			pthread_cond_broadcast(&ks->applied);
+		}
+		/* Something may have changed during a transition: look again before sleeping. */
+		if (!ks_verdict_equal(&v, &was) || ks->manual_seq != seq)
+			continue;
+		next = next_look(ks, now);
+		pthread_cond_timedwait(&ks->decide, &ks->lock, &next);
+	}
+	pthread_mutex_unlock(&ks->lock);
+	return NULL;
+}
+
+/* ---- polling ---- */
+
+/* While access is revoked: wrap a throwaway key and unwrap it, as keyfsctl init proves a key.
+ * Returns 0 when both work, else the errno of the first that failed. */
+static int probe_access(struct keystate *ks, struct kms_err *err)
+{
+	static const char zero_id[] = "00000000000000000000000000000000";
+	const char *aad[KMS_AAD_COUNT] = { ks->cfg.volume, zero_id };
+	uint8_t *dek = sodium_malloc(2 * FMT_DEK_SIZE);
+	struct kms_wrapped w;
+	bool rewrapped;
+	int r;
+
+	if (!dek)
+		return -ENOMEM;
+	randombytes_buf(dek, FMT_DEK_SIZE);
+	r = kms_wrap(ks->cfg.kms, dek, aad, KMS_AAD_COUNT, &w, err);
+	if (r == 0)
+		r = kms_unwrap(ks->cfg.kms, w.blob, w.len, aad, KMS_AAD_COUNT, dek + FMT_DEK_SIZE, NULL, &rewrapped,
+			       err);
+	if (r == 0 && sodium_memcmp(dek, dek + FMT_DEK_SIZE, FMT_DEK_SIZE) != 0)
+		r = -EBADMSG;
+	sodium_free(dek);
+	return r;
+}
+
+/* Ask the key service, again after an interrupt (a lock under way). Returns its errno, or
+ * -ECANCELED once the poller is to stop. */
+static int ask(struct keystate *ks, int *state, struct kms_err *err)
+{
+	for (;;) {
+		int r = kms_key_state(ks->cfg.kms, state, err);
+
+		if (r != -ECANCELED)
+			return r;
+		/* Interrupted by a lock, or cancelled for good by the unmount (then stop follows). */
+		pthread_mutex_lock(&ks->lock);
+		if (ks->interrupting) {
+			while (!ks->stop && ks->interrupting)
+				pthread_cond_wait(&ks->calm, &ks->lock);
+		} else if (!ks->stop) {
+			struct timespec soon = bgthread_deadline(INTERRUPT_EVERY_MS);
+
+			pthread_cond_timedwait(&ks->calm, &ks->lock, &soon);
+		}
+		if (ks->stop) {
+			pthread_mutex_unlock(&ks->lock);
+			return -ECANCELED;
+		}
+		pthread_mutex_unlock(&ks->lock);
+		err->msg[0] = '\0';
+	}
+}
+
+/* One poll: ask the key service and record the answer, with the log lines an outage deserves. */
+static void poll_once(struct keystate *ks)
+{
+	struct kms_err err = { .msg = "" }, perr = { .msg = "" };
+	double sent, now;
+	int state = -1, r, probed = 1;
+	bool revoked;
+
+	pthread_mutex_lock(&ks->lock);
+	sent = ks->poll_since = mono_now();
+	ks->polling = true;
+	pthread_cond_signal(&ks->decide);
+	pthread_mutex_unlock(&ks->lock);
+
+	r = ask(ks, &state, &err);
+	if (r == -ECANCELED) {
+		pthread_mutex_lock(&ks->lock);
+		ks->polling = false;
+		pthread_mutex_unlock(&ks->lock);
+		return;
+	}
+	pthread_mutex_lock(&ks->lock);
+	revoked = ks->revoked;
+	pthread_mutex_unlock(&ks->lock);
+	/* The latch is cured only by the calls that set it working again. */
+	if (r == 0 && revoked)
+		probed = probe_access(ks, &perr);
+
+	now = mono_now();
+	pthread_mutex_lock(&ks->lock);
+	ks->polling = false;
+	util_now_rfc3339(ks->last_poll);
+	if (r == 0 || r == -EKEYREVOKED || r == -EACCES) {
+		/* An outage is logged when it starts, every OUTAGE_LOG_EVERY s while it lasts, and when it ends. */
+		if (ks->outage_logged >= 0)
+			log_info("key service answers again after %.0f s without an answer", now - ks->last_good);
+		ks->outage_logged = -1;
+		ks->poll_failed = false;
+		ks->last_good = now;
+	}
+	if ((r == 0 || r == -EKEYREVOKED) && sent >= ks->poke_at) {
+		ks->key_state = r == 0 ? state : KMS_STATE_PURGED;
+		if (err.msg[0])
+			snprintf(ks->why, sizeof(ks->why), "%s", err.msg);
+		else
+			snprintf(ks->why, sizeof(ks->why), "the key service reports it %s", kms_state_name(ks->key_state));
+	} else if (r == -EACCES) {
+		/* The client already retried with a fresh token: access itself is revoked. */
+		ks->revoked = true;
+		snprintf(ks->why, sizeof(ks->why), "%s", err.msg);
+	} else if (r < 0) {
+		double quiet = now - ks->last_good;
+
+		ks->poll_failed = true;
+		snprintf(ks->outage_why, sizeof(ks->outage_why), "%s", err.msg);
+		if (!(ks->verdict.locked && ks->verdict.reason == KS_REASON_UNREACHABLE) && quiet <= ks->cfg.grace &&
+		    (ks->outage_logged < 0 || quiet - ks->outage_logged >= OUTAGE_LOG_EVERY)) {
+			log_warn("key service unreachable for %.0f s (grace %u s): %s", quiet, ks->cfg.grace, err.msg);
+			ks->outage_logged = quiet;
 		}
 	}
-	if (!v.locked && ks->manual)
-		v = (struct verdict){ .locked = true, .reason = REASON_MANUAL, .err = ENOKEY, .no_create = v.no_create };
+	if (probed == 0 && ks->revoked) {
+		ks->revoked = false;
+		snprintf(ks->why, sizeof(ks->why), "a test wrap and unwrap work again");
+	} else if (revoked && r == 0 && probed < 0) {
+		log_debug("access probe: %s", perr.msg);
+	}
+	pthread_cond_signal(&ks->decide);
 	pthread_mutex_unlock(&ks->lock);
-	return v;
 }
 
 static void *poller(void *arg)
@@ -307,29 +478,17 @@ static void *poller(void *arg)
 	pthread_mutex_lock(&ks->lock);
 	while (!ks->stop) {
 		/* Spread a fleet's polls: each interval is poll ± 10 %. */
-		unsigned ms = ks->poll * 900u + randombytes_uniform(ks->poll * 200u + 1);
+		unsigned ms = ks->cfg.poll * 900u + randombytes_uniform(ks->cfg.poll * 200u + 1);
 		struct timespec deadline = bgthread_deadline(ms);
-		struct verdict was, now;
-		unsigned seq;
-		char why[KMS_ERR_MAX + 64];
 
 		while (!ks->stop && !ks->poked && !bgthread_reached(&deadline))
 			pthread_cond_timedwait(&ks->wake, &ks->lock, &deadline);
 		if (ks->stop)
 			break;
 		ks->poked = false;
-		seq = ks->manual_seq;
-		was = ks->verdict;
 		pthread_mutex_unlock(&ks->lock);
-
-		now = poll_once(ks, &was, why, sizeof(why));
-		transition(ks, &was, &now, why);
-
+		poll_once(ks);
 		pthread_mutex_lock(&ks->lock);
-		ks->verdict = now;
-		if (ks->applied_seq < seq)
-			ks->applied_seq = seq;
-		pthread_cond_broadcast(&ks->applied);
 	}
 	pthread_mutex_unlock(&ks->lock);
 	return NULL;
@@ -337,11 +496,21 @@ static void *poller(void *arg)
 
 int keystate_start(struct keystate *ks)
 {
-	int r = bgthread_start(&ks->thread, poller, ks);
+	int r = bgthread_start(&ks->lock_thread, lock_thread, ks);
 
-	if (r == 0)
-		ks->started = true;
-	return r;
+	if (r < 0)
+		return r;
+	r = bgthread_start(&ks->poller_thread, poller, ks);
+	if (r < 0) {
+		pthread_mutex_lock(&ks->lock);
+		ks->stop = true;
+		pthread_cond_broadcast(&ks->decide);
+		pthread_mutex_unlock(&ks->lock);
+		pthread_join(ks->lock_thread, NULL);
+		return r;
+	}
+	ks->started = true;
+	return 0;
 }
 
 void keystate_free(struct keystate *ks)
@@ -351,12 +520,18 @@ void keystate_free(struct keystate *ks)
 	pthread_mutex_lock(&ks->lock);
 	ks->stop = true;
 	pthread_cond_broadcast(&ks->wake);
+	pthread_cond_broadcast(&ks->decide);
 	pthread_cond_broadcast(&ks->applied);
+	pthread_cond_broadcast(&ks->calm);
 	pthread_mutex_unlock(&ks->lock);
-	if (ks->started)
-		pthread_join(ks->thread, NULL);
+	if (ks->started) {
+		pthread_join(ks->poller_thread, NULL);
+		pthread_join(ks->lock_thread, NULL);
+	}
 	pthread_cond_destroy(&ks->wake);
+	pthread_cond_destroy(&ks->decide);
 	pthread_cond_destroy(&ks->applied);
+	pthread_cond_destroy(&ks->calm);
 	pthread_mutex_destroy(&ks->lock);
 	free(ks);
 }
@@ -364,7 +539,7 @@ void keystate_free(struct keystate *ks)
 int keystate_status_json(struct keystate *ks, char *buf, size_t size)
 {
 	FILE *f = fmemopen(buf, size, "w");
-	struct verdict v;
+	struct ks_verdict v;
 	const char *reason;
 	long len;
 
@@ -372,25 +547,25 @@ int keystate_status_json(struct keystate *ks, char *buf, size_t size)
 		return -ENOBUFS;
 	pthread_mutex_lock(&ks->lock);
 	v = ks->verdict;
-	reason = v.locked ? reason_names[v.reason] : NULL;
+	reason = v.locked ? ks_reason_name(v.reason) : NULL;
 	fprintf(f, "{\"state\":\"%s\",\"reason\":", v.locked ? "locked" : "unlocked");
 	if (reason)
 		util_json_string(f, reason);
 	else
 		fputs("null", f);
 	fputs(",\"key\":", f);
-	util_json_string(f, ks->fs->vol.key);
+	util_json_string(f, ks->cfg.key);
 	/* A purged key (404) has no state number any more. */
 	if (ks->key_state < 0 || ks->key_state == KMS_STATE_PURGED)
 		fputs(",\"key_state\":null,\"last_poll\":", f);
 	else
 		fprintf(f, ",\"key_state\":%d,\"last_poll\":", ks->key_state);
 	util_json_string(f, ks->last_poll);
-	fprintf(f, ",\"poll\":%u,\"grace\":%u,\"deactivated\":%s,\"backing\":", ks->poll, ks->grace,
+	fprintf(f, ",\"poll\":%u,\"grace\":%u,\"deactivated\":%s,\"backing\":", ks->cfg.poll, ks->cfg.grace,
 		v.no_create ? "true" : "false");
-	util_json_string(f, ks->fs->backing);
+	util_json_string(f, ks->cfg.backing);
 	fputs(",\"mountpoint\":", f);
-	util_json_string(f, ks->fs->mountpoint);
+	util_json_string(f, ks->cfg.mountpoint);
 	fputs("}\n", f);
 	pthread_mutex_unlock(&ks->lock);
 	len = ftell(f);

@@ -1,11 +1,11 @@
-/* keystate.h: the mount's view of its root key: the poller thread and the lock state machine (docs/LOCKING.md) */
+/* keystate.h: the mount's view of its root key: the poller, the lock thread and the lock state machine (docs/LOCKING.md) */
 #ifndef KEYFS_FS_KEYSTATE_H
 #define KEYFS_FS_KEYSTATE_H
 
 #include <stdbool.h>
 #include <stddef.h>
 
-struct keyfs;
+struct kms;
 struct keystate;
 
 /* What a contents operation is about to do; each phase refuses a different set. */
@@ -21,29 +21,60 @@ enum ks_op {
 #define KS_POLL_MAX      86400
 #define KS_GRACE_MAX     (30 * 86400)
 
-/*
- * Set up the state from the key state read at startup (initial_state, enum kms_key_state): a key
- * that is suspended or destroyed starts the mount locked, so admins can still see what a shredded
- * volume holds. Nothing runs until keystate_start. Returns 0 or -ENOMEM.
- */
-int keystate_new(struct keyfs *fs, unsigned poll, unsigned grace, int initial_state, struct keystate **ret);
+/* How long keyfsctl lock/unlock wait for the lock thread before answering the status as it is. */
+#define KS_MANUAL_WAIT_MS 10000
 
-/* Start the poller; fs->se must be live (it sends cache invalidations). Returns 0 or -errno. */
+/* What a lock does to the rest of the daemon, called from the lock thread (never a request
+ * handler) while every key service call is being interrupted. */
+struct keystate_hooks {
+	void *ctx;
+	/* Steps 2 to 4 of docs/LOCKING.md: invalidate, call keystate_refuse_writes, wipe keys. */
+	void (*lockdown)(void *ctx, struct keystate *ks);
+	/* Unlocked again: resume what lockdown paused. */
+	void (*unlocked)(void *ctx);
+};
+
+struct keystate_config {
+	struct kms *kms;
+	const char *key;                /* the volume's key as it names it: status and log */
+	const char *volume;             /* volume uuid: associated data of the access probe */
+	const char *backing;            /* absolute, for status */
+	const char *mountpoint;         /* absolute, for status */
+	unsigned poll, grace;           /* seconds */
+	int initial_state;              /* enum kms_key_state read at startup */
+	struct keystate_hooks hooks;
+};
+
+/*
+ * Set up the state from the key state read at startup: a key that is suspended or destroyed
+ * starts the mount locked, so admins can still see what a shredded volume holds. The strings
+ * and kms must outlive the state. Nothing runs until keystate_start. Returns 0 or -ENOMEM.
+ */
+int keystate_new(const struct keystate_config *cfg, struct keystate **ret);
+
+/* Start the poller and the lock thread; the hooks must work from now on. Returns 0 or -errno. */
 int keystate_start(struct keystate *ks);
 
-/* Stop and join the poller. */
+/* Stop and join both threads. Call kms_cancel first, or a stalled poll is waited for. */
 void keystate_free(struct keystate *ks);
 
 /* 0 when op may go ahead now, else the errno to answer (ENOKEY, EKEYREVOKED). Cheap: atomics. */
 int keystate_check(struct keystate *ks, enum ks_op op);
 
-/* A wrap or unwrap answered that the key is unusable (errno r): poll now rather than later. */
+/* A wrap or unwrap failed with r: when the answer says the key is unusable or access is denied
+ * (-ENOKEY, -EKEYREVOKED, -EKEYEXPIRED, -EACCES), record it and lock at once if it calls for it,
+ * and poll now. Never waits: request handlers call it. */
 void keystate_poke(struct keystate *ks, int r);
 
-/* Manual lock (true) or unlock (false), applied by the poller; returns once it has been. */
-void keystate_manual(struct keystate *ks, bool lock);
+/* Manual lock (true) or unlock (false). Returns 0 once the lock thread has applied it, or
+ * -ETIMEDOUT after KS_MANUAL_WAIT_MS (it is still applied, later). */
+int keystate_manual(struct keystate *ks, bool lock);
 
-/* One line of JSON (docs/LOCKING.md) into buf. Returns its length or -ENOBUFS. */
+/* Step 3 of a lock: from now on writes are refused too. For the lockdown hook. */
+void keystate_refuse_writes(struct keystate *ks);
+
+/* One line of JSON (docs/LOCKING.md) into buf. Returns its length or -ENOBUFS. Never waits
+ * for the key service or for a lock under way. */
 int keystate_status_json(struct keystate *ks, char *buf, size_t size);
 
 /* Locked now (for an exit status or a summary). */

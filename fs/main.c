@@ -29,6 +29,7 @@
 #include "ctlsock.h"
 #include "dekpool.h"
 #include "keystate.h"
+#include "lockdown.h"
 #include "loop.h"
 #include "notify.h"
 #include "fs.h"
@@ -506,7 +507,7 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 		report_fd = daemon_fork();
 	lock_memory();                  /* after the fork: memory locks are not inherited */
 	code = open_kms(fs, &v);
-	if (code == 0 && keystate_new(fs, (unsigned)o->poll, (unsigned)o->grace, fs->initial_key_state, &fs->ks) < 0)
+	if (code == 0 && lockdown_keystate_new(fs, (unsigned)o->poll, (unsigned)o->grace, fs->initial_key_state, &fs->ks) < 0)
 		code = KEYFS_EXIT_FAILURE;
 	if (code == 0)
 		code = start_ahead(fs, o);

@@ -235,26 +235,29 @@ def test_no_prefetch_when_off(emu, kp_mount):
 def test_refused_wraps_fail_creates_and_back_off(emu, kp_mount):
     # The service refuses every wrap (403: access revoked) from the start.
     emu.add_fault("status", status=403, count=-1, match="/actions/wrap")
-    m = kp_mount("dek_pool=8", allow_errors=True)
+    m = kp_mount("dek_pool=8", "poll=1", allow_errors=True)
     wait_for(lambda: "cannot make keys for new files ahead" in m.stderr(), what="the pool's warning")
-    # A create falls back to a wrap of its own, which fails with the key's errno; no file is left.
-    with pytest.raises(OSError) as ei:
-        write_file(m.path("refused"), b"data")
-    assert ei.value.errno == errno.ENOKEY
-    assert not os.path.exists(m.bpath("refused"))
-    assert not os.path.exists(m.path("refused"))
     # The workers back off (1 s, 2 s, ...) instead of retrying at once: one warning per outage,
     # and a handful of attempts, not thousands.
     def refused():
         return len([e for e in emu.requests(kind="kms", path="/actions/wrap") if e["fault"]])
     # The workers probe one at a time, 1 s after the first failure, then 2 s later, 4 s later...
-    after_create = refused()
-    wait_for(lambda: refused() >= after_create + 2, what="two probes after a backoff")
+    first = refused()
+    wait_for(lambda: refused() >= first + 2, what="two probes after a backoff")
     assert m.stderr().count("cannot make keys for new files ahead") == 1
     assert refused() < 20
+    # A create falls back to a wrap of its own, which fails with the key's errno; no file is left.
+    # That refusal locks the mount (access-revoked, docs/LOCKING.md): the workers stop.
+    with pytest.raises(OSError) as ei:
+        write_file(m.path("refused"), b"data")
+    assert ei.value.errno == errno.ENOKEY
+    assert not os.path.exists(m.bpath("refused"))
+    assert not os.path.exists(m.path("refused"))
+    wait_for(lambda: "locked (access-revoked)" in m.stderr(), timeout=2, what="the access-revoked lock")
 
-    # Access restored: the next create works by itself, and the pool fills up again.
+    # Access restored: the next poll's probe unlocks the mount, creates work, the pool fills up again.
     emu.clear_faults()
+    wait_for(lambda: "unlocked: key" in m.stderr(), timeout=3, what="the unlock")
     write_file(m.path("works"), b"data")
     assert read_file(m.path("works")) == b"data"
     wait_for(lambda: log_matches(m, READY), what="the dek pool to fill")
