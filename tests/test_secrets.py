@@ -6,6 +6,7 @@
 # libsodium marks MADV_DONTDUMP: a reader of /proc/PID/mem sees those too), and looks for each
 # secret byte string in it.
 import base64
+import errno
 import json
 import os
 import secrets
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import EXIT_OK, KEYFSCTL, materials, read_file, run, write_file
+from helpers import EXIT_OK, KEYFSCTL, expect_errno, materials, read_file, run, write_file
 from kpemu import Emulator
 
 APIKEY = "kpi-secrets-" + secrets.token_hex(20)
@@ -59,6 +60,7 @@ def write_and_read(m, marker):
     files = {"f%d" % i: contents(marker, size) for i, size in enumerate(FILES)}
     for name, data in files.items():
         write_file(m.path(name), data)
+    write_file(m.path("cold"), contents(marker, 4096))      # its key is left unwrapped: see lock_and_wait
     m.umount()
     m.start()
     for name, data in files.items():
@@ -74,18 +76,18 @@ def status(m):
     return json.loads(r.stdout) if r.stdout.strip() else {}
 
 
-def lock_and_wait(m, suspended_state=2, timeout=20):
-    """keyfsctl lock, with the key already disabled: the poll it asks for finds the key suspended.
-    Returns once that poll has ended (key_state is set when the key service answered) and the
-    mount is locked; the next poll is an hour away."""
-    r = run([KEYFSCTL, "lock", m.mnt], timeout=timeout + 10)
-    assert r.returncode == EXIT_OK, r
+def lock_and_wait(m, timeout=20):
+    """With the key already disabled, open a file whose key this daemon never unwrapped: the
+    unwrap's answer locks the mount at once (docs/LOCKING.md), as a user's first read after a
+    suspend would. Returns once the mount is locked; the next poll is an hour away, so no key
+    service call is under way when the core is taken."""
+    expect_errno(errno.ENOKEY, read_file, m.path("cold"))
     deadline = time.monotonic() + timeout
     while True:
         st = status(m)
-        if st.get("state") == "locked" and st.get("key_state") == suspended_state:
+        if st.get("state") == "locked" and st.get("reason") == "key-suspended":
             return st
-        assert time.monotonic() < deadline, "not locked with the key suspended within %d s: %r" % (timeout, st)
+        assert time.monotonic() < deadline, "not locked as key-suspended within %d s: %r" % (timeout, st)
         time.sleep(0.05)
 
 
