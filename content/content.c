@@ -472,30 +472,159 @@ int content_truncate(const struct content_file *f, uint64_t size)
 	}
 }
 
+/* Make backing bytes [off, off + len) read as zeros, which is a hole for every full chunk in
+ * them. keep_alloc (ZERO_RANGE) prefers leaving the blocks allocated, like a local filesystem;
+ * otherwise (PUNCH_HOLE) it prefers freeing them. When the backing filesystem can do neither,
+ * zeros are written over the data it reports (what is already a backing hole stays one). */
+static int backing_zero(int fd, uint64_t off, uint64_t len, bool keep_alloc)
+{
+	static const uint8_t zeros[64u << 10];
+	const int modes[2] = {
+		(keep_alloc ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE) | FALLOC_FL_KEEP_SIZE,
+		(keep_alloc ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE,
+	};
+	uint64_t pos = off, end = off + len;
+
+	for (unsigned m = 0; m < 2; m++) {
+		if (fallocate(fd, modes[m], (off_t)off, (off_t)len) == 0)
+			return 0;
+		if (errno != EOPNOTSUPP)
+			return -errno;
+	}
+	while (pos < end) {
+		off_t data = lseek(fd, (off_t)pos, SEEK_DATA), hole;
+		uint64_t stop;
+
+		if (data < 0 && errno == ENXIO)
+			return 0;
+		if (data < 0) {
+			/* No SEEK_DATA here: treat the whole rest as data. */
+			data = (off_t)pos;
+			hole = (off_t)end;
+		} else {
+			hole = lseek(fd, data, SEEK_HOLE);
+			if (hole < 0)
+				hole = (off_t)end;
+		}
+		if ((uint64_t)data >= end)
+			return 0;
+		stop = (uint64_t)hole < end ? (uint64_t)hole : end;
+		for (pos = (uint64_t)data; pos < stop;) {
+			size_t n = stop - pos < sizeof(zeros) ? (size_t)(stop - pos) : sizeof(zeros);
+			int r = pwrite_full(fd, zeros, n, pos);
+
+			if (r < 0)
+				return r;
+			pos += n;
+		}
+	}
+	return 0;
+}
+
+/* Zero plaintext [from, to) of chunk idx of a file of plain size p, re-sealed at its length. A
+ * full chunk that is a hole already reads as zeros: it stays a hole. Sealing a hole would not
+ * be wrong, but turning a partly zeroed chunk into a hole would tell a backing reader that the
+ * rest of it was zero: only a chunk the range covers entirely becomes one (content_fallocate). */
+static int chunk_zero(const struct content_file *f, uint64_t idx, uint64_t p, size_t from, size_t to)
+{
+	uint8_t ct[FMT_CHUNK_DISK_SIZE], pt[FMT_CHUNK_SIZE];
+	size_t len = chunk_len(idx, p), ctlen = len + FMT_CHUNK_OVERHEAD;
+	ssize_t n;
+	int r;
+
+	n = util_pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
+	if (n < 0)
+		return (int)n;
+	if ((size_t)n != ctlen)
+		return -EIO;
+	if (len == CS && sodium_is_zero(ct, ctlen))
+		return 0;
+	r = fmt_chunk_open(f->keys, f->file_id, idx, ct, ctlen, pt);
+	if (r == (int)len) {
+		memset(pt + from, 0, to - from);
+		r = chunk_store(f, idx, pt, len);
+	} else {
+		r = -EIO;
+	}
+	sodium_memzero(pt, sizeof(pt));
+	return r;
+}
+
+/*
+ * Plaintext [off, end) of a file of plain size p (end <= p) reads as zeros afterwards. Full
+ * chunks inside the range become holes in the backing file; a chunk the range covers only in
+ * part, and the partial last chunk of the file (which must stay sealed at its exact length),
+ * are read, zeroed in the range and sealed again, so everything still authenticates.
+ */
+static int zero_range(const struct content_file *f, uint64_t p, uint64_t off, uint64_t end, bool keep_alloc)
+{
+	uint64_t c0 = off / CS, c1 = (end - 1) / CS, h0 = c0, h1 = c1 + 1;
+	int r;
+
+	if (off > c0 * CS || chunk_len(c0, p) < CS || end < c0 * CS + CS) {
+		size_t to = end < c0 * CS + chunk_len(c0, p) ? (size_t)(end - c0 * CS) : chunk_len(c0, p);
+
+		r = chunk_zero(f, c0, p, (size_t)(off - c0 * CS), to);
+		if (r < 0)
+			return r;
+		h0 = c0 + 1;
+	}
+	if (c1 >= h0 && (chunk_len(c1, p) < CS || end < c1 * CS + CS)) {
+		size_t to = end < c1 * CS + chunk_len(c1, p) ? (size_t)(end - c1 * CS) : chunk_len(c1, p);
+
+		r = chunk_zero(f, c1, p, 0, to);
+		if (r < 0)
+			return r;
+		h1 = c1;
+	}
+	if (h0 >= h1)
+		return 0;
+	return backing_zero(f->fd, fmt_chunk_offset(h0), (h1 - h0) * CDS, keep_alloc);
+}
+
 int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint64_t len)
 {
 	uint64_t b = 0, p, end, boff, bend;
+	int op = mode & ~FALLOC_FL_KEEP_SIZE;
+	bool keep = mode & FALLOC_FL_KEEP_SIZE;
 	int r;
 
-	if (mode & ~FALLOC_FL_KEEP_SIZE)
+	if (op != 0 && op != FALLOC_FL_ZERO_RANGE && !(op == FALLOC_FL_PUNCH_HOLE && keep))
 		return -EOPNOTSUPP;
 	if (len == 0)
 		return -EINVAL;
 	if (off > FMT_MAX_PLAIN_SIZE || len > FMT_MAX_PLAIN_SIZE - off)
 		return -EFBIG;
 	end = off + len;
-	boff = fmt_chunk_offset(off / CS);
-	bend = fmt_chunk_offset((end + CS - 1) / CS);
-	if (fallocate(f->fd, FALLOC_FL_KEEP_SIZE, (off_t)boff, (off_t)(bend - boff)) < 0)
-		return -errno;
-	if (mode & FALLOC_FL_KEEP_SIZE)
-		return 0;
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
+	if (b != 0 && !fmt_backing_size_valid(b))
+		return -EIO;
 	p = fmt_plain_size(b);
-	/* Preallocated blocks read back as zeros, which are holes, so growing stays cheap. */
-	return end > p ? content_truncate(f, end) : 0;
+
+	/* Allocate first, so that running out of space changes nothing. A punch allocates nothing;
+	 * a zeroed range inside the file is allocated by backing_zero or by the re-seal, so only
+	 * its part past the end is preallocated here (where a backing filesystem without
+	 * preallocation only costs the reservation, not the zeros). */
+	if (op == 0 || (op == FALLOC_FL_ZERO_RANGE && end > p)) {
+		uint64_t from = op == 0 || off > p ? off : p;
+
+		boff = fmt_chunk_offset(from / CS);
+		bend = fmt_chunk_offset((end + CS - 1) / CS);
+		if (fallocate(f->fd, FALLOC_FL_KEEP_SIZE, (off_t)boff, (off_t)(bend - boff)) < 0 &&
+		    !(op && errno == EOPNOTSUPP))
+			return -errno;
+	}
+	if (op && off < p) {
+		r = zero_range(f, p, off, end < p ? end : p, op == FALLOC_FL_ZERO_RANGE);
+		if (r < 0)
+			return r;
+	}
+	if (keep || end <= p)
+		return 0;
+	/* Grown blocks read back as zeros, which are holes, so growing stays cheap. */
+	return content_truncate(f, end);
 }
 
 /* True when chunk idx (a full one) is a hole: no backing data in its range, or only zero bytes

@@ -594,7 +594,10 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
 {
 	int r = 0;
 
-	if (flags & ~(unsigned)(RENAME_NOREPLACE | RENAME_EXCHANGE))
+	/* RENAME_WHITEOUT (overlayfs upper dirs) leaves a 0/0 char device at the old name: the
+	 * backing filesystem makes it, needing CAP_MKNOD like a local one. The kernel already
+	 * refused the combinations it forbids (EXCHANGE with NOREPLACE or WHITEOUT). */
+	if (flags & ~(unsigned)(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT))
 		r = EINVAL;
 	else if (is_reserved(parent, name) || is_reserved(newparent, newname))
 		r = EPERM;
@@ -1042,7 +1045,8 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 	int r;
 
 	(void)ino;
-	if (mode & ~FALLOC_FL_KEEP_SIZE) {
+	/* COLLAPSE_RANGE, INSERT_RANGE and UNSHARE_RANGE stay refused (content_fallocate too). */
+	if (mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) {
 		fuse_reply_err(req, EOPNOTSUPP);
 		return;
 	}
@@ -1056,8 +1060,9 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 		return;
 	}
 	pthread_rwlock_wrlock(&i->content);
-	/* Growing an empty file needs its header first; preallocating (KEEP_SIZE) does not. */
-	r = mode ? filekeys_get(fs_of(req), i, f->fd, &cf) : filekeys_get_or_create(fs_of(req), i, f->fd, &cf);
+	/* Growing an empty file needs its header first; KEEP_SIZE modes never grow it. */
+	r = mode & FALLOC_FL_KEEP_SIZE ? filekeys_get(fs_of(req), i, f->fd, &cf)
+				       : filekeys_get_or_create(fs_of(req), i, f->fd, &cf);
 	if (r == 0)
 		r = content_fallocate(&cf, mode, (uint64_t)off, (uint64_t)len);
 	pthread_rwlock_unlock(&i->content);

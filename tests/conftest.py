@@ -28,7 +28,8 @@ ERROR_PATTERN = r"\berror:"
 
 # Modules of this suite that start keyfs; other modules are skipped only when they mount.
 FUSE_MODULES = {"test_basic.py", "test_fsx.py", "test_sparse.py", "test_semantics.py", "test_multiuser.py",
-                "test_tamper.py", "test_errors.py", "test_cli.py", "test_mount.py", "test_trust.py"}
+                "test_tamper.py", "test_errors.py", "test_cli.py", "test_mount.py", "test_trust.py",
+                "test_fallocate.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -76,7 +76,15 @@ ssize_t content_write(const struct content_file *f, const void *buf, size_t size
 /* Set the plaintext size: shrink (re-sealing a cut chunk) or grow (sparse). */
 int content_truncate(const struct content_file *f, uint64_t size);
 
-/* fallocate modes 0 and FALLOC_FL_KEEP_SIZE; others give -EOPNOTSUPP. */
+/*
+ * fallocate with the semantics of a local filesystem: modes 0 and FALLOC_FL_KEEP_SIZE
+ * (preallocate, grow unless KEEP_SIZE), FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE and
+ * FALLOC_FL_ZERO_RANGE with or without KEEP_SIZE (the range inside the file reads as zeros;
+ * ZERO_RANGE without KEEP_SIZE grows the file to off + len). Full chunks in a zeroed range become
+ * holes; chunks it covers in part, and a partial last chunk, are re-sealed. Other modes give
+ * -EOPNOTSUPP. A file without a header (backing size 0) is only grown by mode 0 or ZERO_RANGE
+ * after the caller gave it one.
+ */
 int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint64_t len);
 
 /* SEEK_DATA / SEEK_HOLE at chunk granularity. Returns the plaintext offset in *ret_off. */

@@ -1,6 +1,8 @@
 /* test_content.c: the content layer against an in-memory model: random RMW, truncate, holes, seek */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -16,6 +18,24 @@ static struct content_file f;
 static struct fmt_keys *keys;
 static uint8_t *model;
 static uint64_t model_size;
+
+/*
+ * fallocate is wrapped at link time (tests/meson.build: --wrap, fallocate64 with 64-bit off_t) so the content layer
+ * can be run against a backing filesystem that can neither punch holes nor zero ranges: it must
+ * then write zeros, which read as holes all the same.
+ */
+static bool refuse_zeroing;
+int __real_fallocate64(int fd, int mode, off_t off, off_t len);
+int __wrap_fallocate64(int fd, int mode, off_t off, off_t len);
+
+int __wrap_fallocate64(int fd, int mode, off_t off, off_t len)
+{
+	if (refuse_zeroing && (mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))) {
+		errno = EOPNOTSUPP;
+		return -1;
+	}
+	return __real_fallocate64(fd, mode, off, len);
+}
 
 static int open_file(char *path)
 {
@@ -67,7 +87,7 @@ static void test_random(unsigned seed, unsigned ops)
 
 	srandom(seed);
 	for (unsigned op = 0; op < ops; op++) {
-		int kind = (int)(random() % 10);
+		int kind = (int)(random() % 13);
 		uint64_t off = (uint64_t)random() % MAXSIZE;
 		size_t len = (size_t)(random() % 3 == 0 ? random() % 20000 : random() % 300) + 1;
 
@@ -94,6 +114,25 @@ static void test_random(unsigned seed, unsigned ops)
 					(unsigned long long)off, len, n, want);
 				CHECK(0);
 				return;
+			}
+		} else if (kind >= 10) {
+			/* punch hole, zero range, zero range keeping the size */
+			static const int modes[3] = { FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
+						      FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE };
+			int mode = modes[kind - 10];
+			uint64_t end = off + len, zend = end < model_size ? end : model_size;
+
+			if (content_fallocate(&f, mode, off, len) != 0) {
+				fprintf(stderr, "seed %u op %u: fallocate %d at %llu len %zu failed\n", seed, op, mode,
+					(unsigned long long)off, len);
+				CHECK(0);
+				return;
+			}
+			if (off < zend)
+				memset(model + off, 0, zend - off);
+			if (mode == FALLOC_FL_ZERO_RANGE && end > model_size) {
+				memset(model + model_size, 0, end - model_size);
+				model_size = end;
 			}
 		} else {
 			uint64_t size = kind == 8 ? off : (uint64_t)random() % 9000;
@@ -296,6 +335,37 @@ static void test_header_slots(void)
 	CHECK_EQ(content_header_clear(f.fd, 2), -EINVAL);
 }
 
+/* Without punch or zero-range in the backing filesystem, zeroed full chunks are written as
+ * all-zero chunks: holes to read and to SEEK_DATA, and where the backing file has a hole already,
+ * nothing is written. */
+static void test_zero_fallback(void)
+{
+	static uint8_t buf[16 * 4096];
+	uint64_t pos;
+	struct stat st;
+
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	randombytes_buf(buf, sizeof(buf));
+	CHECK_EQ(content_write(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
+	CHECK_EQ(content_fallocate(&f, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096 + 10, 4 * 4096), 0);
+	CHECK_EQ(content_read(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
+	CHECK(sodium_is_zero(buf + 4096 + 10, 4 * 4096));
+	CHECK(!sodium_is_zero(buf + 4096, 10) && !sodium_is_zero(buf + 5 * 4096 + 10, 100));
+	CHECK_EQ(content_lseek(&f, 2 * 4096, SEEK_DATA, &pos), 0);
+	CHECK_EQ(pos, 5 * 4096);
+	CHECK_EQ(content_lseek(&f, 2 * 4096 + 5, SEEK_HOLE, &pos), 0);
+	CHECK_EQ(pos, 2 * 4096 + 5);
+
+	CHECK_EQ(content_truncate(&f, 0), 0);
+	CHECK_EQ(content_truncate(&f, 1ull << 30), 0);
+	CHECK_EQ(content_write(&f, "x", 1, (1ull << 30) - 1), 1);
+	CHECK_EQ(content_fallocate(&f, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 100, (1ull << 30) - 200), 0);
+	CHECK_EQ(fstat(f.fd, &st), 0);
+	CHECK(st.st_blocks * 512 < (1 << 20));
+	CHECK_EQ(content_read(&f, buf, 2, (1ull << 30) - 2), 2);
+	CHECK(buf[0] == 0 && buf[1] == 'x');
+}
+
 int main(int argc, char **argv)
 {
 	char path[] = "/tmp/keyfs-test-content-XXXXXX";
@@ -312,6 +382,10 @@ int main(int argc, char **argv)
 	printf("seed %u\n", seed);
 	test_header_slots();
 	test_random(seed, 4000);
+	refuse_zeroing = true;
+	test_random(seed + 1, 2000);
+	test_zero_fallback();
+	refuse_zeroing = false;
 	test_holes_and_seek();
 	test_tamper();
 	test_cut_inside_overhead();
