@@ -599,14 +599,15 @@ int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
-	if (b != 0 && !fmt_backing_size_valid(b))
+	/* Zeroing re-seals chunks, which a damaged tail does not allow (as for write). */
+	if (op && b != 0 && !fmt_backing_size_valid(b))
 		return -EIO;
 	p = fmt_plain_size(b);
 
 	/* Allocate first, so that running out of space changes nothing. A punch allocates nothing;
-	 * a zeroed range inside the file is allocated by backing_zero or by the re-seal, so only
-	 * its part past the end is preallocated here (where a backing filesystem without
-	 * preallocation only costs the reservation, not the zeros). */
+	 * the part of a zeroed range inside the file is allocated by backing_zero or the re-seal,
+	 * so only its part past the end is preallocated here. A backing filesystem that cannot
+	 * preallocate still gets its zeros: they are what a zero-range promises. */
 	if (op == 0 || (op == FALLOC_FL_ZERO_RANGE && end > p)) {
 		uint64_t from = op == 0 || off > p ? off : p;
 
