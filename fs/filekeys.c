@@ -98,7 +98,7 @@ static bool slot_unchanged(const struct content_headers *hs, unsigned slot, cons
  * authenticated. Under the header lock the header is read again: 'keyfsctl rewrap' may have
  * stored a newer one meanwhile, and then there is nothing left to do. Only that slot counts:
  * the other may hold anything (a torn write, a forged generation), and is overwritten. */
-static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old,
+static void header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const struct fmt_header *old,
 			   const struct kms_wrapped *w, const struct fmt_keys *keys)
 {
 	struct fmt_header h = *old;
@@ -117,12 +117,18 @@ static void header_rewrite(struct kfs_inode *inode, const struct fmt_header *old
 	r = fmt_header_encode(&h, keys, raw);
 	if (r < 0)
 		goto fail;
-	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
-	fd = open(proc, O_RDWR | O_CLOEXEC);
+	fd = inode_fd(&fs->table, inode);
 	if (fd < 0) {
-		r = -errno;
+		r = fd;
 		goto fail;
 	}
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+	fd = open(proc, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		r = -errno;
+	inode_fd_put(&fs->table, inode);
+	if (fd < 0)
+		goto fail;
 	r = header_lock(fd, &locked);
 	if (r == 0) {
 		r = content_headers_read(fd, &hs);
@@ -296,7 +302,7 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 /* Make what a load or create found the inode's keys, unless the header changed meanwhile.
  * Called with keys_lock held and keys_loading set by this thread. Returns true if installed
  * (ld->keys then belongs to the inode). */
-static bool install(struct kfs_inode *inode, uint64_t epoch, struct loaded *ld)
+static bool install(struct keyfs *fs, struct kfs_inode *inode, uint64_t epoch, struct loaded *ld)
 {
 	if (!ld->keys || inode->keys || inode->header_epoch != epoch)
 		return false;
@@ -304,7 +310,7 @@ static bool install(struct kfs_inode *inode, uint64_t epoch, struct loaded *ld)
 	inode->header_generation = ld->generation;
 	memcpy(inode->file_id, ld->file_id, FMT_FILE_ID_SIZE);
 	if (ld->was_rewrapped)
-		header_rewrite(inode, &ld->hdr, &ld->rewrapped, ld->keys);
+		header_rewrite(fs, inode, &ld->hdr, &ld->rewrapped, ld->keys);
 	inode->keys = ld->keys;
 	ld->keys = NULL;
 	return true;
@@ -358,7 +364,7 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 			r = file_errno(r);
 
 		pthread_mutex_lock(&inode->keys_lock);
-		if (r == 0 && ld.keys && !install(inode, epoch, &ld)) {
+		if (r == 0 && ld.keys && !install(fs, inode, epoch, &ld)) {
 			/* The header changed under us (only a prefetch without the content lock can
 			 * see that happen to it, but be safe): load again. */
 			keyslab_free(&fs->slab, ld.keys);
@@ -409,13 +415,19 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 	epoch = inode->header_epoch;
 	pthread_mutex_unlock(&inode->keys_lock);
 
-	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", inode->fd);
 	/* Reading ahead is not an access by anybody: leave the backing atime alone when we may. */
-	fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOATIME);
-	if (fd < 0 && errno == EPERM)
-		fd = open(proc, O_RDONLY | O_CLOEXEC);
+	fd = inode_fd(&fs->table, inode);
+	if (fd >= 0) {
+		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+		fd = open(proc, O_RDONLY | O_CLOEXEC | O_NOATIME);
+		if (fd < 0 && errno == EPERM)
+			fd = open(proc, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			fd = -errno;
+		inode_fd_put(&fs->table, inode);
+	}
 	if (fd < 0) {
-		r = -errno;
+		r = fd;
 		memset(&ld, 0, sizeof(ld));
 	} else {
 		inode_label(inode, label, sizeof(label));
@@ -425,7 +437,7 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 
 	pthread_mutex_lock(&inode->keys_lock);
 	if (r == 0 && ld.keys)
-		install(inode, epoch, &ld);
+		install(fs, inode, epoch, &ld);
 	loading_done(inode);
 	pthread_mutex_unlock(&inode->keys_lock);
 	keyslab_free(&fs->slab, ld.keys);

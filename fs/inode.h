@@ -1,4 +1,4 @@
-/* inode.h: the inode table: backing (dev, ino) -> one O_PATH fd, lookup count, content lock, file keys */
+/* inode.h: the inode table: backing (dev, ino) -> lookup count, a cached O_PATH fd, content lock, file keys */
 #ifndef KEYFS_FS_INODE_H
 #define KEYFS_FS_INODE_H
 
@@ -13,6 +13,8 @@
 
 #include "keyslab.h"
 
+struct file_handle;
+
 /*
  * One backing inode the kernel knows. Its FUSE node id is its address (FUSE_ROOT_ID for the root).
  *
@@ -26,8 +28,18 @@ struct kfs_inode {
 	dev_t dev;                      /* immutable from here on */
 	ino_t ino;
 	mode_t type;                    /* S_IFMT bits */
-	int fd;                         /* O_PATH | O_NOFOLLOW, opened from the parent's fd */
+	/* table lock. O_PATH | O_NOFOLLOW, opened from the parent's fd; -1 while evicted from the fd
+	 * cache (the root's is never evicted). Use it only between inode_fd() and inode_fd_put(). */
+	int fd;
+	unsigned fd_users;              /* table lock: inode_fd() holders, open files included */
 	bool is_root;
+	struct kfs_inode *lru_prev;     /* table lock: on the fd cache's LRU list when fd >= 0 and */
+	struct kfs_inode *lru_next;     /* fd_users == 0; NULL links otherwise (or at an end) */
+	/* How an evicted fd is opened again: by file handle (immutable once set), or else by
+	 * parent and name (table lock; the inode holds a lookup reference on parent). */
+	struct file_handle *handle;
+	struct kfs_inode *parent;
+	char *name;
 	pthread_rwlock_t content;
 	pthread_mutex_t keys_lock;
 	pthread_cond_t keys_cond;       /* with keys_lock: signalled when keys_loading ends */
@@ -50,6 +62,14 @@ struct inode_table {
 	size_t count;                   /* lock */
 	struct kfs_inode root;          /* never in the hash, never freed before the table */
 	struct keyslab *slab;           /* where inode keys go back to */
+	/* The fd cache (inode.c says why): at most fd_cap O_PATH fds, least recently used closed. */
+	struct kfs_inode *lru_head;     /* lock: most recently used */
+	struct kfs_inode *lru_tail;     /* lock: next to close */
+	size_t nfds;                    /* lock: non-root inodes with fd >= 0 */
+	size_t fd_cap;                  /* lock: 0 until the first inode_get (after rlimits are set) */
+	int mount_fd;                   /* O_RDONLY root dir for open_by_handle_at; -1: no handles */
+	int mount_id;                   /* of the root, as name_to_handle_at reports it */
+	uint64_t reopens;               /* lock: fds opened again after an eviction (debug figures) */
 };
 
 /* Set up the table around root_fd (an O_PATH fd of the backing root, owned by the table now). */
@@ -57,9 +77,20 @@ int inode_table_init(struct inode_table *t, int root_fd, const struct stat *root
 /* Free every inode (closing fds, wiping keys) and the root. */
 void inode_table_free(struct inode_table *t);
 
-/* The inode of st, with one more lookup reference, or a new one adopting fd.
- * fd (O_PATH) is consumed in every case. Returns 0 or -ENOMEM. */
-int inode_get(struct inode_table *t, int fd, const struct stat *st, struct kfs_inode **ret);
+/* The inode of st, found as name in parent, with one more lookup reference, or a new one
+ * adopting fd. fd (O_PATH) is consumed in every case. Returns 0 or -ENOMEM. */
+int inode_get(struct inode_table *t, int fd, const struct stat *st, struct kfs_inode *parent, const char *name,
+	      struct kfs_inode **ret);
+/* i's O_PATH fd, opened again if it was evicted, and held open until inode_fd_put(): the fd
+ * number is only valid in between. Returns the fd or -errno (-ESTALE: the backing file is
+ * gone, or another file took its name). */
+int inode_fd(struct inode_table *t, struct kfs_inode *i);
+void inode_fd_put(struct inode_table *t, struct kfs_inode *i);
+/* An open of an fd failed with err: on EMFILE or ENFILE, log (rate-limited) and close cached
+ * fds. Returns true when trying once more may work. */
+bool inode_fd_shortage(struct inode_table *t, int err);
+/* name in parent is now st (a rename through the mount): remember it for reopening. */
+void inode_moved(struct inode_table *t, const struct stat *st, struct kfs_inode *parent, const char *name);
 /* "inode 254:1/1234": how a log line names a file; the daemon keeps no paths. */
 void inode_label(const struct kfs_inode *i, char *buf, size_t size);
 

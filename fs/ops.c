@@ -71,6 +71,17 @@ static struct kfs_dir *dir_of(const struct fuse_file_info *fi)
 	return (struct kfs_dir *)(uintptr_t)fi->fh;
 }
 
+/* An inode's O_PATH fd, held open until fd_done(): the inode table may close it otherwise. */
+static int fd_of(struct keyfs *fs, struct kfs_inode *i)
+{
+	return inode_fd(&fs->table, i);
+}
+
+static void fd_done(struct keyfs *fs, struct kfs_inode *i)
+{
+	inode_fd_put(&fs->table, i);
+}
+
 /* The volume description is hidden at the backing root and cannot be made there. */
 static bool is_reserved(fuse_ino_t parent, const char *name)
 {
@@ -100,16 +111,23 @@ static void plain_attr(struct stat *st)
 		st->st_size = (off_t)fmt_plain_size((uint64_t)st->st_size);
 }
 
-static int stat_inode(const struct kfs_inode *i, struct stat *st)
+static int stat_inode(struct keyfs *fs, struct kfs_inode *i, struct stat *st)
 {
-	if (fstatat(i->fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
-		return -errno;
-	plain_attr(st);
-	return 0;
+	int fd = fd_of(fs, i), r = 0;
+
+	if (fd < 0)
+		return fd;
+	if (fstatat(fd, "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
+		r = -errno;
+	fd_done(fs, i);
+	if (r == 0)
+		plain_attr(st);
+	return r;
 }
 
-/* Turn an O_PATH fd into an entry with one lookup reference. fd is consumed. */
-static int entry_adopt(struct keyfs *fs, int fd, struct fuse_entry_param *e, struct kfs_inode **ret)
+/* Turn an O_PATH fd, name in dir, into an entry with one lookup reference. fd is consumed. */
+static int entry_adopt(struct keyfs *fs, int fd, struct kfs_inode *dir, const char *name, struct fuse_entry_param *e,
+		       struct kfs_inode **ret)
 {
 	struct kfs_inode *i;
 	int r;
@@ -122,7 +140,7 @@ static int entry_adopt(struct keyfs *fs, int fd, struct fuse_entry_param *e, str
 		close(fd);
 		return r;
 	}
-	r = inode_get(&fs->table, fd, &e->attr, &i);
+	r = inode_get(&fs->table, fd, &e->attr, dir, name, &i);
 	if (r < 0)
 		return r;
 	plain_attr(&e->attr);
@@ -135,11 +153,19 @@ static int entry_adopt(struct keyfs *fs, int fd, struct fuse_entry_param *e, str
 static int do_lookup(struct keyfs *fs, struct kfs_inode *dir, const char *name, struct fuse_entry_param *e,
 		     struct kfs_inode **ret)
 {
-	int fd = openat(dir->fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	int dfd = fd_of(fs, dir), fd;
 
+	if (dfd < 0)
+		return dfd;
+	fd = openat(dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = openat(dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
-		return -errno;
-	return entry_adopt(fs, fd, e, ret);
+		fd = -errno;
+	fd_done(fs, dir);
+	if (fd < 0)
+		return fd;
+	return entry_adopt(fs, fd, dir, name, e, ret);
 }
 
 /* Reply with an entry; when the request was interrupted the kernel never got the reference. */
@@ -149,10 +175,10 @@ static void reply_entry(fuse_req_t req, const struct fuse_entry_param *e)
 		inode_unref(&fs_of(req)->table, inode_of(req, e->ino), 1);
 }
 
-static void reply_attr_of(fuse_req_t req, const struct kfs_inode *i)
+static void reply_attr_of(fuse_req_t req, struct kfs_inode *i)
 {
 	struct stat st;
-	int r = stat_inode(i, &st);
+	int r = stat_inode(fs_of(req), i, &st);
 
 	if (r < 0)
 		fuse_reply_err(req, -r);
@@ -168,15 +194,17 @@ static void reply_attr_of(fuse_req_t req, const struct kfs_inode *i)
  * `-o allow_other,default_permissions` a multi-user filesystem. Returns 1 and the owner when a
  * chown is needed, 0 when not, or -errno.
  */
-static int new_owner(struct keyfs *fs, fuse_req_t req, const struct kfs_inode *dir, uid_t *uid, gid_t *gid)
+static int new_owner(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, uid_t *uid, gid_t *gid)
 {
 	const struct fuse_ctx *c = fuse_req_ctx(req);
 	struct stat st;
+	int r;
 
 	if (!fs->as_root || (c->uid == 0 && c->gid == 0))
 		return 0;
-	if (fstatat(dir->fd, "", &st, AT_EMPTY_PATH) < 0)
-		return -errno;
+	r = stat_inode(fs, dir, &st);
+	if (r < 0)
+		return r;
 	*uid = c->uid;
 	*gid = (st.st_mode & S_ISGID) ? st.st_gid : c->gid;
 	return 1;
@@ -189,26 +217,30 @@ static bool needs_mode_again(mode_t type, mode_t mode)
 }
 
 /* Give a new non-regular node (dir, symlink, fifo, socket, device) to the caller. */
-static int give_node(struct keyfs *fs, fuse_req_t req, const struct kfs_inode *dir, const struct kfs_inode *i,
+static int give_node(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, struct kfs_inode *i,
 		     mode_t mode, struct stat *st)
 {
 	char proc[PROC_PATH_SIZE];
 	uid_t uid;
 	gid_t gid;
-	int r = new_owner(fs, req, dir, &uid, &gid);
+	int fd, r = new_owner(fs, req, dir, &uid, &gid);
 
 	if (r <= 0)
 		return r;
 	if (st->st_uid == uid && st->st_gid == gid)
 		return 0;
-	if (fchownat(i->fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
-		return -errno;
-	if (needs_mode_again(i->type, mode)) {
-		proc_path(i->fd, proc);
+	fd = fd_of(fs, i);
+	if (fd < 0)
+		return fd;
+	if (fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
+		r = -errno;
+	if (r == 0 && needs_mode_again(i->type, mode)) {
+		proc_path(fd, proc);
 		if (chmod(proc, mode & 07777) < 0)
-			return -errno;
+			r = -errno;
 	}
-	return stat_inode(i, st);
+	fd_done(fs, i);
+	return r < 0 ? r : stat_inode(fs, i, st);
 }
 
 /* ---- regular files ---- */
@@ -225,6 +257,14 @@ static int file_new(int fd, struct kfs_inode *i, int flags, bool writable, struc
 	f->inode = i;
 	*ret = f;
 	return 0;
+}
+
+/* Close an open file and let its inode's fd go (file_open and do_create hold it for the file). */
+static void file_free(struct keyfs *fs, struct kfs_file *f)
+{
+	close(f->fd);
+	fd_done(fs, f->inode);
+	free(f);
 }
 
 /*
@@ -250,7 +290,9 @@ static int truncate_locked(struct keyfs *fs, struct kfs_inode *i, int fd, uint64
 }
 
 /*
- * Open the backing file of i. Write-only becomes read-write (partial chunks are read, modified,
+ * Open the backing file of i, holding i's O_PATH fd for as long as the file is open: ops on an
+ * open file (fchmod, fstat, a file unlinked since) must not depend on reopening it by name.
+ * Write-only becomes read-write (partial chunks are read, modified,
  * re-sealed); O_APPEND is emulated, O_DIRECT dropped (chunks are not sector-aligned), O_TRUNC
  * done here (FUSE_CAP_ATOMIC_O_TRUNC). The keys are loaded now, so a file whose header does
  * not authenticate or whose key is gone fails at open, not at its first read.
@@ -263,13 +305,23 @@ static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kf
 	bool writable = (flags & O_ACCMODE) != O_RDONLY || trunc;
 	int fd, r;
 
+	int pfd, oflags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & PASSED_OPEN_FLAGS);
+
 	r = keystate_check(fs->ks, KS_OP_OPEN);
 	if (r)
 		return -r;
-	proc_path(i->fd, proc);
-	fd = open(proc, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & PASSED_OPEN_FLAGS));
-	if (fd < 0)
-		return -errno;
+	pfd = fd_of(fs, i);
+	if (pfd < 0)
+		return pfd;
+	proc_path(pfd, proc);
+	fd = open(proc, oflags);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = open(proc, oflags);
+	if (fd < 0) {
+		r = -errno;
+		fd_done(fs, i);
+		return r;
+	}
 	if (trunc) {
 		pthread_rwlock_wrlock(&i->content);
 		r = truncate_locked(fs, i, fd, 0);
@@ -279,14 +331,17 @@ static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kf
 	}
 	if (r == 0)
 		r = file_new(fd, i, flags, writable, ret);
-	if (r < 0)
+	if (r < 0) {
 		close(fd);
+		fd_done(fs, i);
+	}
 	return r;
 }
 
 /*
  * Create a regular file with its header (new DEK wrapped by the KMS). On success the entry holds
- * one lookup reference and *ret_fd (when wanted) an O_RDWR fd. On failure nothing is left behind.
+ * one lookup reference and *ret_fd (when wanted) an O_RDWR fd, and then the inode's O_PATH fd is
+ * held for it (see file_open). On failure nothing is left behind.
  */
 static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, const char *name, mode_t mode,
 		       int flags, struct fuse_entry_param *e, struct kfs_inode **ret_inode, int *ret_fd)
@@ -297,15 +352,23 @@ static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, 
 	struct stat st;
 	uid_t uid;
 	gid_t gid;
-	int fd, pfd, r;
+	int fd, pfd, dfd, r;
+	int oflags = O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW | (flags & PASSED_OPEN_FLAGS);
 
 	r = keystate_check(fs->ks, KS_OP_CREATE);
 	if (r)
 		return -r;
-	fd = openat(dir->fd, name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW | (flags & PASSED_OPEN_FLAGS),
-		    mode & 07777);
-	if (fd < 0)
-		return -errno;
+	dfd = fd_of(fs, dir);
+	if (dfd < 0)
+		return dfd;
+	fd = openat(dfd, name, oflags, mode & 07777);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = openat(dfd, name, oflags, mode & 07777);
+	if (fd < 0) {
+		r = -errno;
+		fd_done(fs, dir);
+		return r;
+	}
 	r = new_owner(fs, req, dir, &uid, &gid);
 	if (r > 0) {
 		r = 0;
@@ -317,19 +380,30 @@ static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, 
 	/* The O_PATH fd comes from our own fd, not the name, which may already be another file. */
 	proc_path(fd, proc);
 	pfd = open(proc, O_PATH | O_CLOEXEC);
+	if (pfd < 0 && inode_fd_shortage(&fs->table, errno))
+		pfd = open(proc, O_PATH | O_CLOEXEC);
 	if (pfd < 0) {
 		r = -errno;
 		goto fail_unlink;
 	}
-	r = entry_adopt(fs, pfd, e, &i);
+	r = entry_adopt(fs, pfd, dir, name, e, &i);
 	if (r < 0)
 		goto fail_unlink;
+	if (ret_fd) {
+		r = fd_of(fs, i);
+		if (r < 0) {
+			inode_unref(&fs->table, i, 1);
+			goto fail_unlink;
+		}
+	}
 	pthread_rwlock_wrlock(&i->content);
 	r = filekeys_get_or_create(fs, i, fd, &cf);
 	pthread_rwlock_unlock(&i->content);
 	if (r == 0 && fstat(fd, &st) < 0)
 		r = -errno;
 	if (r < 0) {
+		if (ret_fd)
+			fd_done(fs, i);
 		inode_unref(&fs->table, i, 1);
 		goto fail_unlink;
 	}
@@ -340,10 +414,12 @@ static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, 
 		*ret_fd = fd;
 	else
 		close(fd);
+	fd_done(fs, dir);
 	return 0;
 fail_unlink:
-	unlinkat(dir->fd, name, 0);
+	unlinkat(dfd, name, 0);
 	close(fd);
+	fd_done(fs, dir);
 	return r;
 }
 
@@ -413,20 +489,20 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	reply_attr_of(req, inode_of(req, ino));
 }
 
-static int do_setattr(struct keyfs *fs, struct kfs_inode *i, const struct stat *attr, int valid,
+static int do_setattr(struct keyfs *fs, struct kfs_inode *i, int ifd, const struct stat *attr, int valid,
 		      const struct fuse_file_info *fi)
 {
 	char proc[PROC_PATH_SIZE];
 	int r;
 
-	proc_path(i->fd, proc);
+	proc_path(ifd, proc);
 	if ((valid & FUSE_SET_ATTR_MODE) && chmod(proc, attr->st_mode & 07777) < 0)
 		return -errno;
 	if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
 		uid_t uid = (valid & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1;
 		gid_t gid = (valid & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1;
 
-		if (fchownat(i->fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
+		if (fchownat(ifd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0)
 			return -errno;
 	}
 	if (valid & FUSE_SET_ATTR_SIZE) {
@@ -443,6 +519,8 @@ static int do_setattr(struct keyfs *fs, struct kfs_inode *i, const struct stat *
 		if (r)
 			return -r;
 		fd = f && f->writable ? f->fd : open(proc, O_RDWR | O_CLOEXEC);
+		if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+			fd = open(proc, O_RDWR | O_CLOEXEC);
 		if (fd < 0)
 			return -errno;
 		pthread_rwlock_wrlock(&i->content);
@@ -465,7 +543,7 @@ static int do_setattr(struct keyfs *fs, struct kfs_inode *i, const struct stat *
 		else if (valid & FUSE_SET_ATTR_MTIME)
 			tv[1] = attr->st_mtim;
 		/* AT_EMPTY_PATH works on O_PATH fds, symlinks included; older kernels want the path. */
-		if (utimensat(i->fd, "", tv, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0 &&
+		if (utimensat(ifd, "", tv, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0 &&
 		    (errno != EINVAL || S_ISLNK(i->type) || utimensat(AT_FDCWD, proc, tv, 0) < 0))
 			return -errno;
 	}
@@ -475,7 +553,12 @@ static int do_setattr(struct keyfs *fs, struct kfs_inode *i, const struct stat *
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int valid, struct fuse_file_info *fi)
 {
 	struct kfs_inode *i = inode_of(req, ino);
-	int r = do_setattr(fs_of(req), i, attr, valid, fi);
+	int fd = fd_of(fs_of(req), i), r = fd;
+
+	if (fd >= 0) {
+		r = do_setattr(fs_of(req), i, fd, attr, valid, fi);
+		fd_done(fs_of(req), i);
+	}
 
 	if (r < 0)
 		fuse_reply_err(req, -r);
@@ -485,11 +568,17 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int va
 
 static void op_readlink(fuse_req_t req, fuse_ino_t ino)
 {
+	struct kfs_inode *i = inode_of(req, ino);
 	char buf[PATH_MAX + 1];
-	ssize_t n = readlinkat(inode_of(req, ino)->fd, "", buf, sizeof(buf));
+	int fd = fd_of(fs_of(req), i);
+	ssize_t n = fd < 0 ? fd : readlinkat(fd, "", buf, sizeof(buf));
 
 	if (n < 0)
-		fuse_reply_err(req, errno);
+		n = fd < 0 ? fd : -errno;
+	if (fd >= 0)
+		fd_done(fs_of(req), i);
+	if (n < 0)
+		fuse_reply_err(req, (int)-n);
 	else if ((size_t)n >= sizeof(buf))
 		fuse_reply_err(req, ENAMETOOLONG);
 	else {
@@ -506,16 +595,24 @@ static int make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 	struct kfs_inode *dir = inode_of(req, parent), *i;
 	int r;
 
+	int dfd;
+
 	if (is_reserved(parent, name))
 		return -EPERM;
+	dfd = fd_of(fs, dir);
+	if (dfd < 0)
+		return dfd;
 	if (S_ISDIR(mode))
-		r = mkdirat(dir->fd, name, mode & 07777);
+		r = mkdirat(dfd, name, mode & 07777);
 	else if (S_ISLNK(mode))
-		r = symlinkat(link, dir->fd, name);
+		r = symlinkat(link, dfd, name);
 	else
-		r = mknodat(dir->fd, name, mode, rdev);
-	if (r < 0)
-		return -errno;
+		r = mknodat(dfd, name, mode, rdev);
+	if (r < 0) {
+		r = -errno;
+		fd_done(fs, dir);
+		return r;
+	}
 	r = do_lookup(fs, dir, name, e, &i);
 	if (r == 0) {
 		r = give_node(fs, req, dir, i, mode, &e->attr);
@@ -524,7 +621,8 @@ static int make_node(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 	}
 	/* A node we could not hand over (or not even find again) would belong to the wrong user. */
 	if (r < 0 && r != -ENOENT)
-		unlinkat(dir->fd, name, S_ISDIR(mode) ? AT_REMOVEDIR : 0);
+		unlinkat(dfd, name, S_ISDIR(mode) ? AT_REMOVEDIR : 0);
+	fd_done(fs, dir);
 	return r;
 }
 
@@ -567,26 +665,57 @@ static void op_symlink(fuse_req_t req, const char *link, fuse_ino_t parent, cons
 	reply_new_node(req, r, &e);
 }
 
-static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+static int do_unlink(fuse_req_t req, fuse_ino_t parent, const char *name, int flags)
 {
-	int r = 0;
+	struct kfs_inode *dir = inode_of(req, parent);
+	int fd, r = 0;
 
 	if (is_reserved(parent, name))
-		r = EPERM;
-	else if (unlinkat(inode_of(req, parent)->fd, name, 0) < 0)
-		r = errno;
-	fuse_reply_err(req, r);
+		return -EPERM;
+	fd = fd_of(fs_of(req), dir);
+	if (fd < 0)
+		return fd;
+	if (unlinkat(fd, name, flags) < 0)
+		r = -errno;
+	fd_done(fs_of(req), dir);
+	return r;
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	fuse_reply_err(req, -do_unlink(req, parent, name, 0));
 }
 
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-	int r = 0;
+	fuse_reply_err(req, -do_unlink(req, parent, name, AT_REMOVEDIR));
+}
 
-	if (is_reserved(parent, name))
-		r = EPERM;
-	else if (unlinkat(inode_of(req, parent)->fd, name, AT_REMOVEDIR) < 0)
-		r = errno;
-	fuse_reply_err(req, r);
+/* A rename, and the names the moved inodes are reopened by when their fds were closed. */
+static int do_rename(struct keyfs *fs, struct kfs_inode *dir, const char *name, struct kfs_inode *newdir,
+		     const char *newname, unsigned int flags)
+{
+	struct stat st;
+	int fd, newfd, r = 0;
+
+	fd = fd_of(fs, dir);
+	if (fd < 0)
+		return fd;
+	newfd = fd_of(fs, newdir);
+	if (newfd < 0) {
+		fd_done(fs, dir);
+		return newfd;
+	}
+	if (renameat2(fd, name, newfd, newname, flags) < 0)
+		r = -errno;
+	/* A stale name only costs a reopen ESTALE (it is verified), never the wrong file. */
+	if (r == 0 && fstatat(newfd, newname, &st, AT_SYMLINK_NOFOLLOW) == 0)
+		inode_moved(&fs->table, &st, newdir, newname);
+	if (r == 0 && (flags & RENAME_EXCHANGE) && fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0)
+		inode_moved(&fs->table, &st, dir, name);
+	fd_done(fs, newdir);
+	fd_done(fs, dir);
+	return r;
 }
 
 static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
@@ -601,18 +730,18 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
 		r = EINVAL;
 	else if (is_reserved(parent, name) || is_reserved(newparent, newname))
 		r = EPERM;
-	else if (renameat2(inode_of(req, parent)->fd, name, inode_of(req, newparent)->fd, newname, flags) < 0)
-		r = errno;
+	else
+		r = -do_rename(fs_of(req), inode_of(req, parent), name, inode_of(req, newparent), newname, flags);
 	fuse_reply_err(req, r);
 }
 
 static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *newname)
 {
 	struct keyfs *fs = fs_of(req);
-	struct kfs_inode *i = inode_of(req, ino);
+	struct kfs_inode *i = inode_of(req, ino), *newdir = inode_of(req, newparent);
 	struct fuse_entry_param e;
 	char proc[PROC_PATH_SIZE];
-	int r;
+	int fd, newfd, r;
 
 	if (is_reserved(newparent, newname)) {
 		fuse_reply_err(req, EPERM);
@@ -621,13 +750,25 @@ static void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const 
 	memset(&e, 0, sizeof(e));
 	e.attr_timeout = fs->timeout;
 	e.entry_timeout = fs->timeout;
-	proc_path(i->fd, proc);
-	/* Following the /proc magic link needs no CAP_DAC_READ_SEARCH, unlike AT_EMPTY_PATH. */
-	if (linkat(AT_FDCWD, proc, inode_of(req, newparent)->fd, newname, AT_SYMLINK_FOLLOW) < 0) {
-		fuse_reply_err(req, errno);
+	fd = fd_of(fs, i);
+	if (fd < 0) {
+		fuse_reply_err(req, -fd);
 		return;
 	}
-	r = stat_inode(i, &e.attr);
+	newfd = fd_of(fs, newdir);
+	r = newfd;
+	if (newfd >= 0) {
+		proc_path(fd, proc);
+		/* Following the /proc magic link needs no CAP_DAC_READ_SEARCH, unlike AT_EMPTY_PATH. */
+		r = linkat(AT_FDCWD, proc, newfd, newname, AT_SYMLINK_FOLLOW) < 0 ? -errno : 0;
+		fd_done(fs, newdir);
+	}
+	fd_done(fs, i);
+	if (r < 0) {
+		fuse_reply_err(req, -r);
+		return;
+	}
+	r = stat_inode(fs, i, &e.attr);
 	if (r < 0) {
 		fuse_reply_err(req, -r);
 		return;
@@ -649,10 +790,8 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 	fi->fh = (uintptr_t)f;
 	fi->keep_cache = 1;
 	fi->noflush = 1;
-	if (fuse_reply_open(req, fi) == -ENOENT) {
-		close(f->fd);
-		free(f);
-	}
+	if (fuse_reply_open(req, fi) == -ENOENT)
+		file_free(fs_of(req), f);
 }
 
 static int do_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, int flags,
@@ -669,6 +808,7 @@ static int do_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 		r = file_new(fd, i, flags, true, ret);
 		if (r < 0) {
 			close(fd);
+			fd_done(fs, i);
 			inode_unref(&fs->table, i, 1);
 		}
 		return r;
@@ -699,8 +839,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
 	fi->keep_cache = 1;
 	fi->noflush = 1;
 	if (fuse_reply_create(req, &e, fi) == -ENOENT) {
-		close(f->fd);
-		free(f);
+		file_free(fs_of(req), f);
 		inode_unref(&fs_of(req)->table, inode_of(req, e.ino), 1);
 	}
 }
@@ -787,8 +926,7 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 	struct kfs_file *f = file_of(fi);
 
 	(void)ino;
-	close(f->fd);
-	free(f);
+	file_free(fs_of(req), f);
 	fuse_reply_err(req, 0);
 }
 
@@ -803,14 +941,27 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
+	struct keyfs *fs = fs_of(req);
+	struct kfs_inode *i = inode_of(req, ino);
 	struct kfs_dir *d = calloc(1, sizeof(*d));
-	int fd, r;
+	int fd, pfd, r;
 
 	if (!d) {
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	fd = openat(inode_of(req, ino)->fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	pfd = fd_of(fs, i);
+	if (pfd < 0) {
+		free(d);
+		fuse_reply_err(req, -pfd);
+		return;
+	}
+	fd = openat(pfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = openat(pfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	r = errno;
+	fd_done(fs, i);
+	errno = r;
 	if (fd < 0 || !(d->dp = fdopendir(fd))) {
 		r = errno;
 		if (fd >= 0)
@@ -1030,7 +1181,7 @@ static int check_access(fuse_req_t req, const struct stat *st, int mask)
 static void op_access(fuse_req_t req, fuse_ino_t ino, int mask)
 {
 	struct stat st;
-	int r = stat_inode(inode_of(req, ino), &st);
+	int r = stat_inode(fs_of(req), inode_of(req, ino), &st);
 
 	if (r == 0)
 		r = check_access(req, &st, mask);
@@ -1113,46 +1264,51 @@ static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, stru
 static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
 			int flags)
 {
+	struct kfs_inode *i = inode_of(req, ino);
 	char proc[PROC_PATH_SIZE];
-	int r = 0;
+	int fd, r;
 
 	if (is_security_xattr(name)) {
 		fuse_reply_err(req, EOPNOTSUPP);
 		return;
 	}
-	proc_path(inode_of(req, ino)->fd, proc);
-	if (setxattr(proc, name, value, size, flags) < 0)
-		r = errno;
-	fuse_reply_err(req, r);
+	r = fd = fd_of(fs_of(req), i);
+	if (fd >= 0) {
+		proc_path(fd, proc);
+		r = setxattr(proc, name, value, size, flags) < 0 ? -errno : 0;
+		fd_done(fs_of(req), i);
+	}
+	fuse_reply_err(req, -r);
 }
 
 static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
+	struct kfs_inode *i = inode_of(req, ino);
 	char proc[PROC_PATH_SIZE];
 	char *buf = NULL;
 	ssize_t n;
+	int fd;
 
 	if (is_security_xattr(name)) {
 		fuse_reply_err(req, EOPNOTSUPP);
 		return;
 	}
-	proc_path(inode_of(req, ino)->fd, proc);
-	if (size == 0) {
-		n = getxattr(proc, name, NULL, 0);
-		if (n < 0)
-			fuse_reply_err(req, errno);
-		else
-			fuse_reply_xattr(req, (size_t)n);
-		return;
-	}
-	buf = malloc(size);
-	if (!buf) {
+	if (size > 0 && !(buf = malloc(size))) {
 		fuse_reply_err(req, ENOMEM);
 		return;
 	}
-	n = getxattr(proc, name, buf, size);
+	n = fd = fd_of(fs_of(req), i);
+	if (fd >= 0) {
+		proc_path(fd, proc);
+		n = getxattr(proc, name, buf, size);
+		if (n < 0)
+			n = -errno;
+		fd_done(fs_of(req), i);
+	}
 	if (n < 0)
-		fuse_reply_err(req, errno);
+		fuse_reply_err(req, (int)-n);
+	else if (size == 0)
+		fuse_reply_xattr(req, (size_t)n);
 	else
 		fuse_reply_buf(req, buf, (size_t)n);
 	free(buf);
@@ -1203,12 +1359,17 @@ fail:
 
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
+	struct kfs_inode *i = inode_of(req, ino);
 	char proc[PROC_PATH_SIZE];
 	char *buf = NULL;
-	ssize_t n;
+	int fd = fd_of(fs_of(req), i);
+	ssize_t n = fd;
 
-	proc_path(inode_of(req, ino)->fd, proc);
-	n = list_xattrs(proc, &buf);
+	if (fd >= 0) {
+		proc_path(fd, proc);
+		n = list_xattrs(proc, &buf);
+		fd_done(fs_of(req), i);
+	}
 	if (n < 0)
 		fuse_reply_err(req, (int)-n);
 	else if (size == 0)
@@ -1222,17 +1383,21 @@ static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 
 static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name)
 {
+	struct kfs_inode *i = inode_of(req, ino);
 	char proc[PROC_PATH_SIZE];
-	int r = 0;
+	int fd, r;
 
 	if (is_security_xattr(name)) {
 		fuse_reply_err(req, EOPNOTSUPP);
 		return;
 	}
-	proc_path(inode_of(req, ino)->fd, proc);
-	if (removexattr(proc, name) < 0)
-		r = errno;
-	fuse_reply_err(req, r);
+	r = fd = fd_of(fs_of(req), i);
+	if (fd >= 0) {
+		proc_path(fd, proc);
+		r = removexattr(proc, name) < 0 ? -errno : 0;
+		fd_done(fs_of(req), i);
+	}
+	fuse_reply_err(req, -r);
 }
 
 const struct fuse_lowlevel_ops keyfs_ops = {

@@ -179,6 +179,7 @@ def test_unit_hardening_keeps_the_mount_visible(inst):
         assert key not in keys, "%s= is set, but %s" % (key, why)
     caps = " ".join(values(s, "Service", "CapabilityBoundingSet")).split()
     assert "CAP_SYS_ADMIN" in caps and "CAP_DAC_OVERRIDE" in caps and "CAP_CHOWN" in caps
+    assert "CAP_DAC_READ_SEARCH" in caps    # open_by_handle_at: reopening evicted inode fds
     assert "CAP_SETUID" not in caps and "CAP_SYS_PTRACE" not in caps and "CAP_SYS_MODULE" not in caps
     assert values(s, "Service", "NoNewPrivileges") == ["yes"]
     assert values(s, "Service", "RestrictAddressFamilies") == ["AF_UNIX AF_INET AF_INET6"]
