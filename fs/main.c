@@ -526,6 +526,11 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 	fs->prefetch = NULL;
 	dekpool_free(fs->pool);
 	fs->pool = NULL;
+	/* No thread is left that could write a header (prefetch's rewraps were the last), and the
+	 * control socket is gone: a new mount of the volume may start while we wipe. */
+	if (fs->volume_lock_fd >= 0)
+		close(fs->volume_lock_fd);
+	fs->volume_lock_fd = -1;
 	inode_table_free(&fs->table);
 	keyslab_destroy(&fs->slab);
 	kms_free(fs->kms);

@@ -417,9 +417,23 @@ static int map_curl_error(CURLcode rc, bool too_large)
 	}
 }
 
+/* A transfer waiting for a stalled or slow peer sleeps in poll(): a shut-down socket wakes it
+ * now. Under socks_lock no fd in the table is closed, so none is someone else's by now. */
+static void wake_transfers(struct http *h)
+{
+	pthread_mutex_lock(&h->socks_lock);
+	for (int i = 0; i < SOCKS_MAX; i++)
+		if (h->socks[i].fd >= 0 && atomic_load(&h->socks[i].conn->busy))
+			shutdown(h->socks[i].fd, SHUT_RDWR);
+	pthread_mutex_unlock(&h->socks_lock);
+}
+
 void http_cancel(struct http *h)
 {
 	atomic_store(&h->cancelled, true);
+	/* Else a call under way ends only with its answer or at curl's next progress call, up to
+	 * a second later: an unmount would wait for it. */
+	wake_transfers(h);
 }
 
 bool http_cancelled(const struct http *h)
@@ -430,13 +444,7 @@ bool http_cancelled(const struct http *h)
 void http_interrupt(struct http *h)
 {
 	atomic_fetch_add(&h->epoch, 1);
-	/* A transfer waiting for a stalled peer sleeps in poll(): a shut-down socket wakes it now.
-	 * Under socks_lock no fd in the table is closed, so none is someone else's by now. */
-	pthread_mutex_lock(&h->socks_lock);
-	for (int i = 0; i < SOCKS_MAX; i++)
-		if (h->socks[i].fd >= 0 && atomic_load(&h->socks[i].conn->busy))
-			shutdown(h->socks[i].fd, SHUT_RDWR);
-	pthread_mutex_unlock(&h->socks_lock);
+	wake_transfers(h);
 }
 
 bool http_conn_interrupted(const struct http_conn *c)
