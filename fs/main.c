@@ -503,8 +503,10 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 	raise_nofile_limit();
 	fs->debug = o->debug;
 
-	if (!o->foreground)
+	if (!o->foreground) {
 		report_fd = daemon_fork();
+		vol_lock_owner(fs->volume_lock_fd);     /* the lock is the child's now */
+	}
 	lock_memory();                  /* after the fork: memory locks are not inherited */
 	code = open_kms(fs, &v);
 	if (code == 0 && lockdown_keystate_new(fs, (unsigned)o->poll, (unsigned)o->grace, fs->initial_key_state, &fs->ks) < 0)

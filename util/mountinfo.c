@@ -1,5 +1,6 @@
 /* mountinfo.c: what /proc/self/mountinfo says is mounted at a path (for the daemon's start checks and keyfsctl) */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,28 @@ void util_mountinfo_unescape(char *s)
 	*w = '\0';
 }
 
+/* Split one line: id parent maj:min root mountpoint options [optional...] - fstype source
+ * superoptions. Returns false for a line without them. */
+static bool split_line(char *line, char **mp, char **type, char **src, char **sup)
+{
+	char *save = NULL, *tok;
+	int nf = 0;
+
+	*mp = *type = *src = *sup = NULL;
+	line[strcspn(line, "\n")] = '\0';
+	for (tok = strtok_r(line, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
+		if (++nf == 5) {
+			*mp = tok;
+		} else if (nf > 6 && strcmp(tok, "-") == 0) {
+			*type = strtok_r(NULL, " ", &save);
+			*src = strtok_r(NULL, " ", &save);
+			*sup = strtok_r(NULL, " ", &save);
+			break;
+		}
+	}
+	return *mp && *type && *src;
+}
+
 int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size,
 		  char *super, size_t super_size)
 {
@@ -34,22 +57,9 @@ int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *sour
 	if (!f)
 		return -errno;
 	while (getline(&line, &cap, f) > 0) {
-		/* id parent maj:min root mountpoint options [optional...] - fstype source superoptions */
-		char *save = NULL, *tok, *mp = NULL, *type = NULL, *src = NULL, *sup = NULL;
-		int nf = 0;
+		char *mp, *type, *src, *sup;
 
-		line[strcspn(line, "\n")] = '\0';
-		for (tok = strtok_r(line, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
-			if (++nf == 5) {
-				mp = tok;
-			} else if (nf > 6 && strcmp(tok, "-") == 0) {
-				type = strtok_r(NULL, " ", &save);
-				src = strtok_r(NULL, " ", &save);
-				sup = strtok_r(NULL, " ", &save);
-				break;
-			}
-		}
-		if (!mp || !type || !src)
+		if (!split_line(line, &mp, &type, &src, &sup))
 			continue;
 		util_mountinfo_unescape(mp);
 		if (strcmp(mp, path) != 0)
@@ -61,6 +71,30 @@ int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *sour
 		if (super)
 			snprintf(super, super_size, "%s", sup ? sup : "");
 		r = 0;
+	}
+	free(line);
+	fclose(f);
+	return r;
+}
+
+int util_mounted_from(const char *fstype, const char *source)
+{
+	char *line = NULL;
+	size_t cap = 0;
+	int r = 0;
+	FILE *f;
+
+	f = fopen("/proc/self/mountinfo", "re");
+	if (!f)
+		return -errno;
+	while (r == 0 && getline(&line, &cap, f) > 0) {
+		char *mp, *type, *src, *sup;
+
+		if (!split_line(line, &mp, &type, &src, &sup) || strcmp(type, fstype) != 0)
+			continue;
+		util_mountinfo_unescape(src);
+		if (strcmp(src, source) == 0)
+			r = 1;
 	}
 	free(line);
 	fclose(f);

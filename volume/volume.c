@@ -1,11 +1,13 @@
 /* volume.c: open a volume for keyfs and keyfsctl alike: description, host trust, one-mount lock, key service */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "keyfs/exitcode.h"
@@ -199,35 +201,108 @@ int vol_open(const char *arg, const struct vol_host *h, unsigned flags, struct v
 	return code;
 }
 
+/* How long a mount waits for the previous daemon of the volume, whose mount is gone, to exit;
+ * and how often it looks. */
+#define LOCK_WAIT_MS    10000
+#define LOCK_POLL_MS    10
+
+static long ms_since(const struct timespec *t0)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (long)(now.tv_sec - t0->tv_sec) * 1000 + (now.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+/* The daemon holding the lock, for messages: the process vol_lock_owner marked it with (flock
+ * holders are not reported by F_GETLK), if it is a keyfs. Returns the pid or 0. */
+static pid_t lock_holder(int fd)
+{
+	struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+	char path[64], *comm = NULL;
+	size_t len;
+	pid_t pid = 0;
+
+	if (fcntl(fd, F_GETLK, &fl) < 0 || fl.l_type == F_UNLCK || fl.l_pid <= 0)
+		return 0;
+	snprintf(path, sizeof(path), "/proc/%ld/comm", (long)fl.l_pid);
+	if (util_read_file(AT_FDCWD, path, 64, &comm, &len) == 0) {
+		if (strcmp(comm, "keyfs\n") == 0)
+			pid = fl.l_pid;
+		free(comm);
+	}
+	return pid;
+}
+
 /*
  * One daemon per volume: two would each cache keys and rewrite partial chunks of the same
  * files without knowing of the other, and lose writes. The lock on the volume description
  * lives as long as the daemon (its fd is inherited when it goes to the background) and goes
  * with it, a crash included. keyfsctl fsck and rewrap do not take it: they run beside a mount.
+ *
+ * A daemon holds the lock a little after its unmount, while it stops. A lock held while the
+ * volume is mounted nowhere is such a daemon (or one starting): 'umount && mount' waits for it,
+ * for a bounded time, instead of failing; a volume mounted and live is refused at once.
  */
 int vol_lock(struct vol *v)
 {
 	int fd = openat(v->root_fd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	struct timespec t0;
+	pid_t holder = 0;
+	char who[64] = "";
+	bool waited = false;
 
 	if (fd < 0) {
 		log_err("volume description '%s/%s': %s", v->backing, VOLDESC_NAME, strerror(errno));
 		return KEYFS_EXIT_CONFIG;
 	}
-	if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
 		int err = errno;
 
-		close(fd);
-		if (err == EWOULDBLOCK) {
+		if (err == EINTR)
+			continue;
+		if (err != EWOULDBLOCK) {
+			close(fd);
+			log_err("volume description '%s/%s': cannot lock it: %s", v->backing, VOLDESC_NAME, strerror(err));
+			return KEYFS_EXIT_CONFIG;
+		}
+		if (util_mounted_from("fuse.keyfs", v->backing) == 1) {
+			close(fd);
 			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t fuse.keyfs'): one mount per volume",
 				v->backing);
 			return KEYFS_EXIT_MOUNT;
 		}
-		log_err("volume description '%s/%s': cannot lock it: %s", v->backing, VOLDESC_NAME, strerror(err));
-		return KEYFS_EXIT_CONFIG;
+		if (!holder)
+			holder = lock_holder(fd);
+		if (holder)
+			snprintf(who, sizeof(who), " (pid %ld)", (long)holder);
+		if (ms_since(&t0) >= LOCK_WAIT_MS) {
+			close(fd);
+			log_err("volume '%s' is still held by another keyfs%s although it is mounted nowhere here: waited %d s for it to exit; it may still serve files opened before a lazy unmount, or be mounted in another mount namespace",
+				v->backing, who, LOCK_WAIT_MS / 1000);
+			return KEYFS_EXIT_MOUNT;
+		}
+		waited = true;
+		nanosleep(&(struct timespec){ .tv_nsec = LOCK_POLL_MS * 1000000L }, NULL);
 	}
+	if (waited)
+		log_info("waited %ld ms for the previous keyfs%s of volume '%s' to exit", ms_since(&t0), who, v->backing);
 	v->lock_fd = fd;
 	v->locked = true;
+	vol_lock_owner(fd);
 	return 0;
+}
+
+void vol_lock_owner(int lock_fd)
+{
+	struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET };
+
+	/* A record lock names its process (a flock does not): only for messages, so best effort.
+	 * flock and record locks do not interact on Linux. */
+	if (lock_fd >= 0 && fcntl(lock_fd, F_SETLK, &fl) < 0) {
+		/* Then a waiting mount names no pid. */
+	}
 }
 
 int vol_kms_open(struct vol *v, const char *what)

@@ -48,4 +48,8 @@ void util_mountinfo_unescape(char *s);
 int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size,
 		  char *super, size_t super_size);
 
+/* Is a filesystem of type fstype with this source (a keyfs: its backing dir) mounted anywhere in
+ * this mount namespace? Returns 1, 0, or -errno. */
+int util_mounted_from(const char *fstype, const char *source);
+
 #endif

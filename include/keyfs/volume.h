@@ -70,8 +70,14 @@ struct vol {
 int vol_open(const char *arg, const struct vol_host *h, unsigned flags, struct vol *ret);
 
 /* One daemon per volume: flock .keyfs, held until vol_close (or the holder of lock_fd closes
- * it). Returns 0 or an exit code: 5 already mounted, 3 cannot lock. */
+ * it). Held by a daemon whose volume is mounted nowhere (one exiting after its unmount), it is
+ * waited for, up to 10 s, with an info line saying how long. Returns 0 or an exit code: 5
+ * mounted and live elsewhere, or still held after the wait; 3 cannot lock. */
 int vol_lock(struct vol *v);
+
+/* Mark the lock with the calling process, so that a mount waiting for it can name it: vol_lock
+ * does this; a daemon calls it again after it forks to the background. */
+void vol_lock_owner(int lock_fd);
 
 /*
  * Open the key service the host trusts and read the key's state into v->key_state (-EKEYREVOKED
