@@ -74,7 +74,7 @@ def _retire(m, waiter, result):
     m.raise_problems()
 
 
-def test_umount_and_mount_at_once_keyprotect(emu, kp_volume, mount):
+def test_umount_and_mount_at_once_keyprotect(emu, kp_volume, mount, capsys):
     """fusermount3 -u then keyfs at once, 20 times: every mount succeeds and reads the data back."""
     backing, apikey_file = kp_volume
     emu.set_latency(KMS_LATENCY_MS)
@@ -96,8 +96,10 @@ def test_umount_and_mount_at_once_keyprotect(emu, kp_volume, mount):
         m = new
     for i in range(ROUNDS):
         assert read_file(m.path("g%d" % i)) == b"round %d" % i
-    print("\nkeyfs exit after fusermount3 -u, Key Protect, %d rounds: median %.0f ms, max %.0f ms"
-          % (ROUNDS, statistics.median(exit_ms), max(exit_ms)))
+    # A figure for the log, not a requirement (speed targets belong to benchmarks).
+    with capsys.disabled():
+        print("\nkeyfs exit after fusermount3 -u, Key Protect at %d ms a call, %d rounds: median %.0f ms, max %.0f ms"
+              % (KMS_LATENCY_MS, ROUNDS, statistics.median(exit_ms), max(exit_ms)))
 
 
 def test_live_mount_elsewhere_still_refused_at_once(kp_volume, mount, tmp_path):
