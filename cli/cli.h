@@ -58,7 +58,4 @@ int cli_keystore_error(int r, const char *dir, const char *name);
  * must not drive the terminal that shows them. */
 void cli_fputs_safe(FILE *f, const char *s);
 
-/* Undo /proc/self/mountinfo's \ooo escapes of a field, in place. */
-void cli_mountinfo_unescape(char *s);
-
 #endif

@@ -21,7 +21,6 @@
 #include "keyfs/util.h"
 #include "cli.h"
 
-#define KEYFS_FSTYPE "fuse.keyfs"
 /* Locking waits for the kernel to flush dirty pages of every inode: give it time. */
 #define TIMEOUT_LOCK_S 60
 #define TIMEOUT_OTHER_S 10

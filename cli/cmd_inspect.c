@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <sodium.h>
@@ -25,7 +24,6 @@
 #include "progress.h"
 #include "walk.h"
 
-#define KEYFS_FSTYPE "fuse.keyfs"
 /* inspect -r keeps counts, not files; these bound the rest of what it holds. */
 #define KEYVERS_MAX 1024                /* distinct (key, key version) pairs counted one by one */
 #define LISTED_MAX 10000                /* unreadable or not visited paths listed by name */
@@ -133,66 +131,43 @@ static void mounts_free(struct mounts *m)
 	m->n = 0;
 }
 
+/* Keep a copy of m in the list ctx. */
+static int mounts_add(const struct util_mount *m, void *ctx)
+{
+	struct mounts *ms = ctx;
+	struct mount *v = realloc(ms->v, (ms->n + 1) * sizeof(*v));
+
+	if (!v)
+		return -ENOMEM;
+	ms->v = v;
+	/* Counted at once, so that mounts_free frees whatever part of it was allocated. */
+	v = &ms->v[ms->n++];
+	*v = (struct mount){
+		.mountpoint = strdup(m->mountpoint),
+		.root = strdup(m->root),
+		.fstype = strdup(m->fstype),
+		.source = strdup(m->source),
+		.dev = m->dev,
+	};
+	if (strcmp(m->fstype, KEYFS_FSTYPE) == 0 && !(v->ms = calloc(1, sizeof(*v->ms))))
+		return -ENOMEM;
+	if (!v->mountpoint || !v->root || !v->fstype || !v->source)
+		return -ENOMEM;
+	return 0;
+}
+
 /* All mounts of this namespace, in mount order (a later one covers an earlier one). */
 static int mounts_read(struct mounts *ret)
 {
 	struct mounts m = { NULL, 0 };
-	char *line = NULL;
-	size_t cap = 0;
-	FILE *f;
+	int r = util_mountinfo_each(mounts_add, &m);
 
-	f = fopen("/proc/self/mountinfo", "re");
-	if (!f)
-		return -errno;
-	while (getline(&line, &cap, f) > 0) {
-		/* id parent maj:min root mountpoint options [optional...] - fstype source superoptions */
-		char *fields[6] = { NULL }, *save = NULL, *tok, *fstype = NULL, *source = NULL;
-		unsigned maj, min;
-		int nf = 0;
-		struct mount *v;
-
-		line[strcspn(line, "\n")] = '\0';
-		for (tok = strtok_r(line, " ", &save); tok; tok = strtok_r(NULL, " ", &save)) {
-			if (nf < 6) {
-				fields[nf++] = tok;
-			} else if (strcmp(tok, "-") == 0) {
-				fstype = strtok_r(NULL, " ", &save);
-				source = strtok_r(NULL, " ", &save);
-				break;
-			}
-		}
-		if (nf < 6 || !fstype || !source || sscanf(fields[2], "%u:%u", &maj, &min) != 2)
-			continue;
-		v = realloc(m.v, (m.n + 1) * sizeof(*v));
-		if (!v)
-			goto nomem;
-		m.v = v;
-		/* Counted at once, so that mounts_free frees whatever part of it was allocated. */
-		v = &m.v[m.n++];
-		*v = (struct mount){
-			.mountpoint = strdup(fields[4]),
-			.root = strdup(fields[3]),
-			.fstype = strdup(fstype),
-			.source = strdup(source),
-			.dev = makedev(maj, min),
-		};
-		if (strcmp(fstype, KEYFS_FSTYPE) == 0 && !(v->ms = calloc(1, sizeof(*v->ms))))
-			goto nomem;
-		if (!v->mountpoint || !v->root || !v->fstype || !v->source)
-			goto nomem;
-		cli_mountinfo_unescape(v->mountpoint);
-		cli_mountinfo_unescape(v->root);
-		cli_mountinfo_unescape(v->source);
+	if (r < 0) {
+		mounts_free(&m);
+		return r;
 	}
-	free(line);
-	fclose(f);
 	*ret = m;
 	return 0;
-nomem:
-	free(line);
-	fclose(f);
-	mounts_free(&m);
-	return -ENOMEM;
 }
 
 /* The mount that holds the absolute, normalised path: the longest mountpoint prefix, the latest on ties. */

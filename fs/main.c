@@ -96,12 +96,12 @@ static int check_mounted(struct keyfs *fs, const char *arg)
 	/* statfs always reaches the daemon; a cached stat may not. */
 	r = statfs(fs->mountpoint, &sfs) < 0 ? errno : 0;
 	if (r != ENOTCONN) {
-		if (strcmp(fstype, "fuse.keyfs") != 0)
+		if (strcmp(fstype, KEYFS_FSTYPE) != 0)
 			return 0;
 		log_err("mountpoint '%s' is already a keyfs mount (of '%s')", arg, source);
 		return KEYFS_EXIT_MOUNT;
 	}
-	if (strcmp(fstype, "fuse.keyfs") != 0 || strcmp(source, fs->backing) != 0) {
+	if (strcmp(fstype, KEYFS_FSTYPE) != 0 || strcmp(source, fs->backing) != 0) {
 		log_err("mountpoint '%s' is a dead FUSE mount (%s, of '%s'): unmount it with 'fusermount3 -uz %s'",
 			arg, fstype, source, fs->mountpoint);
 		return KEYFS_EXIT_MOUNT;
@@ -363,7 +363,7 @@ static int fuse_optstr(const struct keyfs *fs, const struct keyfs_options *o, ch
 	/* The daemon runs with the mounter's rights (root under systemd) and checks no permissions
 	 * itself, so the kernel must always check them: without this, allow_other would let any
 	 * user read and delete every file. */
-	w = snprintf(buf + n, size - n, ",subtype=keyfs,default_permissions%s%s", o->fuse[0] ? "," : "", o->fuse);
+	w = snprintf(buf + n, size - n, ",subtype=" KEYFS_FSSUBTYPE ",default_permissions%s%s", o->fuse[0] ? "," : "", o->fuse);
 	if (w < 0 || (size_t)w >= size - n)
 		return -ENAMETOOLONG;
 	return 0;

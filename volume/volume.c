@@ -267,9 +267,9 @@ int vol_lock(struct vol *v)
 			log_err("volume description '%s/%s': cannot lock it: %s", v->backing, VOLDESC_NAME, strerror(err));
 			return KEYFS_EXIT_CONFIG;
 		}
-		if (util_mounted_from("fuse.keyfs", v->backing) == 1) {
+		if (util_mounted_from(KEYFS_FSTYPE, v->backing) == 1) {
 			close(fd);
-			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t fuse.keyfs'): one mount per volume",
+			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t " KEYFS_FSTYPE "'): one mount per volume",
 				v->backing);
 			return KEYFS_EXIT_MOUNT;
 		}

@@ -39,10 +39,27 @@ ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off);
  * of its parent joined with it. "." and ".." are resolved whole. Returns 0 or -errno. */
 int util_parent_real_path(const char *arg, char *out, size_t size);
 
-/* Undo /proc/self/mountinfo's \ooo escapes of a field, in place. */
-void util_mountinfo_unescape(char *s);
+/* The filesystem type of a keyfs mount in the mount table: FUSE's "fuse." and the subtype the
+ * daemon gives libfuse. keyfsctl and the daemon's start checks recognise keyfs mounts by it. */
+#define KEYFS_FSSUBTYPE "keyfs"
+#define KEYFS_FSTYPE "fuse." KEYFS_FSSUBTYPE
 
-/* The mount on top at exactly the absolute, normalised path: its fstype ("fuse.keyfs"),
+/* One line of /proc/self/mountinfo, its mountpoint, root and source unescaped (\040 is a space). */
+struct util_mount {
+	const char *mountpoint;
+	const char *root;               /* the mount's root inside its filesystem (bind mounts) */
+	const char *fstype;             /* KEYFS_FSTYPE for a keyfs mount */
+	const char *source;
+	const char *super;              /* super options ("rw,user_id=0,..."), "" when none */
+	dev_t dev;
+};
+
+/* Call fn for each mount of this namespace in mount order (a later one covers an earlier one);
+ * m is valid during the call only. A non-zero return of fn ends the walk and is returned.
+ * Returns 0, fn's value, or -errno when the table cannot be read. */
+int util_mountinfo_each(int (*fn)(const struct util_mount *m, void *ctx), void *ctx);
+
+/* The mount on top at exactly the absolute, normalised path: its fstype,
  * source and, when super is non-NULL, super options ("rw,user_id=0,..."). Returns 0, -ENOENT
  * when nothing is mounted there, or -errno. Never touches path. */
 int util_mount_at(const char *path, char *fstype, size_t fstype_size, char *source, size_t source_size,
