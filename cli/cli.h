@@ -2,6 +2,7 @@
 #ifndef KEYFS_CLI_H
 #define KEYFS_CLI_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdio.h>
 
@@ -57,5 +58,9 @@ int cli_keystore_error(int r, const char *dir, const char *name);
 /* Write s to f with control bytes and backslash as \ooo: file names are anyone's bytes and
  * must not drive the terminal that shows them. */
 void cli_fputs_safe(FILE *f, const char *s);
+
+/* s as cli_fputs_safe writes it, into buf, cut to size; with c1 also the C1 controls
+ * U+0080..U+009F in their UTF-8 form (C2 80..C2 9F: 9B is CSI), for words of another process. */
+const char *cli_escape(const char *s, bool c1, char *buf, size_t size);
 
 #endif

@@ -634,23 +634,6 @@ static bool is_volume_root(int dirfd)
 	return ok;
 }
 
-/* s with control bytes and backslash as \ooo, cut to size: for log lines naming a tree's files. */
-static const char *safe(const char *s, char *buf, size_t size)
-{
-	size_t n = 0;
-
-	for (; *s && n + 5 <= size; s++) {
-		unsigned char c = (unsigned char)*s;
-
-		if (c < 0x20 || c == 0x7f || c == '\\')
-			n += (size_t)snprintf(buf + n, size - n, "\\%03o", c);
-		else
-			buf[n++] = (char)c;
-	}
-	buf[n] = '\0';
-	return buf;
-}
-
 /* A regular file the walk listed with lstat listed (or a file PATH): count it, print it. */
 static int visit_file(struct tree *tr, int dirfd, const char *name, const char *base, const struct stat *listed)
 {
@@ -700,7 +683,7 @@ static int visit_file(struct tree *tr, int dirfd, const char *name, const char *
 
 		progress_clear(&tr->progress);
 		log_warn("'%s': backing size %" PRIu64 " is not one a whole keyfs file has (truncated?)",
-			 safe(tr->path, buf, sizeof(buf)), tr->res.backing_size);
+			 cli_escape(tr->path, false, buf, sizeof(buf)), tr->res.backing_size);
 	}
 	if (tr->json)
 		print_json(&tr->res, tr->printed++ == 0, "    ");

@@ -293,6 +293,26 @@ int cli_keystore_error(int r, const char *dir, const char *name)
 	}
 }
 
+const char *cli_escape(const char *s, bool c1, char *buf, size_t size)
+{
+	size_t n = 0;
+
+	for (; *s && n + (c1 ? 9 : 5) <= size; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (c1 && c == 0xc2 && (unsigned char)s[1] >= 0x80 && (unsigned char)s[1] <= 0x9f) {
+			n += (size_t)snprintf(buf + n, size - n, "\\%03o\\%03o", c, (unsigned char)s[1]);
+			s++;
+		} else if (c < 0x20 || c == 0x7f || c == '\\') {
+			n += (size_t)snprintf(buf + n, size - n, "\\%03o", c);
+		} else {
+			buf[n++] = (char)c;
+		}
+	}
+	buf[n] = '\0';
+	return buf;
+}
+
 void cli_fputs_safe(FILE *f, const char *s)
 {
 	for (; *s; s++) {

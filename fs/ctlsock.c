@@ -60,10 +60,10 @@ static void answer(int fd, const char *text)
 
 static void answer_error(int fd, const char *msg)
 {
-	char buf[256];
+	char buf[CONTROL_ERROR_MAX + 16];
 
-	snprintf(buf, sizeof(buf), "{\"error\":\"%s\"}\n", msg);
-	answer(fd, buf);
+	if (control_error_format(msg, buf, sizeof(buf)) > 0)
+		answer(fd, buf);
 }
 
 static void serve_one(struct control *c, int fd)
@@ -72,7 +72,9 @@ static void serve_one(struct control *c, int fd)
 	socklen_t clen = sizeof(cred);
 	struct timeval tv = { .tv_sec = 5 };
 	char req[CONTROL_REQUEST_MAX + 1], out[CONTROL_ANSWER_MAX];
+	struct control_status *st;
 	size_t got = 0;
+	int request;
 
 	/* Read the request first, even from a peer that is refused: answering before reading
 	 * would reset the connection and lose the answer. A peer that never sends a full line
@@ -93,24 +95,28 @@ static void serve_one(struct control *c, int fd)
 		return;
 	}
 	req[got] = '\0';
-	if (strcmp(req, "lock\n") == 0) {
-		log_info("manual lock requested (uid %u)", (unsigned)cred.uid);
-		if (keystate_manual(c->ks, true) < 0)
-			log_warn("manual lock: not carried out within %d s; answering the status as it is",
-				 KS_MANUAL_WAIT_MS / 1000);
-	} else if (strcmp(req, "unlock\n") == 0) {
-		log_info("manual unlock requested (uid %u)", (unsigned)cred.uid);
-		if (keystate_manual(c->ks, false) < 0)
-			log_warn("manual unlock: not carried out within %d s; answering the status as it is",
-				 KS_MANUAL_WAIT_MS / 1000);
-	} else if (strcmp(req, "status\n") != 0) {
+	request = control_request_parse(req);
+	if (request == CONTROL_LOCK || request == CONTROL_UNLOCK) {
+		bool lock = request == CONTROL_LOCK;
+
+		log_info("manual %s requested (uid %u)", control_request_name(request), (unsigned)cred.uid);
+		if (keystate_manual(c->ks, lock) < 0)
+			log_warn("manual %s: not carried out within %d s; answering the status as it is",
+				 control_request_name(request), KS_MANUAL_WAIT_MS / 1000);
+	} else if (request != CONTROL_STATUS) {
 		answer_error(fd, "unknown request: expected status, lock or unlock");
 		return;
 	}
-	if (keystate_status_json(c->ks, out, sizeof(out)) < 0)
+	st = malloc(sizeof(*st));
+	if (!st) {
+		answer_error(fd, "out of memory");
+		return;
+	}
+	if (keystate_status(c->ks, st) < 0 || control_status_format(st, out, sizeof(out)) < 0)
 		answer_error(fd, "status too large");
 	else
 		answer(fd, out);
+	free(st);
 }
 
 static void *client_thread(void *arg)

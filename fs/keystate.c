@@ -8,6 +8,7 @@
 
 #include <sodium.h>
 
+#include "keyfs/control.h"
 #include "keyfs/kms.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
@@ -536,40 +537,32 @@ void keystate_free(struct keystate *ks)
 	free(ks);
 }
 
-int keystate_status_json(struct keystate *ks, char *buf, size_t size)
+/* Copy src into dst of size bytes. Returns whether it was cut. */
+static bool status_copy(char *dst, size_t size, const char *src)
 {
-	FILE *f = fmemopen(buf, size, "w");
-	struct ks_verdict v;
-	const char *reason;
-	long len;
+	return (size_t)snprintf(dst, size, "%s", src) >= size;
+}
 
-	if (!f)
-		return -ENOBUFS;
+int keystate_status(struct keystate *ks, struct control_status *st)
+{
+	struct ks_verdict v;
+	bool cut = false;
+
+	memset(st, 0, sizeof(*st));
 	pthread_mutex_lock(&ks->lock);
 	v = ks->verdict;
-	reason = v.locked ? ks_reason_name(v.reason) : NULL;
-	fprintf(f, "{\"state\":\"%s\",\"reason\":", v.locked ? "locked" : "unlocked");
-	if (reason)
-		util_json_string(f, reason);
-	else
-		fputs("null", f);
-	fputs(",\"key\":", f);
-	util_json_string(f, ks->cfg.key);
+	st->locked = v.locked;
+	if (v.locked)
+		cut |= status_copy(st->reason, sizeof(st->reason), ks_reason_name(v.reason));
+	cut |= status_copy(st->key, sizeof(st->key), ks->cfg.key);
 	/* A purged key (404) has no state number any more. */
-	if (ks->key_state < 0 || ks->key_state == KMS_STATE_PURGED)
-		fputs(",\"key_state\":null,\"last_poll\":", f);
-	else
-		fprintf(f, ",\"key_state\":%d,\"last_poll\":", ks->key_state);
-	util_json_string(f, ks->last_poll);
-	fprintf(f, ",\"poll\":%u,\"grace\":%u,\"deactivated\":%s,\"backing\":", ks->cfg.poll, ks->cfg.grace,
-		v.no_create ? "true" : "false");
-	util_json_string(f, ks->cfg.backing);
-	fputs(",\"mountpoint\":", f);
-	util_json_string(f, ks->cfg.mountpoint);
-	fputs("}\n", f);
+	st->key_state = ks->key_state < 0 || ks->key_state == KMS_STATE_PURGED ? -1 : ks->key_state;
+	cut |= status_copy(st->last_poll, sizeof(st->last_poll), ks->last_poll);
+	st->poll = ks->cfg.poll;
+	st->grace = ks->cfg.grace;
+	st->deactivated = v.no_create;
+	cut |= status_copy(st->backing, sizeof(st->backing), ks->cfg.backing);
+	cut |= status_copy(st->mountpoint, sizeof(st->mountpoint), ks->cfg.mountpoint);
 	pthread_mutex_unlock(&ks->lock);
-	len = ftell(f);
-	if (fclose(f) != 0 || len < 0 || (size_t)len >= size)
-		return -ENOBUFS;
-	return (int)len;
+	return cut ? -ENAMETOOLONG : 0;
 }

@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+struct control_status;
 struct kms;
 struct keystate;
 
@@ -73,9 +74,9 @@ int keystate_manual(struct keystate *ks, bool lock);
 /* Step 3 of a lock: from now on writes are refused too. For the lockdown hook. */
 void keystate_refuse_writes(struct keystate *ks);
 
-/* One line of JSON (docs/LOCKING.md) into buf. Returns its length or -ENOBUFS. Never waits
- * for the key service or for a lock under way. */
-int keystate_status_json(struct keystate *ks, char *buf, size_t size);
+/* The status keyfsctl shows (docs/LOCKING.md) into st. Returns 0, or -ENAMETOOLONG when a string
+ * does not fit. Never waits for the key service or for a lock under way. */
+int keystate_status(struct keystate *ks, struct control_status *st);
 
 /* Locked now (for an exit status or a summary). */
 bool keystate_locked(struct keystate *ks);

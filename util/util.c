@@ -210,6 +210,27 @@ static size_t utf8_len(const unsigned char *p)
 	return n;
 }
 
+int util_utf8_fix(const char *s, char *out, size_t size)
+{
+	size_t w = 0;
+
+	for (const unsigned char *p = (const unsigned char *)s; *p;) {
+		size_t n = utf8_len(p);
+		const char *from = n ? (const char *)p : "\xef\xbf\xbd";
+		size_t len = n ? n : 3;
+
+		if (w + len >= size)
+			return -ENAMETOOLONG;
+		memcpy(out + w, from, len);
+		w += len;
+		p += n ? n : 1;
+	}
+	if (size == 0)
+		return -ENAMETOOLONG;
+	out[w] = '\0';
+	return 0;
+}
+
 void util_json_string(FILE *f, const char *s)
 {
 	fputc('"', f);

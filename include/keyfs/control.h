@@ -2,7 +2,10 @@
 #ifndef KEYFS_CONTROL_H
 #define KEYFS_CONTROL_H
 
+#include <limits.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /*
@@ -26,10 +29,63 @@
 #define CONTROL_ANSWER_MAX 8192
 #define CONTROL_DIR_ROOT "/run/keyfs"
 
+/* Bounds of what an answer may hold; a longer string makes it invalid. */
+#define CONTROL_DEPTH_MAX 16            /* nesting of arrays and objects (unknown members) */
+#define CONTROL_ERROR_MAX 512
+#define CONTROL_REASON_MAX 128
+#define CONTROL_KEY_MAX 256             /* voldesc's key */
+#define CONTROL_TIME_MAX 64
+
 /* The socket path for the mount at mountpoint (canonical) owned by uid. Returns 0 or -ENAMETOOLONG. */
 int control_socket_path(const char *mountpoint, uid_t uid, char *buf, size_t size);
 
 /* The directory that holds it. Returns 0 or -ENAMETOOLONG. */
 int control_socket_dir(uid_t uid, char *buf, size_t size);
+
+/* Whether mountpoint (absolute, normalised) is a keyfs mount, on top, and its owner (the uid whose
+ * socket directory serves it). Returns 1 with the uid, 0 when it is not a keyfs mount, -EBADMSG
+ * when its user_id= is missing or bad, or -errno reading the mount table. */
+int control_mount_owner(const char *mountpoint, uid_t *ret_uid);
+
+enum control_request { CONTROL_STATUS, CONTROL_LOCK, CONTROL_UNLOCK };
+
+/* The request's name ("status", "lock", "unlock"); its line is the name and "\n". */
+const char *control_request_name(enum control_request req);
+
+/* The request a received line (NUL-terminated, newline included) makes, or -EINVAL. */
+int control_request_parse(const char *line);
+
+/*
+ * One answer: the status object of docs/LOCKING.md, or an error. A JSON null is "" for a string
+ * and -1 for a number (the daemon never sends an empty string); a missing member is null.
+ */
+struct control_status {
+	char error[CONTROL_ERROR_MAX];  /* non-empty: the answer was {"error":...}; nothing else is set */
+	bool locked;                    /* "state": "locked" or "unlocked" */
+	char reason[CONTROL_REASON_MAX];        /* why it is locked: ks_reason_name() */
+	char key[CONTROL_KEY_MAX];      /* the volume's key as it names it */
+	int64_t key_state;              /* enum kms_key_state; null for a purged key */
+	char last_poll[CONTROL_TIME_MAX];       /* RFC 3339 of the newest poll answer */
+	int64_t poll, grace;            /* seconds */
+	bool deactivated;               /* an expired key: existing files only */
+	char backing[PATH_MAX];
+	char mountpoint[PATH_MAX];
+};
+
+/* The answer line for st (JSON and "\n", members in the order above; strings that are not UTF-8
+ * get U+FFFD) into buf. Returns its length, -ENOBUFS when it does not fit, or -ENOMEM. */
+int control_status_format(const struct control_status *st, char *buf, size_t size);
+
+/* The answer line {"error":msg} into buf. Returns its length, -ENOBUFS or -ENOMEM. */
+int control_error_format(const char *msg, char *buf, size_t size);
+
+/*
+ * Parse an answer line from the peer (at most CONTROL_ANSWER_MAX bytes, the newline optional).
+ * Members it does not know are ignored. Returns 0 with st filled (st->error non-empty for an
+ * error answer), -EBADMSG when text is not one JSON object within the bounds above, -EPROTO
+ * with *ret_field naming the member that is missing ("state") or not of its type, size or range,
+ * or -ENOMEM.
+ */
+int control_answer_parse(const char *text, struct control_status *st, const char **ret_field);
 
 #endif

@@ -24,6 +24,11 @@ void util_uuid4(char out[37]);
 /* Current time as RFC 3339 UTC with seconds ("2026-11-22T22:25:00Z"). */
 void util_now_rfc3339(char out[32]);
 
+/* Copy s into out with each byte that starts no valid UTF-8 sequence replaced by U+FFFD (a file
+ * name may hold any bytes; JSON text must be UTF-8). out needs up to 3 * strlen(s) + 1 bytes.
+ * Returns 0 or -ENAMETOOLONG. */
+int util_utf8_fix(const char *s, char *out, size_t size);
+
 /* Write s to f as a JSON string literal, quotes and escapes included; bytes that are not
  * UTF-8 (a file name may hold any) become U+FFFD, so the output is always valid JSON. */
 void util_json_string(FILE *f, const char *s);
