@@ -21,7 +21,7 @@ import pytest
 from kpemu import Emulator
 
 BUILD_DIR = os.environ.get("KEYFS_BUILD_DIR", "")
-PROBE = os.path.join(BUILD_DIR, "keyclient", "kms-probe") if BUILD_DIR else ""
+PROBE = os.path.join(BUILD_DIR, "tests", "tools", "kms-probe") if BUILD_DIR else ""
 APIKEY = "kpemu-good-" + secrets.token_hex(16)
 READER_APIKEY = "kpemu-reader-" + secrets.token_hex(16)
 NOACCESS_APIKEY = "kpemu-none-" + secrets.token_hex(16)
@@ -35,7 +35,7 @@ ACTION_TYPE = "application/vnd.ibm.kms.key_action+json"
 def keyfs_binaries():
     """Overrides conftest's: these tests need kms-probe, not the FUSE binaries. Missing is a failure."""
     if not PROBE or not os.access(PROBE, os.X_OK):
-        pytest.fail("kms-probe missing (KEYFS_BUILD_DIR=%r): build keyclient/kms-probe" % BUILD_DIR,
+        pytest.fail("kms-probe missing (KEYFS_BUILD_DIR=%r): build tests/tools/kms-probe" % BUILD_DIR,
                     pytrace=False)
     return PROBE
 
