@@ -12,26 +12,10 @@
 
 #include <sodium.h>
 
+#include "check.h"
 #include "keyfs/keystore.h"
 #include "keyfs/kms.h"
 #include "keyfs/util.h"
-
-static int failures;
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-		failures++; \
-	} \
-} while (0)
-
-#define CHECK_EQ(got, want) do { \
-	long long g_ = (long long)(got), w_ = (long long)(want); \
-	if (g_ != w_) { \
-		fprintf(stderr, "%s:%d: %s is %lld, want %lld\n", __FILE__, __LINE__, #got, g_, w_); \
-		failures++; \
-	} \
-} while (0)
 
 static char tmp[] = "/tmp/test_kms_local.XXXXXX";
 static char ks[4096];
@@ -634,10 +618,5 @@ int main(void)
 	sodium_free(dek);
 	sodium_free(out);
 	nftw(tmp, rm_one, 16, FTW_DEPTH | FTW_PHYS);
-	if (failures) {
-		fprintf(stderr, "%d checks failed\n", failures);
-		return 1;
-	}
-	printf("ok\n");
-	return 0;
+	return check_done();
 }
