@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from helpers import (BUILD_DIR, FUSERMOUNT, KEYFS, KEYFSCTL, MOUNT_TIMEOUT, binaries_missing,
-                     is_mounted, keyfsctl)
+from helpers import (APIKEY, BUILD_DIR, EMU_APIKEYS, FUSERMOUNT, KEYFS, KEYFSCTL, MOUNT_TIMEOUT,
+                     binaries_missing, is_mounted, keyfsctl, secret_file)
 
 # Words in a daemon's stderr that fail the test. "error:" is the prefix of every log_err line;
 # tests that provoke errors on purpose (tampering, missing keys) pass allow_errors=True.
@@ -26,26 +26,37 @@ CRASH_PATTERNS = [
 ERROR_PATTERN = r"\berror:"
 
 
-# Modules of this suite that start keyfs; other modules are skipped only when they mount.
-FUSE_MODULES = {"test_basic.py", "test_fsx.py", "test_sparse.py", "test_semantics.py", "test_multiuser.py",
-                "test_tamper.py", "test_errors.py", "test_cli.py", "test_mount.py", "test_trust.py",
-                "test_fallocate.py"}
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "fuse: needs a usable /dev/fuse (it mounts keyfs); skipped with the reason when there is none. "
+        "Every test that uses the `mount` fixture gets it by itself; a module or test that starts keyfs "
+        "to mount without that fixture says `pytestmark = pytest.mark.fuse` (or decorates the test).")
+
+
+def _fuse_unusable():
+    """Why no mount can run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing: FUSE tests need it"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not usable by uid %d" % os.getuid()
+    if FUSERMOUNT is None:
+        return "fusermount3 is missing"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
+    # A test that uses the mount fixture (directly or through another fixture) needs FUSE: marked
+    # here, so that a new module cannot be forgotten.
+    for item in items:
+        if "mount" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fuse)
     # Without a usable /dev/fuse (or fusermount3) no mount can run: skip cleanly, with the reason.
-    reason = None
-    if not os.path.exists("/dev/fuse"):
-        reason = "/dev/fuse is missing: FUSE tests need it"
-    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        reason = "/dev/fuse is not usable by uid %d" % os.getuid()
-    elif FUSERMOUNT is None:
-        reason = "fusermount3 is missing"
+    reason = _fuse_unusable()
     if reason is None:
         return
     mark = pytest.mark.skip(reason=reason)
     for item in items:
-        if os.path.basename(str(item.fspath)) in FUSE_MODULES or "mount" in getattr(item, "fixturenames", ()):
+        if item.get_closest_marker("fuse") is not None:
             item.add_marker(mark)
 
 
@@ -81,6 +92,51 @@ def certs(tmp_path_factory):
     """The Key Protect emulator's CA and server certificate, made once per run."""
     from kpemu import make_certs
     return make_certs(str(tmp_path_factory.mktemp("kpemu-ca")))
+
+
+@pytest.fixture
+def emu_factory(certs):
+    """start(cls=Emulator, key_name="keyfs-root", apikeys=EMU_APIKEYS, **options) -> a running Key Protect
+    emulator (tests/kpemu) with a root key `e.kid` (none if key_name is None); options go to the emulator
+    (token_ttl=, latency_ms=, deleted_metadata_status=, ...), cls may be a subclass that records more.
+    Every emulator started here is stopped at teardown: for tests that need two (host trust) or special ones."""
+    from kpemu import Emulator
+    started = []
+
+    def start(cls=Emulator, key_name="keyfs-root", **options):
+        options.setdefault("apikeys", EMU_APIKEYS)
+        e = cls(certs, **options).start()
+        started.append(e)
+        e.kid = e.create_key(key_name) if key_name else None
+        return e
+
+    try:
+        yield start
+    finally:
+        for e in reversed(started):
+            e.stop()
+
+
+@pytest.fixture
+def emu(emu_factory):
+    """The common case: one emulator with a root key `emu.kid`, knowing the API keys of helpers.EMU_APIKEYS."""
+    return emu_factory()
+
+
+@pytest.fixture
+def apikey_file(tmp_path):
+    """A 0600 file holding helpers.APIKEY (the emulator's manager), in the 0700 dir tmp_path/secrets."""
+    return secret_file(tmp_path / "secrets", "apikey", APIKEY)
+
+
+@pytest.fixture
+def kp_client_env(monkeypatch):
+    """What a test of the Key Protect client wants: fast retries (backoff 10..80 ms instead of 1..8 s, a
+    test-only knob), no proxy for the emulator on 127.0.0.1, no credentials or notify socket inherited."""
+    monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
 
 
 @pytest.fixture

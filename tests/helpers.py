@@ -1,10 +1,13 @@
 # helpers.py: shared helpers of the pytest suite: binaries, keyfsctl runs, size formula, run_as
 import base64
+import ctypes
 import glob
 import hashlib
 import json
 import os
+import pty
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -228,6 +231,15 @@ def secret_file(directory, name, text):
     return path
 
 
+# API keys the Key Protect emulator knows (the `emu` fixture of conftest.py), one per IAM role, and one it
+# does not know. Random per run: a test that scans output or memory for them finds only real leaks.
+APIKEY = "kpi-manager-" + secrets.token_hex(20)
+READER_APIKEY = "kpi-reader-" + secrets.token_hex(20)
+NOACCESS_APIKEY = "kpi-none-" + secrets.token_hex(20)
+UNKNOWN_APIKEY = "kpi-unknown-" + secrets.token_hex(20)
+EMU_APIKEYS = {APIKEY: "manager", READER_APIKEY: "reader", NOACCESS_APIKEY: "none"}
+
+
 def init_keyprotect(emu, backing, apikey_file, key=None):
     """keyfsctl init of a Key Protect volume on the emulator's key, as the README shows it."""
     return run([KEYFSCTL, "init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--iam-endpoint", emu.url,
@@ -256,3 +268,62 @@ def materials(keystore, name):
         found[int(v)] = base64.b64decode(b64)
     assert all(len(x) == 32 for x in found.values()), found
     return found
+
+
+# ---- system calls Python's os module lacks, and tampering with a backing file ----
+
+AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fallocate(fd, mode, off, length):
+    """fallocate(2) with any mode (os.posix_fallocate has none); OSError with errno on failure."""
+    fn = _libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    if fn(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def renameat2(old, new, flags):
+    """renameat2(2) of two paths with flags (RENAME_NOREPLACE 1, RENAME_EXCHANGE 2, RENAME_WHITEOUT 4)."""
+    fn = _libc.renameat2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), old)
+
+
+def flip(path, off, mask=0x01):
+    """XOR one byte of a (backing) file in place, as an attacker or a bad disk would."""
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        assert len(b) == 1, "offset %d is beyond the end of %s" % (off, path)
+        f.seek(off)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def run_stderr_on_tty(argv, timeout=60):
+    """Run argv with stderr on a pseudo-terminal (where progress lines go): (returncode, stdout bytes,
+    the bytes the terminal got)."""
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        slave = -1
+        out, _ = p.communicate(timeout=timeout)
+        tty = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            tty += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return p.returncode, out, tty

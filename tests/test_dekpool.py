@@ -18,7 +18,6 @@ import pytest
 from helpers import inspect_json, keyfsctl, read_file, wait_for, write_file
 from kpemu import Emulator
 
-APIKEY = "kpemu-pool-" + secrets.token_hex(16)
 POOL = 32               # the documented default of -o dek_pool= for Key Protect
 READY = re.compile(r"dek pool: (\d+) keys for new files ready")
 WIPED = re.compile(r"dek pool: (\d+) unused keys for new files wiped")
@@ -58,22 +57,8 @@ class RecordingEmulator(Emulator):
 
 
 @pytest.fixture
-def emu(certs):
-    e = RecordingEmulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-pool-root")
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
-@pytest.fixture
-def apikey_file(tmp_path):
-    path = str(tmp_path / "apikey")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(APIKEY + "\n")
-    return path
+def emu(emu_factory):
+    return emu_factory(RecordingEmulator, key_name="keyfs-pool-root")
 
 
 @pytest.fixture

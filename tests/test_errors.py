@@ -9,6 +9,9 @@ import pytest
 from helpers import (EXIT_CONFIG, EXIT_EXISTS, EXIT_KMS, EXIT_LOCKED, EXIT_MOUNT, EXIT_USAGE, FUSERMOUNT,
                      KEYFS, KEYFSCTL, is_mounted, keyfsctl, read_file, run, wait_for, write_file)
 
+# Starts keyfs to mount without the mount fixture: needs /dev/fuse (conftest.py).
+pytestmark = pytest.mark.fuse
+
 
 def keyfs_fails(argv, code, mentions, mnt=None, foreground=True):
     """Run keyfs expecting it to exit with `code`; check stderr and that nothing got mounted."""

@@ -1,5 +1,4 @@
 # test_fallocate.py: punch hole and zero range against a model at every chunk boundary, SEEK_DATA/HOLE after them, RENAME_WHITEOUT and overlayfs on keyfs
-import ctypes
 import errno
 import os
 import random
@@ -9,8 +8,8 @@ import subprocess
 
 import pytest
 
-from helpers import (CHUNK, EXIT_OK, KEYFSCTL, backing_size, expect_errno, read_file, run, wait_for,
-                     write_file)
+from helpers import (CHUNK, EXIT_OK, KEYFSCTL, backing_size, expect_errno, fallocate, read_file, renameat2, run,
+                     wait_for, write_file)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -26,27 +25,6 @@ MODES = {"punch": PUNCH, "zero": ZERO, "zero-keep": ZERO_KEEP}
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def fallocate(fd, mode, off, length):
-    fn = _libc.fallocate
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if fn(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def renameat2(old, new, flags):
-    fn = _libc.renameat2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
-
-
 # ---- the model: plaintext bytes, and which full chunks are holes in the backing file ----
 
 class Model:

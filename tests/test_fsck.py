@@ -1,18 +1,16 @@
 # test_fsck.py: keyfsctl fsck: clean, damaged (named by file and plaintext offset) and could-not-check, told apart by exit code
 import json
 import os
-import pty
 import secrets
 import shutil
-import subprocess
 import threading
 
 import pytest
 
 from helpers import (CHUNK, CHUNK_DISK, EXIT_CONFIG, EXIT_DAMAGED, EXIT_IO, EXIT_KMS, EXIT_LOCKED, EXIT_OK,
                      EXIT_USAGE, HEADER_AREA, HEADER_SIZE, KEYFSCTL, NONCE, backing_size, chunk_offset,
-                     init_keyprotect, inspect_json, keyfsctl, read_file, run, secret_file, write_file)
-from kpemu import Emulator
+                     flip, init_keyprotect, inspect_json, keyfsctl, read_file, run, run_stderr_on_tty,
+                     write_file)
 
 GEN_OFFSET = 36                     # header generation, u32 LE (docs/FORMAT.md)
 TAG_OFFSET = 992                    # header tag, 32 bytes
@@ -30,15 +28,6 @@ def fsck_json(backing, *extra):
 def summary(files, nbytes, damaged=0, not_checked=0, changed=0):
     return ("checked %d files, %d plaintext bytes: %d damaged, %d not checked, %d changed while checking"
             % (files, nbytes, damaged, not_checked, changed))
-
-
-def flip(path, off, mask=0x01):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        assert len(b) == 1, "offset %d is beyond the end of %s" % (off, path)
-        f.seek(off)
-        f.write(bytes([b[0] ^ mask]))
 
 
 def key_id(backing):
@@ -454,52 +443,18 @@ def test_alongside_a_live_mount_never_claims_damage(volume, mount):
 
 def test_progress_only_on_a_terminal(tree_volume):
     backing, total = tree_volume
-    master, slave = pty.openpty()
-    try:
-        p = subprocess.Popen([KEYFSCTL, "fsck", backing], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=slave, text=True)
-        os.close(slave)
-        slave = -1
-        out, _ = p.communicate(timeout=60)
-        tty = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            tty += chunk
-    finally:
-        if slave >= 0:
-            os.close(slave)
-        os.close(master)
-    assert p.returncode == EXIT_OK
+    rc, out, tty = run_stderr_on_tty([KEYFSCTL, "fsck", backing])
+    assert rc == EXIT_OK
     # The report stays on stdout, clean; the terminal got a progress line, erased at the end.
-    assert out == summary(4, total) + "\n"
+    assert out.decode() == summary(4, total) + "\n"
     assert b"fsck: " in tty and tty.endswith(b"\r\x1b[K"), tty
 
 
 # ---- Key Protect: the key service failing in the middle of a run ----
 
-APIKEY = "kpi-fsck-" + secrets.token_hex(20)
-
-
 @pytest.fixture
-def emu(certs):
-    e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-root")
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
-@pytest.fixture
-def kpvol(emu, tmp_path, monkeypatch, mount):
-    monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    apikey = secret_file(tmp_path / "secrets", "apikey", APIKEY)
+def kpvol(emu, tmp_path, kp_client_env, apikey_file, mount):
+    apikey = apikey_file
     backing = str(tmp_path / "backing")
     r = init_keyprotect(emu, backing, apikey)
     assert r.returncode == EXIT_OK, r

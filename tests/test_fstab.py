@@ -7,16 +7,15 @@
 # with neither the host's fstab nor its /usr/local/bin touched. The namespace, its mounts and
 # the daemon end with the script.
 import os
-import secrets
 import shutil
 import subprocess
 
 import pytest
 
-from helpers import EXIT_OK, KEYFS, init_keyprotect, secret_file
-from kpemu import Emulator
+from helpers import APIKEY, EXIT_OK, KEYFS, init_keyprotect, secret_file
 
-APIKEY = "kpi-fstab-" + secrets.token_hex(20)
+# Starts keyfs to mount without the mount fixture: needs /dev/fuse (conftest.py).
+pytestmark = pytest.mark.fuse
 
 SCRIPT = r"""
 set -eu
@@ -78,23 +77,18 @@ def test_fstab_line_local_keystore(volume, keystore, tmp_path):
         assert b"written through" not in f.read()
 
 
-def test_fstab_line_keyprotect_with_apikey_file(certs, tmp_path):
+def test_fstab_line_keyprotect_with_apikey_file(emu, tmp_path):
     """The line of the issue: BACKING MNT fuse.keyfs apikey_file=F,nofail,_netdev 0 0."""
-    emu = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    try:
-        kid = emu.create_key("keyfs-root")
-        apikey = secret_file(tmp_path / "secrets", "data.apikey", APIKEY)
-        backing = str(tmp_path / "backing")
-        r = init_keyprotect(emu, backing, apikey, key=kid)
-        assert r.returncode == EXIT_OK, r
-        out, err, _ = fstab_mount(tmp_path, backing, "apikey_file=%s,nofail,_netdev" % apikey)
-        assert out == ["MOUNTED fuse.keyfs %s" % backing, "READ written through an fstab mount", "DONE"], err
-        # The daemon reached Key Protect with the API key named on the fstab line: wraps
-        # after init's proof (the file's key and the DEK pool), every one answered 200.
-        wraps = emu.requests(path="/actions/wrap")
-        assert len(wraps) >= 2 and all(w["status"] == 200 for w in wraps), wraps
-    finally:
-        emu.stop()
+    apikey = secret_file(tmp_path / "secrets", "data.apikey", APIKEY)
+    backing = str(tmp_path / "backing")
+    r = init_keyprotect(emu, backing, apikey, key=emu.kid)
+    assert r.returncode == EXIT_OK, r
+    out, err, _ = fstab_mount(tmp_path, backing, "apikey_file=%s,nofail,_netdev" % apikey)
+    assert out == ["MOUNTED fuse.keyfs %s" % backing, "READ written through an fstab mount", "DONE"], err
+    # The daemon reached Key Protect with the API key named on the fstab line: wraps
+    # after init's proof (the file's key and the DEK pool), every one answered 200.
+    wraps = emu.requests(path="/actions/wrap")
+    assert len(wraps) >= 2 and all(w["status"] == 200 for w in wraps), wraps
 
 
 def test_fstab_unknown_option_fails_with_a_message(volume, tmp_path):

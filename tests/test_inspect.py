@@ -1,12 +1,11 @@
 # test_inspect.py: keyfsctl inspect -r: a whole tree from the backing dir or a mount, its summary and exit codes
 import json
 import os
-import pty
 import struct
 import subprocess
 
 from helpers import (EXIT_CONFIG, EXIT_IO, EXIT_OK, HEADER_AREA, HEADER_SIZE, KEYFSCTL, backing_size,
-                     inspect_json, key_show, keyfsctl, need_root, run, write_file)
+                     inspect_json, key_show, keyfsctl, need_root, run, run_stderr_on_tty, write_file)
 
 NO_HEADER = "is not a keyfs file: it has no valid keyfs header"
 
@@ -298,28 +297,10 @@ def test_progress_only_on_a_terminal(mnt):
     assert r.returncode == EXIT_OK
     assert r.stderr == ""
     # stderr a terminal: one self-erasing progress line, the summary on stdout untouched.
-    master, slave = pty.openpty()
-    try:
-        p = subprocess.run([KEYFSCTL, "inspect", "-r", mnt.mnt], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.PIPE, stderr=slave, timeout=60)
-        os.close(slave)
-        slave = None
-        out = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        if slave is not None:
-            os.close(slave)
-        os.close(master)
-    assert p.returncode == EXIT_OK
+    rc, stdout, out = run_stderr_on_tty([KEYFSCTL, "inspect", "-r", mnt.mnt])
+    assert rc == EXIT_OK
     assert b"inspect: " in out and out.endswith(b"\r\x1b[K"), out
-    assert p.stdout.startswith(b"backing: ")
+    assert stdout.startswith(b"backing: ")
 
 
 def test_mount_state_comes_from_the_daemon(mnt):

@@ -16,29 +16,15 @@ import uuid
 
 import pytest
 
-from helpers import (EXIT_KMS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, FUSERMOUNT, KEYFS, KEYFSCTL, is_mounted, read_file,
-                     wait_for, write_file)
-from kpemu import Emulator, make_certs
+from helpers import (APIKEY, EXIT_KMS, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, FUSERMOUNT, KEYFS, KEYFSCTL, is_mounted, read_file,
+                     wait_for, write_file, NOACCESS_APIKEY, READER_APIKEY, UNKNOWN_APIKEY)
+from kpemu import make_certs
 
-APIKEY = "kpi-manager-" + secrets.token_hex(20)
-READER_APIKEY = "kpi-reader-" + secrets.token_hex(20)
-NOACCESS_APIKEY = "kpi-none-" + secrets.token_hex(20)
-UNKNOWN_APIKEY = "kpi-unknown-" + secrets.token_hex(20)
 ALL_APIKEYS = (APIKEY, READER_APIKEY, NOACCESS_APIKEY, UNKNOWN_APIKEY)
 # Test-only knob of the Key Protect client: retry backoff 10, 20, 40, 80 ms instead of 1..8 s.
 BACKOFF_SCALE = "0.01"
 CID = r"\(correlation-id ([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})\)"
 SIZES = [1, 4095, 4096, 4097, 65536 + 13, (1 << 20) + 1]
-
-
-@pytest.fixture
-def emu(certs):
-    e = Emulator(certs, apikeys={APIKEY: "manager", READER_APIKEY: "reader", NOACCESS_APIKEY: "none"}).start()
-    e.kid = e.create_key("keyfs-root")
-    try:
-        yield e
-    finally:
-        e.stop()
 
 
 class Secrets:

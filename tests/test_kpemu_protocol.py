@@ -18,13 +18,10 @@ import uuid
 
 import pytest
 
-from kpemu import Emulator
+from helpers import APIKEY, NOACCESS_APIKEY, READER_APIKEY
 
 BUILD_DIR = os.environ.get("KEYFS_BUILD_DIR", "")
 PROBE = os.path.join(BUILD_DIR, "tests", "tools", "kms-probe") if BUILD_DIR else ""
-APIKEY = "kpemu-good-" + secrets.token_hex(16)
-READER_APIKEY = "kpemu-reader-" + secrets.token_hex(16)
-NOACCESS_APIKEY = "kpemu-none-" + secrets.token_hex(16)
 # Test-only knob of the client (keyclient/kms-keyprotect.h): backoff 10, 20, 40, 80 ms.
 BACKOFF_SCALE = "0.01"
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -38,22 +35,6 @@ def keyfs_binaries():
         pytest.fail("kms-probe missing (KEYFS_BUILD_DIR=%r): build tests/tools/kms-probe" % BUILD_DIR,
                     pytrace=False)
     return PROBE
-
-
-def start_emu(certs, **kw):
-    kw.setdefault("apikeys", {APIKEY: "manager", READER_APIKEY: "reader", NOACCESS_APIKEY: "none"})
-    e = Emulator(certs, **kw).start()
-    e.kid = e.create_key("keyfs-root")
-    return e
-
-
-@pytest.fixture
-def emu(certs):
-    e = start_emu(certs)
-    try:
-        yield e
-    finally:
-        e.stop()
 
 
 class Result:
@@ -218,15 +199,12 @@ def test_many_calls_share_one_token_and_connections(emu, tmp_path):
     assert emu.connections <= 8
 
 
-def test_token_near_expiry_is_not_used(certs, tmp_path):
+def test_token_near_expiry_is_not_used(emu_factory, tmp_path):
     # expires_in 61: the token is fresh for 1 s (never used within 60 s of expiration).
-    e = start_emu(certs, token_ttl=61)
-    try:
-        r = probe(e, tmp_path, "roundtrip", "2", "1", "1300")
-        assert r.ok, r
-        assert len(e.token_requests()) == 2
-    finally:
-        e.stop()
+    e = emu_factory(token_ttl=61)
+    r = probe(e, tmp_path, "roundtrip", "2", "1", "1300")
+    assert r.ok, r
+    assert len(e.token_requests()) == 2
 
 
 def test_key_state_values(emu, tmp_path):
@@ -255,14 +233,11 @@ def test_key_state_values(emu, tmp_path):
     assert [e["status"] for e in md] == [200] * 6 + [404]
 
 
-def test_deleted_key_metadata_410_is_destroyed(certs, tmp_path):
-    e = start_emu(certs, deleted_metadata_status=410)
-    try:
-        e.key_action(e.kid, "delete")
-        r = probe(e, tmp_path, "state")
-        assert r.ok and r.doc["state"] == 5, r
-    finally:
-        e.stop()
+def test_deleted_key_metadata_410_is_destroyed(emu_factory, tmp_path):
+    e = emu_factory(deleted_metadata_status=410)
+    e.key_action(e.kid, "delete")
+    r = probe(e, tmp_path, "state")
+    assert r.ok and r.doc["state"] == 5, r
 
 
 def test_rotation_rewraps_on_unwrap(emu, tmp_path):
@@ -614,54 +589,51 @@ def test_emulator_error_bodies_and_auth(emu):
     assert st == 400 and doc["errorCode"] == "BXNIM0415E" and "context" in doc
 
 
-def test_emulator_key_lifecycle(certs):
-    e = start_emu(certs, enforce_too_early=True, too_early_seconds=30, enforce_rotation_limit=True)
-    try:
-        api = Api(e)
-        st, doc, _ = api.call("POST", "/api/v2/keys", body={
-            "metadata": {"collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1},
-            "resources": [{"type": "application/vnd.ibm.kms.key+json", "name": "root2", "extractable": False}]})
-        assert st == 201 and doc["metadata"]["collectionTotal"] == 1
-        key = doc["resources"][0]
-        kid = key["id"]
-        assert key["state"] == 1 and key["extractable"] is False and key["crn"].endswith(":key:" + kid)
-        # Wrap without plaintext generates a 32-byte DEK; the deprecated ?action= form works.
-        st, w, _ = api.call("POST", "/api/v2/keys/%s?action=wrap" % kid, body={"aad": ["a"]})
-        assert st == 200 and len(base64.b64decode(w["plaintext"])) == 32
-        st, u, _ = api.call("POST", "/api/v2/keys/%s/actions/unwrap" % kid, body={"ciphertext": w["ciphertext"], "aad": ["a"]},
-                            ctype=ACTION_TYPE)
-        assert st == 200 and u["plaintext"] == w["plaintext"] and "rewrappedKeyVersion" not in u
-        # Rotate: 204, then once an hour only; rewrap gives the new version.
-        st, _, _ = api.call("POST", "/api/v2/keys/%s/actions/rotate" % kid)
-        assert st == 204
-        st, doc, _ = api.call("POST", "/api/v2/keys/%s/actions/rotate" % kid)
-        assert st == 409 and doc["resources"][0]["reasons"][0]["code"] == "KEY_ROTATION_NOT_PERMITTED"
-        st, rw, _ = api.call("POST", "/api/v2/keys/%s/actions/rewrap" % kid, body={"ciphertext": w["ciphertext"], "aad": ["a"]})
-        assert st == 200 and "plaintext" not in rw
-        assert rw["rewrappedKeyVersion"]["id"] == e.key(kid).latest["id"] != w["keyVersion"]["id"]
-        # Disable, then enable too early.
-        assert api.call("POST", "/api/v2/keys/%s/actions/disable" % kid)[0] == 204
-        st, doc, _ = api.call("POST", "/api/v2/keys/%s/actions/enable" % kid)
-        assert st == 409 and doc["resources"][0]["reasons"][0]["code"] == "REQ_TOO_EARLY_ERR"
-        e.key(kid).last_action -= 31
-        assert api.call("POST", "/api/v2/keys/%s/actions/enable" % kid)[0] == 204
-        # Delete: representation or minimal.
-        st, doc, _ = api.call("DELETE", "/api/v2/keys/%s?force=true" % kid, headers={"prefer": "return=representation"})
-        assert st == 200 and doc["resources"][0]["state"] == 5 and doc["resources"][0]["deleted"] is True
-        st, doc, _ = api.call("POST", "/api/v2/keys/%s/actions/unwrap" % kid, body={"ciphertext": w["ciphertext"], "aad": ["a"]})
-        assert st == 410 and doc["resources"][0]["reasons"][0]["code"] == "KEY_DELETED_ERR"
-        e.key(kid).last_action -= 31
-        assert api.call("POST", "/api/v2/keys/%s/restore" % kid)[0] == 201
-        st, doc, _ = api.call("DELETE", "/api/v2/keys/%s" % kid, headers={"prefer": "return=minimal"})
-        assert st == 204 and doc is None
-        # Purge: 404 everywhere afterwards.
-        assert api.call("DELETE", "/api/v2/keys/%s/purge" % kid)[0] == 200
-        for method, path in (("GET", ""), ("GET", "/metadata"), ("POST", "/actions/unwrap"), ("POST", "/restore")):
-            st, doc, _ = api.call(method, "/api/v2/keys/%s%s" % (kid, path),
-                                  body={"ciphertext": w["ciphertext"]} if method == "POST" else None)
-            assert st == 404 and doc["resources"][0]["reasons"][0]["code"] == "KEY_NOT_FOUND_ERR", (path, doc)
-    finally:
-        e.stop()
+def test_emulator_key_lifecycle(emu_factory):
+    e = emu_factory(enforce_too_early=True, too_early_seconds=30, enforce_rotation_limit=True)
+    api = Api(e)
+    st, doc, _ = api.call("POST", "/api/v2/keys", body={
+        "metadata": {"collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1},
+        "resources": [{"type": "application/vnd.ibm.kms.key+json", "name": "root2", "extractable": False}]})
+    assert st == 201 and doc["metadata"]["collectionTotal"] == 1
+    key = doc["resources"][0]
+    kid = key["id"]
+    assert key["state"] == 1 and key["extractable"] is False and key["crn"].endswith(":key:" + kid)
+    # Wrap without plaintext generates a 32-byte DEK; the deprecated ?action= form works.
+    st, w, _ = api.call("POST", "/api/v2/keys/%s?action=wrap" % kid, body={"aad": ["a"]})
+    assert st == 200 and len(base64.b64decode(w["plaintext"])) == 32
+    st, u, _ = api.call("POST", "/api/v2/keys/%s/actions/unwrap" % kid, body={"ciphertext": w["ciphertext"], "aad": ["a"]},
+                        ctype=ACTION_TYPE)
+    assert st == 200 and u["plaintext"] == w["plaintext"] and "rewrappedKeyVersion" not in u
+    # Rotate: 204, then once an hour only; rewrap gives the new version.
+    st, _, _ = api.call("POST", "/api/v2/keys/%s/actions/rotate" % kid)
+    assert st == 204
+    st, doc, _ = api.call("POST", "/api/v2/keys/%s/actions/rotate" % kid)
+    assert st == 409 and doc["resources"][0]["reasons"][0]["code"] == "KEY_ROTATION_NOT_PERMITTED"
+    st, rw, _ = api.call("POST", "/api/v2/keys/%s/actions/rewrap" % kid, body={"ciphertext": w["ciphertext"], "aad": ["a"]})
+    assert st == 200 and "plaintext" not in rw
+    assert rw["rewrappedKeyVersion"]["id"] == e.key(kid).latest["id"] != w["keyVersion"]["id"]
+    # Disable, then enable too early.
+    assert api.call("POST", "/api/v2/keys/%s/actions/disable" % kid)[0] == 204
+    st, doc, _ = api.call("POST", "/api/v2/keys/%s/actions/enable" % kid)
+    assert st == 409 and doc["resources"][0]["reasons"][0]["code"] == "REQ_TOO_EARLY_ERR"
+    e.key(kid).last_action -= 31
+    assert api.call("POST", "/api/v2/keys/%s/actions/enable" % kid)[0] == 204
+    # Delete: representation or minimal.
+    st, doc, _ = api.call("DELETE", "/api/v2/keys/%s?force=true" % kid, headers={"prefer": "return=representation"})
+    assert st == 200 and doc["resources"][0]["state"] == 5 and doc["resources"][0]["deleted"] is True
+    st, doc, _ = api.call("POST", "/api/v2/keys/%s/actions/unwrap" % kid, body={"ciphertext": w["ciphertext"], "aad": ["a"]})
+    assert st == 410 and doc["resources"][0]["reasons"][0]["code"] == "KEY_DELETED_ERR"
+    e.key(kid).last_action -= 31
+    assert api.call("POST", "/api/v2/keys/%s/restore" % kid)[0] == 201
+    st, doc, _ = api.call("DELETE", "/api/v2/keys/%s" % kid, headers={"prefer": "return=minimal"})
+    assert st == 204 and doc is None
+    # Purge: 404 everywhere afterwards.
+    assert api.call("DELETE", "/api/v2/keys/%s/purge" % kid)[0] == 200
+    for method, path in (("GET", ""), ("GET", "/metadata"), ("POST", "/actions/unwrap"), ("POST", "/restore")):
+        st, doc, _ = api.call(method, "/api/v2/keys/%s%s" % (kid, path),
+                              body={"ciphertext": w["ciphertext"]} if method == "POST" else None)
+        assert st == 404 and doc["resources"][0]["reasons"][0]["code"] == "KEY_NOT_FOUND_ERR", (path, doc)
 
 
 def test_emulator_control_api(emu):

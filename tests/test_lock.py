@@ -22,15 +22,13 @@ import time
 
 import pytest
 
-from helpers import (EXIT_LOCKED, EXIT_MOUNT, EXIT_OK, EXIT_USAGE, KEYFS, KEYFSCTL, expect_errno, key_show,
+from helpers import (APIKEY, EXIT_LOCKED, EXIT_MOUNT, EXIT_OK, EXIT_USAGE, KEYFS, KEYFSCTL, expect_errno, key_show,
                      read_file, run, run_as, sha256, wait_for, write_file)
-from kpemu import Emulator
 
 EXIT_DENIED = 10
 POLL = 1
 SLACK = 0.5
 DEADLINE = 1.1 * POLL + 1.0 + SLACK
-APIKEY = "kpi-lock-" + secrets.token_hex(20)
 KEY_NAME = "test"
 RFC3339 = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 NOBODY = 65534
@@ -118,23 +116,10 @@ class Local:
         self._key("enable")
 
 
-@pytest.fixture
-def emu(certs):
-    e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-root")
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
 @pytest.fixture(autouse=True)
-def kp_env(monkeypatch):
+def kp_env(kp_client_env):
     # Fast retries (10..80 ms instead of 1..8 s), so an unreachable KMS is noticed within a poll.
-    monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    pass
 
 
 @pytest.fixture(params=["keyprotect", "local"])

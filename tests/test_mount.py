@@ -10,6 +10,9 @@ import pytest
 from helpers import (FUSERMOUNT, KEYFS, expect_errno, is_mounted, proc_mounts_entry, read_file, run,
                      wait_for, write_file)
 
+# Starts keyfs to mount without the mount fixture: needs /dev/fuse (conftest.py).
+pytestmark = pytest.mark.fuse
+
 
 def _mount_options(mnt):
     with open("/proc/self/mountinfo") as f:

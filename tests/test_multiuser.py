@@ -13,17 +13,23 @@ U2, G2 = 12346, 12346
 SGID_GROUP = 777
 
 
-@pytest.fixture
-def mu(world_tmp, mount):
-    """A volume and mount under a world-traversable dir, mounted allow_other,default_permissions."""
+def world_mount(world_tmp, mount, opts=(), mnt_mode=None):
+    """A fresh local volume (keystore and backing dir) and its mount, all under world_tmp; root only."""
     need_root()
     keystore = os.path.join(world_tmp, "keystore")
     backing = os.path.join(world_tmp, "backing")
     keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key")
     mnt = os.path.join(world_tmp, "mnt")
     os.mkdir(mnt)
-    os.chmod(mnt, 0o755)
-    m = mount(backing=backing, mnt=mnt, opts=["allow_other", "default_permissions"])
+    if mnt_mode is not None:
+        os.chmod(mnt, mnt_mode)
+    return mount(backing=backing, mnt=mnt, opts=list(opts))
+
+
+@pytest.fixture
+def mu(world_tmp, mount):
+    """A volume and mount under a world-traversable dir, mounted allow_other,default_permissions."""
+    m = world_mount(world_tmp, mount, ["allow_other", "default_permissions"], mnt_mode=0o755)
     os.chmod(m.mnt, 0o755)
     return m
 
@@ -147,13 +153,7 @@ def test_user_0444_create_then_write(mu):
 
 def test_allow_other_without_default_permissions(world_tmp, mount):
     # allow_other alone must not let every user read every file: the daemon runs as root.
-    need_root()
-    keystore = os.path.join(world_tmp, "keystore")
-    backing = os.path.join(world_tmp, "backing")
-    keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key")
-    mnt = os.path.join(world_tmp, "mnt")
-    os.mkdir(mnt)
-    m = mount(backing=backing, mnt=mnt, opts=["allow_other"])
+    m = world_mount(world_tmp, mount, ["allow_other"])
     os.chmod(m.mnt, 0o755)
     p = m.path("secret")
     write_file(p, b"root only")
@@ -167,13 +167,7 @@ def test_allow_other_without_default_permissions(world_tmp, mount):
 
 
 def test_no_allow_other_refuses_other_users(world_tmp, mount):
-    need_root()
-    keystore = os.path.join(world_tmp, "keystore")
-    backing = os.path.join(world_tmp, "backing")
-    keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key")
-    mnt = os.path.join(world_tmp, "mnt")
-    os.mkdir(mnt)
-    m = mount(backing=backing, mnt=mnt)
+    m = world_mount(world_tmp, mount)
     os.chmod(m.mnt, 0o777)
     write_file(m.path("f"), b"x")
     os.chmod(m.path("f"), 0o644)

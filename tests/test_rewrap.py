@@ -1,19 +1,16 @@
 # test_rewrap.py: keyfsctl key rotate and keyfsctl rewrap: every DEK onto the newest key version, data untouched, resumable, beside a live mount
 import os
-import secrets
 import struct
 import threading
 
 import pytest
 
 from helpers import (EXIT_OK, HEADER_AREA, HEADER_SIZE, KEYFSCTL, init_keyprotect, inspect_json, read_file, run,
-                     secret_file, sha256, write_file)
-from kpemu import Emulator
+                     sha256, write_file)
 
 EXIT_KMS = 4
 EXIT_DAMAGED = 7
 EXIT_LOCKED = 8
-APIKEY = "kpi-rewrap-" + secrets.token_hex(20)
 GEN_OFFSET = 36                     # header generation, little-endian u32 (docs/FORMAT.md)
 
 
@@ -214,20 +211,9 @@ def test_rewrap_refuses_locked_key_and_non_volume(local, tmp_path):
 # ---- Key Protect (emulated): the service re-wraps on unwrap ----
 
 @pytest.fixture
-def emu(certs):
-    e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-root")
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
-@pytest.fixture
-def kpvol(emu, tmp_path, monkeypatch):
+def kpvol(emu, tmp_path, kp_client_env, apikey_file):
     # Fast client retries, so a failing service is given up on in well under a second.
-    monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
-    apikey = secret_file(tmp_path / "secrets", "apikey", APIKEY)
+    apikey = apikey_file
     backing = str(tmp_path / "backing")
     r = init_keyprotect(emu, backing, apikey)
     assert r.returncode == EXIT_OK, r

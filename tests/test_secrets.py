@@ -17,10 +17,8 @@ import time
 
 import pytest
 
-from helpers import EXIT_OK, KEYFSCTL, expect_errno, materials, read_file, run, write_file
-from kpemu import Emulator
+from helpers import APIKEY, EXIT_OK, KEYFSCTL, expect_errno, materials, read_file, run, write_file
 
-APIKEY = "kpi-secrets-" + secrets.token_hex(20)
 POLL = 3600             # no poll but the ones a test asks for: a core never catches one under way
 FILES = [1, 4096, 65536 + 13, 256 * 1024]
 GDB = shutil.which("gdb")
@@ -31,22 +29,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def emu(certs):
-    e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-root")
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
 @pytest.fixture(autouse=True)
-def env(monkeypatch):
-    monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+def env(kp_client_env):
+    pass
 
 
 def contents(marker, size):

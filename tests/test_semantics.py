@@ -1,5 +1,4 @@
 # test_semantics.py: POSIX semantics through the mount, the reserved name, and real tools on top
-import ctypes
 import errno
 import hashlib
 import mmap
@@ -11,23 +10,10 @@ import time
 
 import pytest
 
-from helpers import expect_errno, read_file, run, write_file
+from helpers import expect_errno, fallocate, read_file, renameat2, run, write_file
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def renameat2(old, new, flags):
-    fn = _libc.renameat2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), old)
-
-
 # -- rename ---------------------------------------------------------------------------------------
 
 def test_rename_plain_and_over_existing(mnt):
@@ -451,26 +437,18 @@ FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_COLLAPSE_RANGE = 8
 
 
-def _fallocate(fd, mode, off, length):
-    fn = _libc.fallocate
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-    if fn(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 def test_fallocate(mnt):
     p = mnt.path("f")
     write_file(p, b"abc")
     fd = os.open(p, os.O_RDWR)
     try:
-        _fallocate(fd, 0, 0, 10000)
+        fallocate(fd, 0, 0, 10000)
         assert os.fstat(fd).st_size == 10000
         assert os.pread(fd, 20000, 0) == b"abc" + bytes(9997)
-        _fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 50000)
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 50000)
         assert os.fstat(fd).st_size == 10000
         # Punch and zero-range work (test_fallocate.py); collapsing a range stays refused.
-        expect_errno(errno.EOPNOTSUPP, _fallocate, fd, FALLOC_FL_COLLAPSE_RANGE, 0, 4096)
+        expect_errno(errno.EOPNOTSUPP, fallocate, fd, FALLOC_FL_COLLAPSE_RANGE, 0, 4096)
         assert os.pread(fd, 3, 0) == b"abc"
     finally:
         os.close(fd)

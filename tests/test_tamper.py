@@ -4,23 +4,14 @@ import os
 
 import pytest
 
-from helpers import CHUNK, CHUNK_DISK, HEADER_AREA, HEADER_SIZE, NONCE, OVERHEAD, backing_size, chunk_offset, inspect_json, \
-    read_file, write_file
+from helpers import CHUNK, CHUNK_DISK, HEADER_AREA, HEADER_SIZE, NONCE, OVERHEAD, backing_size, chunk_offset, flip, \
+    inspect_json, read_file, write_file
 
 
 @pytest.fixture
 def tm(mount):
     """A mount that may log errors (the daemon should log the failed authentications)."""
     return mount(allow_errors=True)
-
-
-def _flip(path, off, mask=0x01):
-    with open(path, "r+b") as f:
-        f.seek(off)
-        b = f.read(1)
-        assert len(b) == 1, "offset %d is beyond the end of %s" % (off, path)
-        f.seek(off)
-        f.write(bytes([b[0] ^ mask]))
 
 
 def _read_range(path, off, n):
@@ -54,7 +45,7 @@ def _setup(m, files):
 def test_flipped_chunk_byte(tm):
     data = os.urandom(3 * CHUNK)
     _setup(tm, {"f": data})
-    _flip(tm.bpath("f"), chunk_offset(1) + NONCE + 100)
+    flip(tm.bpath("f"), chunk_offset(1) + NONCE + 100)
     tm.start()
     p = tm.path("f")
     assert _read_range(p, 0, CHUNK) == data[:CHUNK]
@@ -71,7 +62,7 @@ def test_flipped_nonce_or_tag(tm, where):
     data = os.urandom(2 * CHUNK + 10)
     _setup(tm, {"f": data})
     off = chunk_offset(2) if where == "nonce" else chunk_offset(2) + NONCE + 10 + 5
-    _flip(tm.bpath("f"), off, 0x80)
+    flip(tm.bpath("f"), off, 0x80)
     tm.start()
     p = tm.path("f")
     assert _read_range(p, 0, 2 * CHUNK) == data[:2 * CHUNK]
@@ -100,7 +91,7 @@ def _padding_offset(hdr):
 def test_flipped_header_padding(tm):
     data = b"header padding test " * 100
     _setup(tm, {"f": data, "g": data})
-    _flip(tm.bpath("f"), _padding_offset(_header(tm.bpath("f"))))
+    flip(tm.bpath("f"), _padding_offset(_header(tm.bpath("f"))))
     tm.start()
     _open_and_read_eio(tm.path("f"))
     assert read_file(tm.path("g")) == data
@@ -114,7 +105,7 @@ def test_flipped_header_file_id(tm):
     hdr = _header(tm.bpath("f"))
     off = hdr.find(fid)
     assert off > 0, "file id %s not found in the header" % info["file_id"]
-    _flip(tm.bpath("f"), off + 7)
+    flip(tm.bpath("f"), off + 7)
     tm.start()
     _open_and_read_eio(tm.path("f"))
     assert read_file(tm.path("g")) == data
@@ -124,11 +115,11 @@ def test_flipped_header_tag_and_magic(tm):
     data = os.urandom(5000)
     _setup(tm, {"tag": data, "magic": data, "wrapped": data})
     # The magic: the file is not a keyfs file any more.
-    _flip(tm.bpath("magic"), 3)
+    flip(tm.bpath("magic"), 3)
     # The last non-zero byte of the header is part of its tag or the wrapped key.
     hdr = _header(tm.bpath("tag"))
     last = max(i for i, b in enumerate(hdr) if b != 0)
-    _flip(tm.bpath("tag"), last)
+    flip(tm.bpath("tag"), last)
     tm.start()
     _open_and_read_eio(tm.path("magic"))
     _open_and_read_eio(tm.path("tag"))
@@ -282,7 +273,7 @@ def test_every_header_field_is_checked(tm):
     assert hdr[33] == 1, "key version of a new local key is '1'"
     for f in FIELDS:
         off = _header_fields(_header(tm.bpath(f)))[f]
-        _flip(tm.bpath(f), off, 0x01 if f not in ("key_id", "key_version") else 0x02)
+        flip(tm.bpath(f), off, 0x01 if f not in ("key_id", "key_version") else 0x02)
     tm.start()
     bad = []
     for f in FIELDS:
@@ -324,12 +315,9 @@ def test_empty_backing_file_is_an_empty_file(tm):
     assert read_file(p) == b"now with content " * 400
 
 
-def test_header_from_another_volume(tm, tmp_path, keystore):
-    # A file copied from another volume with another key does not open here.
-    from helpers import keyfsctl
-    other = str(tmp_path / "other")
-    keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "other", "--create-key")
-    write_file(tm.path("mine"), b"x" * 100)
+def _copied_from_other_volume_fails(tm, tmp_path, other):
+    """A file written through a mount of volume `other`, its backing file copied into tm's backing dir
+    as 'copied' while tm is unmounted: after the remount, it does not open (EIO)."""
     tm.umount()
     om = type(tm)(other, str(tmp_path / "omnt"), [], str(tmp_path), allow_errors=True)
     os.mkdir(om.mnt)
@@ -342,6 +330,15 @@ def test_header_from_another_volume(tm, tmp_path, keystore):
         dst.write(src.read())
     tm.start()
     _open_and_read_eio(tm.path("copied"))
+
+
+def test_header_from_another_volume(tm, tmp_path, keystore):
+    # A file copied from another volume with another key does not open here.
+    from helpers import keyfsctl
+    other = str(tmp_path / "other")
+    keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "other", "--create-key")
+    write_file(tm.path("mine"), b"x" * 100)
+    _copied_from_other_volume_fails(tm, tmp_path, other)
     assert read_file(tm.path("mine")) == b"x" * 100
 
 
@@ -353,18 +350,7 @@ def test_same_key_other_volume(tm, tmp_path, keystore):
     other = str(tmp_path / "other")
     from helpers import keyfsctl
     keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "test")
-    tm.umount()
-    om = type(tm)(other, str(tmp_path / "omnt"), [], str(tmp_path), allow_errors=True)
-    os.mkdir(om.mnt)
-    try:
-        om.start()
-        write_file(om.path("theirs"), b"y" * 100)
-    finally:
-        om.umount()
-    with open(os.path.join(other, "theirs"), "rb") as src, open(tm.bpath("copied"), "wb") as dst:
-        dst.write(src.read())
-    tm.start()
-    _open_and_read_eio(tm.path("copied"))
+    _copied_from_other_volume_fails(tm, tmp_path, other)
     assert "volume=" in desc
 
 
@@ -385,7 +371,7 @@ def test_torn_header_rewrite_falls_back_to_older_slot(tm):
             newer[36] += 1                          # generation 1 -> 2
             f.seek(HEADER_SIZE)
             f.write(bytes(newer))
-    _flip(tm.bpath("both"), 100)                    # and slot 0 damaged too: nothing opens
+    flip(tm.bpath("both"), 100)                    # and slot 0 damaged too: nothing opens
     tm.start()
     assert read_file(tm.path("junk")) == data
     assert read_file(tm.path("newer")) == data

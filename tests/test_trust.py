@@ -7,44 +7,31 @@
 # volume (init's record, keyfsctl trust, mount options) work.
 import os
 import pty
-import secrets
 import shutil
 import stat
 import subprocess
 
 import pytest
 
-from helpers import (EXIT_OK, EXIT_UNTRUSTED, EXIT_USAGE, FUSERMOUNT, KEYFS, KEYFSCTL, init_keyprotect, is_mounted,
+from helpers import (APIKEY, EXIT_OK, EXIT_UNTRUSTED, EXIT_USAGE, FUSERMOUNT, KEYFS, KEYFSCTL, init_keyprotect, is_mounted,
                      key_show, keyfsctl, read_file, run, run_as, secret_file, write_file)
-from kpemu import Emulator
 
-APIKEY = "kpi-trust-" + secrets.token_hex(20)
+# Starts keyfs to mount without the mount fixture: needs /dev/fuse (conftest.py).
+pytestmark = pytest.mark.fuse
+
 REFUSED = "refusing it before any key service is contacted"
 
 
-def emulator(certs):
-    e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-root")
-    return e
+@pytest.fixture
+def real(emu):
+    """The key service the host trusts."""
+    return emu
 
 
 @pytest.fixture
-def real(certs):
-    e = emulator(certs)
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
-@pytest.fixture
-def attacker(certs):
+def attacker(emu_factory):
     """The backing-dir writer's own key service: it would answer like the real one."""
-    e = emulator(certs)
-    try:
-        yield e
-    finally:
-        e.stop()
+    return emu_factory()
 
 
 def desc(backing):
