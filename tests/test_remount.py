@@ -15,35 +15,19 @@ import time
 import pytest
 
 from helpers import (EXIT_MOUNT, EXIT_OK, FUSERMOUNT, KEYFS, init_keyprotect, is_mounted, read_file, run,
-                     secret_file, write_file)
-from kpemu import Emulator
+                     write_file)
 
-APIKEY = "kpi-manager-" + secrets.token_hex(20)
 ROUNDS = 20
 # Every Key Protect answer takes this long, as from a remote region: a fresh mount's key pool is
 # still being filled when it is unmounted, so a call is under way then.
 KMS_LATENCY_MS = 300
+
+pytestmark = pytest.mark.fuse         # these tests start keyfs themselves
 WAITED = re.compile(r"^keyfs: waited (\d+) ms for the previous keyfs \(pid (\d+)\) of volume '(.*)' to exit$", re.M)
 
 
 @pytest.fixture
-def emu(certs, monkeypatch):
-    monkeypatch.setenv("KEYFS_TEST_BACKOFF_SCALE", "0.01")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    e = Emulator(certs, apikeys={APIKEY: "manager"}).start()
-    e.kid = e.create_key("keyfs-root")
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
-@pytest.fixture
-def kp_volume(emu, tmp_path):
-    sec = tmp_path / "secrets"
-    sec.mkdir(mode=0o700)
-    apikey_file = secret_file(str(sec), "apikey", APIKEY)
+def kp_volume(emu, apikey_file, kp_client_env, tmp_path):
     backing = str(tmp_path / "backing")
     r = init_keyprotect(emu, backing, apikey_file)
     assert r.returncode == EXIT_OK, r
