@@ -20,6 +20,7 @@
 #include "keyfs/kms.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
+#include "keyfs/volkeys.h"
 #include "cli.h"
 #include "progress.h"
 #include "volume.h"
@@ -390,19 +391,16 @@ static void unknown_format(const uint8_t area[FMT_DATA_OFFSET], struct verdict *
 }
 
 /*
- * Find the header slot that serves, as the daemon does (newest that parses, unwraps and
- * authenticates first, then the other), and leave its keys in f->keys and its file id in
- * file_id. Returns PASS_JUDGED with v->hdr set (HDR_OK: keys ready), or another pass result.
+ * Find the header slot that serves the way the daemon does (vol_keys_open), and leave its keys
+ * in f->keys and its file id in file_id. Returns PASS_JUDGED with v->hdr set (HDR_OK: keys ready), or another pass result.
  */
 static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t file_id[FMT_FILE_ID_SIZE])
 {
 	uint8_t area[FMT_DATA_OFFSET];
 	struct content_headers hs;
-	const char *aad[KMS_AAD_COUNT];
-	char hex[2 * FMT_FILE_ID_SIZE + 1];
+	struct vol_opened o;
 	bool all_unwrap_refused = true;
-	int fails[FMT_HEADER_SLOTS];
-	unsigned i, good;
+	unsigned good;
 	ssize_t n;
 	int r;
 
@@ -432,45 +430,32 @@ static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t
 		snprintf(v->why, sizeof(v->why), "reading its header: %s", strerror(-r));
 		return PASS_NOT_CHECKED;
 	}
-	for (i = 0; i < hs.count; i++) {
-		struct kms_err err = { .msg = "" };
-		bool rewrapped = false;
+	r = vol_keys_open(f->vol.kms, f->vol.vol.volume, &hs, f->dek, f->keys, NULL, &o);
+	sodium_memzero(f->dek, FMT_DEK_SIZE);
+	if (r < 0 && r != -EBADMSG) {
+		const struct kms_err *err = &o.slot[o.tried - 1].err;
 
-		fmt_file_id_hex(hs.hdr[i].file_id, hex);
-		kms_file_aad(f->vol.vol.volume, hex, aad);
-		r = kms_unwrap(f->vol.kms, hs.hdr[i].wrapped, hs.hdr[i].wrapped_len, aad, KMS_AAD_COUNT, f->dek, NULL,
-			       &rewrapped, &err);
-		if (r == -EBADMSG) {
-			fails[i] = r;
-			continue;
-		}
-		if (r < 0) {
-			/* Not the file's fault: the key or the service. Asking again per file would only
-			 * hammer a service that is down. */
-			f->fatal = r == -ENOKEY || r == -EACCES || r == -EKEYREVOKED ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_KMS;
-			snprintf(f->fatal_msg, sizeof(f->fatal_msg), "%s", err.msg[0] ? err.msg : strerror(-r));
-			return PASS_FATAL;
-		}
-		all_unwrap_refused = false;
-		fmt_keys_derive(f->dek, f->keys);
-		sodium_memzero(f->dek, FMT_DEK_SIZE);
-		if (fmt_header_verify(hs.raw[i], f->keys) == 0)
-			break;
-		fails[i] = 0;        /* unwrapped, but the tag does not match */
+		/* Not the file's fault: the key or the service. Asking again per file would only
+		 * hammer a service that is down. */
+		f->fatal = r == -ENOKEY || r == -EACCES || r == -EKEYREVOKED ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_KMS;
+		snprintf(f->fatal_msg, sizeof(f->fatal_msg), "%s", err->msg[0] ? err->msg : strerror(-r));
+		return PASS_FATAL;
 	}
-	if (i == hs.count) {
+	if (r < 0) {
+		for (unsigned i = 0; i < hs.count; i++)
+			all_unwrap_refused = all_unwrap_refused && o.slot[i].why == VOL_SLOT_NO_UNWRAP;
 		v->hdr = all_unwrap_refused ? HDR_NO_UNWRAP : HDR_NO_AUTH;
 		snprintf(v->key_id, sizeof(v->key_id), "%s", hs.hdr[0].key_id);
 		return PASS_JUDGED;
 	}
-	good = i;
+	good = (unsigned)r;
 	memcpy(file_id, hs.hdr[good].file_id, FMT_FILE_ID_SIZE);
 	v->hdr = HDR_OK;
 	/* The slot that does not serve: harmless while this one does (the daemon falls back the
 	 * same way, and a torn rewrite leaves exactly this), so a note, not damage. */
 	if (good > 0) {
 		slot_note(v, hs.slot[0], &hs.hdr[0],
-			  fails[0] == -EBADMSG ? "has a wrapped key that does not unwrap" : "does not authenticate",
+			  o.slot[0].why == VOL_SLOT_NO_UNWRAP ? "has a wrapped key that does not unwrap" : "does not authenticate",
 			  hs.slot[good], &hs.hdr[good]);
 	} else if (hs.count == 2) {
 		/* Both slots hold the same DEK, so its keys authenticate the other slot too. */

@@ -19,6 +19,7 @@
 #include "keyfs/log.h"
 #include "keyfs/util.h"
 #include "keyfs/voldesc.h"
+#include "keyfs/volkeys.h"
 #include "keyfs/volume.h"
 #include "cli.h"
 
@@ -152,8 +153,6 @@ static void kp_where(const struct voldesc *vol, char where[WHERE_MAX])
 #define KP_ACCESS_HINT \
 	"check the API key, and that its service ID has a Key Protect service role that allows wrap and unwrap (ReaderPlus or above) on this instance or key"
 
-static const char zero_id[2 * FMT_FILE_ID_SIZE + 1] = "00000000000000000000000000000000";
-
 /* A failed test wrap or unwrap: the message, and the exit code. */
 static int prove_failed(struct kms *k, const struct voldesc *vol, const char *op, int r, const struct kms_err *err)
 {
@@ -178,48 +177,24 @@ static int prove_failed(struct kms *k, const struct voldesc *vol, const char *op
  * The associated data is the new volume's uuid and an all-zero file id, which no file has. */
 static int prove_kms(struct kms *k, const struct voldesc *vol, char *ret_version, size_t version_size)
 {
-	const char *aad[KMS_AAD_COUNT];
+	enum vol_probe_step step;
 	struct kms_wrapped w;
 	struct kms_err err;
-	uint8_t *dek, *back;
-	bool rewrapped = false;
-	int r, rc = 0;
+	int r;
 
-	dek = sodium_malloc(FMT_DEK_SIZE);
-	back = sodium_malloc(FMT_DEK_SIZE);
-	if (!dek || !back) {
+	r = vol_kms_probe(k, vol->volume, true, &w, &err, &step);
+	if (r == -ENOMEM) {
 		log_err("out of locked memory");
-		rc = KEYFS_EXIT_FAILURE;
-		goto out;
+		return KEYFS_EXIT_FAILURE;
 	}
-	randombytes_buf(dek, FMT_DEK_SIZE);
-	kms_file_aad(vol->volume, zero_id, aad);
-	r = kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w, &err);
-	if (r < 0) {
-		rc = prove_failed(k, vol, "wrap", r, &err);
-		goto out;
-	}
-	r = kms_unwrap(k, w.blob, w.len, aad, KMS_AAD_COUNT, back, NULL, &rewrapped, &err);
-	if (r < 0) {
-		rc = prove_failed(k, vol, "unwrap", r, &err);
-		goto out;
-	}
-	if (sodium_memcmp(dek, back, FMT_DEK_SIZE) != 0) {
+	if (r < 0 && step == VOL_PROBE_COMPARE) {
 		log_err("test unwrap returned a different key: the key service is not usable");
-		rc = KEYFS_EXIT_KMS;
-		goto out;
+		return KEYFS_EXIT_KMS;
 	}
+	if (r < 0)
+		return prove_failed(k, vol, step == VOL_PROBE_WRAP ? "wrap" : "unwrap", r, &err);
 	snprintf(ret_version, version_size, "%s", w.key_version);
-out:
-	if (dek) {
-		sodium_memzero(dek, FMT_DEK_SIZE);
-		sodium_free(dek);
-	}
-	if (back) {
-		sodium_memzero(back, FMT_DEK_SIZE);
-		sodium_free(back);
-	}
-	return rc;
+	return 0;
 }
 
 static int check_state(struct kms *k, const char *name, const char *keystore)
@@ -255,19 +230,12 @@ static int check_state(struct kms *k, const char *name, const char *keystore)
  */
 static void kp_refusal(struct kms *k, const struct voldesc *vol, int state, struct kms_err *why)
 {
-	const char *aad[KMS_AAD_COUNT];
+	enum vol_probe_step step;
 	struct kms_wrapped w;
-	uint8_t *dek = sodium_malloc(FMT_DEK_SIZE);
-	int r = -ENOMEM;
+	int r;
 
 	why->msg[0] = '\0';
-	if (dek) {
-		randombytes_buf(dek, FMT_DEK_SIZE);
-		kms_file_aad(vol->volume, zero_id, aad);
-		r = kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w, why);
-		sodium_memzero(dek, FMT_DEK_SIZE);
-		sodium_free(dek);
-	}
+	r = vol_kms_probe(k, vol->volume, false, &w, why, &step);
 	if (r == 0 || !why->msg[0])
 		snprintf(why->msg, sizeof(why->msg), "its metadata gives state %d (%s)", state,
 			 kms_state_name(state));
@@ -614,7 +582,12 @@ int cmd_init(int argc, char **argv)
 	if (cli_copy(vol.kms, sizeof(vol.kms), a.kms) < 0 || cli_copy(vol.key, sizeof(vol.key), a.key) < 0 ||
 	    cli_copy(vol.keystore, sizeof(vol.keystore), keystore) < 0)
 		return cli_usage_error("init", "key name or keystore path too long");
-	cfg.vol = &vol;
+	{
+		const char *apikey = cfg.apikey_file;   /* the host's: kp_setup took it */
+
+		vol_kms_config(&vol, &cfg);
+		cfg.apikey_file = apikey;
+	}
 	r = kms_open(&cfg, &k, &err);
 	if (r < 0) {
 		log_err("%s", err.msg);

@@ -18,6 +18,7 @@
 #include "keyfs/exitcode.h"
 #include "keyfs/format.h"
 #include "keyfs/log.h"
+#include "keyfs/volkeys.h"
 #include "progress.h"
 #include "volume.h"
 #include "walk.h"
@@ -93,17 +94,19 @@ static int kms_fatal(struct rewrap *rw, int r, const struct kms_err *err)
 	}
 }
 
-/* Learn the newest key version: wrap a throwaway DEK, bound to nothing any file uses. */
+/* Learn the newest key version: wrap a throwaway DEK, bound to no file. */
 static int probe_newest(struct rewrap *rw)
 {
-	const char *aad[KMS_AAD_COUNT] = { rw->v->vol.volume, "keyfsctl-rewrap-probe" };
+	enum vol_probe_step step;
 	struct kms_wrapped w;
 	struct kms_err err = { .msg = "" };
 	int r;
 
-	randombytes_buf(rw->dek, FMT_DEK_SIZE);
-	r = kms_wrap(rw->v->kms, rw->dek, aad, KMS_AAD_COUNT, &w, &err);
-	sodium_memzero(rw->dek, FMT_DEK_SIZE);
+	r = vol_kms_probe(rw->v->kms, rw->v->vol.volume, false, &w, &err, &step);
+	if (r == -ENOMEM) {
+		log_err("out of locked memory for keys");
+		return KEYFS_EXIT_FAILURE;
+	}
 	if (r == -EKEYEXPIRED) {
 		log_err("key '%s' is deactivated: it wraps nothing, so file keys cannot be re-wrapped with it",
 			rw->v->vol.key);
@@ -113,16 +116,6 @@ static int probe_newest(struct rewrap *rw)
 		return kms_fatal(rw, r, &err);
 	snprintf(rw->newest, sizeof(rw->newest), "%s", w.key_version);
 	return 0;
-}
-
-static bool headers_equal(const struct content_headers *a, const struct content_headers *b)
-{
-	if (a->count != b->count)
-		return false;
-	for (unsigned i = 0; i < a->count; i++)
-		if (a->slot[i] != b->slot[i] || memcmp(a->raw[i], b->raw[i], FMT_HEADER_SIZE) != 0)
-			return false;
-	return true;
 }
 
 enum outcome { DONE, CURRENT, EMPTY, DAMAGED, CHANGED, FAILED, STOP };
@@ -135,31 +128,16 @@ enum outcome { DONE, CURRENT, EMPTY, DAMAGED, CHANGED, FAILED, STOP };
 static enum outcome unwrap_and_rewrap(struct rewrap *rw, const char *path, const struct content_headers *hs,
 				      unsigned *ret_i, struct kms_wrapped *w)
 {
-	const char *aad[KMS_AAD_COUNT];
-	char hex[2 * FMT_FILE_ID_SIZE + 1];
 	struct kms_err err = { .msg = "" };
-	bool was_rewrapped = false;
-	int r = -EBADMSG;
-	unsigned i;
+	struct vol_opened o;
+	int i, r;
 
-	for (i = 0; i < hs->count; i++) {
-		fmt_file_id_hex(hs->hdr[i].file_id, hex);
-		kms_file_aad(rw->v->vol.volume, hex, aad);
-		r = kms_unwrap(rw->v->kms, hs->hdr[i].wrapped, hs->hdr[i].wrapped_len, aad, KMS_AAD_COUNT, rw->dek,
-			       w, &was_rewrapped, &err);
-		if (r == 0) {
-			fmt_keys_derive(rw->dek, rw->keys);
-			if (fmt_header_verify(hs->raw[i], rw->keys) == 0)
-				break;
-			r = -EBADMSG;
-			was_rewrapped = false;
-		}
-		if (r != -EBADMSG) {
-			rw->kms_rc = kms_fatal(rw, r, &err);
-			return STOP;
-		}
+	i = vol_keys_open(rw->v->kms, rw->v->vol.volume, hs, rw->dek, rw->keys, w, &o);
+	if (i < 0 && i != -EBADMSG) {
+		rw->kms_rc = kms_fatal(rw, i, &o.slot[o.tried - 1].err);
+		return STOP;
 	}
-	if (i == hs->count) {
+	if (i < 0) {
 		if (strcmp(hs->hdr[0].key_id, kms_key_id(rw->v->kms)) != 0)
 			problem(rw, "damaged", path, "wrapped by key '%s', not by this volume's key '%s': left as it is",
 				hs->hdr[0].key_id, kms_key_id(rw->v->kms));
@@ -167,12 +145,12 @@ static enum outcome unwrap_and_rewrap(struct rewrap *rw, const char *path, const
 			problem(rw, "damaged", path, "no header slot authenticates: left as it is (see keyfsctl fsck)");
 		return DAMAGED;
 	}
-	*ret_i = i;
-	if (was_rewrapped && strcmp(w->key_version, rw->newest) == 0)
+	*ret_i = (unsigned)i;
+	if (o.was_rewrapped && strcmp(w->key_version, rw->newest) == 0)
 		return DONE;
 	if (strcmp(hs->hdr[i].key_version, rw->newest) == 0 && i == 0)
 		return CURRENT;
-	r = kms_wrap(rw->v->kms, rw->dek, aad, KMS_AAD_COUNT, w, &err);
+	r = vol_keys_wrap(rw->v->kms, rw->v->vol.volume, hs->hdr[i].file_id, rw->dek, w, &err);
 	if (r < 0) {
 		rw->kms_rc = kms_fatal(rw, r, &err);
 		return STOP;
@@ -183,52 +161,33 @@ static enum outcome unwrap_and_rewrap(struct rewrap *rw, const char *path, const
 	return DONE;
 }
 
-/* Store the header for w (NULL: header i as it is) in the slot that does not hold header i,
- * then clear the slot of header i, if the header area is still what we read. Only header i,
- * which authenticated, counts: the other slot may hold anything (a torn write, a forged
- * generation). Returns DONE, CHANGED (read again and retry) or FAILED. */
+/* Store the header for w in the slot that does not hold header i, then clear the slot of
+ * header i; without w only clear the other slot (vol_keys_store: under the header lock, and
+ * only while header i is still there). Returns DONE, CHANGED (read again and retry) or FAILED. */
 static enum outcome store(struct rewrap *rw, const char *path, int fd, const struct content_headers *hs,
 			  unsigned i, const struct kms_wrapped *w)
 {
-	struct content_headers now;
-	struct fmt_header h = hs->hdr[i];
-	uint8_t raw[FMT_HEADER_SIZE];
-	unsigned slot = 1 - hs->slot[i];
-	int r;
+	struct vol_stored st;
+	int r = vol_keys_store(fd, hs->slot[i], &hs->hdr[i], hs->raw[i], w, rw->keys, true, &st);
 
-	if (w) {
-		memcpy(h.wrapped, w->blob, w->len);
-		h.wrapped_len = w->len;
-		snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
-		h.generation = fmt_generation_next(h.generation);
-		r = fmt_header_encode(&h, rw->keys, raw);
-		if (r < 0) {
-			problem(rw, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
-			return FAILED;
-		}
-	}
-	r = content_header_lock(fd);
-	if (r < 0) {
+	if (r == 0)
+		return DONE;
+	if (r == VOL_STORE_CHANGED)
+		return CHANGED;
+	switch (st.step) {
+	case VOL_STORE_ENCODE:
+		problem(rw, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
+		break;
+	case VOL_STORE_LOCK:
 		problem(rw, "failed", path, "cannot lock its header (%s): without the lock a live mount could race",
 			strerror(-r));
-		return FAILED;
+		break;
+	case VOL_STORE_WRITE:
+		problem(rw, "failed", path, "writing header slot %u: %s (run rewrap again: it finishes the job)", st.slot,
+			strerror(-r));
+		break;
 	}
-	r = content_headers_read(fd, &now);
-	if (r < 0 || !headers_equal(hs, &now)) {
-		content_header_unlock(fd);
-		return CHANGED;
-	}
-	/* The header that serves is already current: only its stale twin goes. */
-	if (!w)
-		slot = hs->slot[i];
-	r = w ? content_header_rewrite(fd, slot, raw) : content_header_clear(fd, 1 - slot);
-	content_header_unlock(fd);
-	if (r < 0) {
-		problem(rw, "failed", path, "writing header slot %u: %s (run rewrap again: it finishes the job)",
-			w ? slot : 1 - slot, strerror(-r));
-		return FAILED;
-	}
-	return DONE;
+	return FAILED;
 }
 
 static enum outcome rewrap_fd(struct rewrap *rw, const char *path, int fd)

@@ -7,6 +7,7 @@
 #include <sodium.h>
 
 #include "keyfs/log.h"
+#include "keyfs/volkeys.h"
 
 #include "bgthread.h"
 #include "dekpool.h"
@@ -58,8 +59,6 @@ static void entry_wipe(struct dekpool *p, struct dekpool_entry *e)
 /* A new file id and DEK, wrapped for that file id. No lock held: this is the KMS round trip. */
 static int entry_make(struct dekpool *p, struct dekpool_entry *e, struct kms_err *err)
 {
-	char hex[2 * FMT_FILE_ID_SIZE + 1];
-	const char *aad[KMS_AAD_COUNT];
 	int r;
 
 	memset(e, 0, sizeof(*e));
@@ -68,14 +67,7 @@ static int entry_make(struct dekpool *p, struct dekpool_entry *e, struct kms_err
 		snprintf(err->msg, sizeof(err->msg), "out of memory for a file key");
 		return -ENOMEM;
 	}
-	randombytes_buf(e->dek, FMT_DEK_SIZE);
-	/* An all-zero id is what an unset one looks like: never hand it out. */
-	do
-		randombytes_buf(e->file_id, sizeof(e->file_id));
-	while (sodium_is_zero(e->file_id, sizeof(e->file_id)));
-	fmt_file_id_hex(e->file_id, hex);
-	kms_file_aad(p->volume, hex, aad);
-	r = kms_wrap(p->kms, e->dek, aad, KMS_AAD_COUNT, &e->wrapped, err);
+	r = vol_keys_new(p->kms, p->volume, e->dek, e->file_id, &e->wrapped, err);
 	if (r < 0)
 		entry_wipe(p, e);
 	return r;

@@ -6,9 +6,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <sodium.h>
-
 #include "keyfs/log.h"
+#include "keyfs/volkeys.h"
 
 #include "dekpool.h"
 #include "filekeys.h"
@@ -35,6 +34,7 @@ struct loaded {
 	bool was_rewrapped;
 	struct kms_wrapped rewrapped;   /* when was_rewrapped: to store in the other slot */
 	struct fmt_header hdr;          /* when was_rewrapped: the header it replaces */
+	uint8_t raw[FMT_HEADER_SIZE];   /* and its bytes as read */
 };
 
 /* A KMS or format failure as the errno a file operation answers with. */
@@ -55,24 +55,6 @@ static int file_errno(int r)
 	}
 }
 
-/* The header lock, where the backing filesystem has OFD locks (without them keyfsctl rewrap
- * refuses to run: nothing else would then need it). Returns 0 with *locked set or not. */
-static int header_lock(int fd, bool *locked)
-{
-	int r = content_header_lock(fd);
-
-	*locked = r == 0;
-	if (r == -ENOLCK || r == -EOPNOTSUPP || r == -EINVAL)
-		r = 0;
-	return r;
-}
-
-static void header_unlock(int fd, bool locked)
-{
-	if (locked)
-		content_header_unlock(fd);
-}
-
 static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 {
 	cf->fd = fd;
@@ -80,43 +62,20 @@ static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 	memcpy(cf->file_id, inode->file_id, FMT_FILE_ID_SIZE);
 }
 
-/* Whether slot still holds the header h that authenticated: its tag covers every byte. */
-static bool slot_unchanged(const struct content_headers *hs, unsigned slot, const struct fmt_header *h)
-{
-	for (unsigned i = 0; i < hs->count; i++)
-		if (hs->slot[i] == slot)
-			return hs->hdr[i].generation == h->generation &&
-			       memcmp(hs->hdr[i].tag, h->tag, FMT_HEADER_TAG_SIZE) == 0;
-	return false;
-}
-
-/* Store a DEK the service re-wrapped with a newer key version, in the slot not in use, with
- * the next generation: until that write is durable the current slot still authenticates;
- * then the current slot is cleared, so the old wrapping does not stay in the file.
+/* Store a DEK the service re-wrapped with a newer key version (vol_keys_store: the other slot,
+ * the next generation, then the old slot cleared, under the header lock and only while the
+ * header that authenticated is still there: 'keyfsctl rewrap' may have stored a newer one).
  * Best effort: the old blob keeps unwrapping while the service keeps that key version.
  * Called with keys_lock held, the header epoch checked and inode->header_slot the slot that
- * authenticated. Under the header lock the header is read again: 'keyfsctl rewrap' may have
- * stored a newer one meanwhile, and then there is nothing left to do. Only that slot counts:
- * the other may hold anything (a torn write, a forged generation), and is overwritten. */
-static void header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const struct fmt_header *old,
-			   const struct kms_wrapped *w, const struct fmt_keys *keys)
+ * authenticated. */
+static void header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const struct loaded *ld)
 {
-	struct fmt_header h = *old;
-	struct content_headers hs;
-	uint8_t raw[FMT_HEADER_SIZE];
+	const struct kms_wrapped *w = &ld->rewrapped;
+	struct vol_stored st;
 	char proc[32], label[64];
-	unsigned cur = inode->header_slot, slot = 1 - cur;
-	bool locked;
 	int fd, r;
 
 	inode_label(inode, label, sizeof(label));
-	memcpy(h.wrapped, w->blob, w->len);
-	h.wrapped_len = w->len;
-	snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
-	h.generation = fmt_generation_next(old->generation);
-	r = fmt_header_encode(&h, keys, raw);
-	if (r < 0)
-		goto fail;
 	fd = inode_fd(&fs->table, inode);
 	if (fd < 0) {
 		r = fd;
@@ -129,17 +88,9 @@ static void header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const stru
 	inode_fd_put(&fs->table, inode);
 	if (fd < 0)
 		goto fail;
-	r = header_lock(fd, &locked);
-	if (r == 0) {
-		r = content_headers_read(fd, &hs);
-		if (r == 0 && !slot_unchanged(&hs, cur, old))
-			r = 1;          /* rewritten or replaced since we read it */
-		if (r == 0)
-			r = content_header_rewrite(fd, slot, raw);
-		header_unlock(fd, locked);
-	}
+	r = vol_keys_store(fd, inode->header_slot, &ld->hdr, ld->raw, w, ld->keys, false, &st);
 	close(fd);
-	if (r == 1) {
+	if (r == VOL_STORE_CHANGED) {
 		log_debug("%s: header changed since it was read: not storing the re-wrapped key", label);
 		return;
 	}
@@ -149,44 +100,41 @@ fail:
 			 strerror(-r));
 		return;
 	}
-	inode->header_slot = slot;
-	inode->header_generation = h.generation;
+	inode->header_slot = st.slot;
+	inode->header_generation = st.generation;
 	inode->header_epoch++;
 	log_info("%s: key re-wrapped with key version '%s'", label, w->key_version);
 }
 
-/* Unwrap and authenticate one header slot into keys. Returns 0, -EBADMSG when this slot does
- * not open (another slot may), or a KMS errno that no slot would change. A quiet caller (a
- * prefetch) logs only at debug level: the open that needs the file reports its own failure. */
-static int slot_open(struct keyfs *fs, const char *label, const struct fmt_header *h, const uint8_t *raw,
-		     uint8_t *dek, struct fmt_keys *keys, struct loaded *ld, bool quiet)
+/* Why the slots tried did not open, as the log says it. A quiet caller (a prefetch) logs only
+ * at debug level: the open that needs the file reports its own failure. */
+static void slots_report(struct keyfs *fs, const char *label, const struct content_headers *hs,
+			 const struct vol_opened *o, bool quiet)
 {
 	enum log_level lvl = quiet ? LOG_LEVEL_DEBUG : LOG_LEVEL_ERR;
-	char hex[2 * FMT_FILE_ID_SIZE + 1];
-	const char *aad[KMS_AAD_COUNT];
-	struct kms_err err;
-	int r;
 
-	fmt_file_id_hex(h->file_id, hex);
-	kms_file_aad(fs->vol.volume, hex, aad);
-	r = kms_unwrap(fs->kms, h->wrapped, h->wrapped_len, aad, KMS_AAD_COUNT, dek, &ld->rewrapped,
-		       &ld->was_rewrapped, &err);
-	if (r < 0) {
-		if (r == -EBADMSG && strcmp(h->key_id, kms_key_id(fs->kms)) != 0)
-			log_msg(lvl, "%s: wrapped by key '%s', not by this volume's key '%s'", label, h->key_id,
-				kms_key_id(fs->kms));
-		else
+	for (unsigned i = 0; i < o->tried; i++) {
+		const struct fmt_header *h = &hs->hdr[i];
+
+		switch (o->slot[i].why) {
+		case VOL_SLOT_SERVES:
+			break;
+		case VOL_SLOT_NO_AUTH:
+			log_msg(lvl, "%s: keyfs header (generation %u) does not authenticate", label, h->generation);
+			break;
+		case VOL_SLOT_NO_UNWRAP:
+			if (strcmp(h->key_id, kms_key_id(fs->kms)) != 0) {
+				log_msg(lvl, "%s: wrapped by key '%s', not by this volume's key '%s'", label, h->key_id,
+					kms_key_id(fs->kms));
+				break;
+			}
+			/* fall through */
+		case VOL_SLOT_KMS:
 			/* Interrupted by a lock: the lock is what gets logged. */
-			log_msg(r == -ECANCELED ? LOG_LEVEL_DEBUG : lvl, "%s: %s", label, err.msg);
-		return r;
+			log_msg(o->slot[i].r == -ECANCELED ? LOG_LEVEL_DEBUG : lvl, "%s: %s", label, o->slot[i].err.msg);
+			break;
+		}
 	}
-	fmt_keys_derive(dek, keys);
-	if (fmt_header_verify(raw, keys) < 0) {
-		log_msg(lvl, "%s: keyfs header (generation %u) does not authenticate", label, h->generation);
-		ld->was_rewrapped = false;
-		return -EBADMSG;
-	}
-	return 0;
 }
 
 /* Read the header of fd and unwrap its DEK. Called with no lock held: this is the KMS round
@@ -196,10 +144,10 @@ static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, st
 {
 	enum log_level lvl = quiet ? LOG_LEVEL_DEBUG : LOG_LEVEL_ERR;
 	struct content_headers hs;
+	struct vol_opened o;
 	struct fmt_keys *keys;
 	uint8_t *dek;
-	unsigned i;
-	int r;
+	int i, r;
 
 	memset(ld, 0, sizeof(*ld));
 	r = content_headers_read(fd, &hs);
@@ -217,22 +165,23 @@ static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, st
 		r = -ENOMEM;
 		goto out;
 	}
-	/* Newest slot first; an older one serves when a rewrite of the newer was torn. */
-	for (i = 0; i < hs.count; i++) {
-		r = slot_open(fs, label, &hs.hdr[i], hs.raw[i], dek, keys, ld, quiet);
-		if (r != -EBADMSG)
-			break;
-	}
-	if (r < 0)
+	i = vol_keys_open(fs->kms, fs->vol.volume, &hs, dek, keys, &ld->rewrapped, &o);
+	slots_report(fs, label, &hs, &o, quiet);
+	if (i < 0) {
+		r = i;
 		goto out;
+	}
 	if (i > 0)
 		log_warn("%s: using the header of generation %u: the newer one does not open", label,
 			 hs.hdr[i].generation);
 	ld->slot = hs.slot[i];
 	ld->generation = hs.hdr[i].generation;
 	memcpy(ld->file_id, hs.hdr[i].file_id, FMT_FILE_ID_SIZE);
-	if (ld->was_rewrapped)
+	ld->was_rewrapped = o.was_rewrapped;
+	if (ld->was_rewrapped) {
 		ld->hdr = hs.hdr[i];
+		memcpy(ld->raw, hs.raw[i], FMT_HEADER_SIZE);
+	}
 	ld->keys = keys;
 	keys = NULL;
 	r = 0;
@@ -248,14 +197,11 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 {
 	uint8_t raw[FMT_HEADER_SIZE];
 	struct dekpool_entry e;
-	struct fmt_header h;
 	struct kms_err err;
 	struct fmt_keys *keys;
 	int r;
 
 	memset(ld, 0, sizeof(*ld));
-	memset(&h, 0, sizeof(h));
-	h.generation = 1;
 	keys = keyslab_alloc(&fs->slab);
 	if (!keys)
 		return -ENOMEM;
@@ -265,28 +211,14 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 		keyslab_free(&fs->slab, keys);
 		return r;      /* unmapped: the caller pokes the key state with it */
 	}
-	memcpy(h.file_id, e.file_id, sizeof(h.file_id));
-	snprintf(h.key_id, sizeof(h.key_id), "%s", kms_key_id(fs->kms));
-	snprintf(h.key_version, sizeof(h.key_version), "%s", e.wrapped.key_version);
-	memcpy(h.wrapped, e.wrapped.blob, e.wrapped.len);
-	h.wrapped_len = e.wrapped.len;
-	fmt_keys_derive(e.dek, keys);
+	r = vol_keys_header(kms_key_id(fs->kms), e.file_id, &e.wrapped, e.dek, keys, raw);
 	keyslab_free(&fs->slab, e.dek);
-	r = fmt_header_encode(&h, keys, raw);
 	if (r < 0) {
-		log_err("%s: cannot encode a keyfs header (key id '%s', %zu-byte wrapped key)", label, h.key_id,
-			h.wrapped_len);
+		log_err("%s: cannot encode a keyfs header (key id '%s', %zu-byte wrapped key)", label,
+			kms_key_id(fs->kms), e.wrapped.len);
 		r = -EIO;
 	} else {
-		/* keyfsctl rewrap never writes an empty file's header, but takes the lock
-		 * and reads again before writing any header: this must not slip under it. */
-		bool locked;
-
-		r = header_lock(fd, &locked);
-		if (r == 0) {
-			r = content_header_init(fd, raw);
-			header_unlock(fd, locked);
-		}
+		r = vol_header_init(fd, raw);
 	}
 	if (r < 0) {
 		keyslab_free(&fs->slab, keys);
@@ -295,7 +227,7 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 	ld->keys = keys;
 	ld->slot = 0;
 	ld->generation = 1;
-	memcpy(ld->file_id, h.file_id, FMT_FILE_ID_SIZE);
+	memcpy(ld->file_id, e.file_id, FMT_FILE_ID_SIZE);
 	return 0;
 }
 
@@ -310,7 +242,7 @@ static bool install(struct keyfs *fs, struct kfs_inode *inode, uint64_t epoch, s
 	inode->header_generation = ld->generation;
 	memcpy(inode->file_id, ld->file_id, FMT_FILE_ID_SIZE);
 	if (ld->was_rewrapped)
-		header_rewrite(fs, inode, &ld->hdr, &ld->rewrapped, ld->keys);
+		header_rewrite(fs, inode, ld);
 	inode->keys = ld->keys;
 	ld->keys = NULL;
 	return true;
@@ -458,10 +390,10 @@ int filekeys_drop_header(struct keyfs *fs, struct kfs_inode *inode, int fd)
 	inode->keys = NULL;
 	inode->header_epoch++;
 	/* Under the header lock: a rewrap that read the old header must not store it again. */
-	r = header_lock(fd, &locked);
+	r = vol_header_lock(fd, false, &locked);
 	if (r == 0) {
 		r = ftruncate(fd, 0) < 0 ? -errno : 0;
-		header_unlock(fd, locked);
+		vol_header_unlock(fd, locked);
 	}
 	pthread_mutex_unlock(&inode->keys_lock);
 	return r;

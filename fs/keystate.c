@@ -12,6 +12,7 @@
 #include "keyfs/kms.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
+#include "keyfs/volkeys.h"
 
 #include "bgthread.h"
 #include "keystate.h"
@@ -353,24 +354,10 @@ static void *lock_thread(void *arg)
  * Returns 0 when both work, else the errno of the first that failed. */
 static int probe_access(struct keystate *ks, struct kms_err *err)
 {
-	static const char zero_id[] = "00000000000000000000000000000000";
-	const char *aad[KMS_AAD_COUNT] = { ks->cfg.volume, zero_id };
-	uint8_t *dek = sodium_malloc(2 * FMT_DEK_SIZE);
+	enum vol_probe_step step;
 	struct kms_wrapped w;
-	bool rewrapped;
-	int r;
 
-	if (!dek)
-		return -ENOMEM;
-	randombytes_buf(dek, FMT_DEK_SIZE);
-	r = kms_wrap(ks->cfg.kms, dek, aad, KMS_AAD_COUNT, &w, err);
-	if (r == 0)
-		r = kms_unwrap(ks->cfg.kms, w.blob, w.len, aad, KMS_AAD_COUNT, dek + FMT_DEK_SIZE, NULL, &rewrapped,
-			       err);
-	if (r == 0 && sodium_memcmp(dek, dek + FMT_DEK_SIZE, FMT_DEK_SIZE) != 0)
-		r = -EBADMSG;
-	sodium_free(dek);
-	return r;
+	return vol_kms_probe(ks->cfg.kms, ks->cfg.volume, true, &w, err, &step);
 }
 
 /* Ask the key service, again after an interrupt (a lock under way). Returns its errno, or

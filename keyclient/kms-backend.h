@@ -12,14 +12,15 @@
  * One backend. The state pointer is the backend's own object; kms.c never looks inside.
  * wrap, unwrap and key_state are called concurrently from many threads: a backend keeps its
  * state immutable after open or locks it itself. err is never NULL here (kms.c sees to that);
- * arguments were checked by kms.c (pointers, naad <= KMS_AAD_MAX, each aad non-NULL).
+ * arguments were checked by kms.c (pointers, naad <= KMS_AAD_MAX, each aad non-NULL), and every
+ * string of the kms_config an open gets is non-NULL ("" when not given).
  */
 struct kms_backend {
 	const char *name;
-	int (*wrap)(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+	int (*wrap)(void *state, const uint8_t dek[KMS_DEK_SIZE], const char *const *aad, size_t naad,
 		    struct kms_wrapped *ret, struct kms_err *err);
 	int (*unwrap)(void *state, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
-		      uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+		      uint8_t dek_out[KMS_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 		      struct kms_err *err);
 	int (*key_state)(void *state, int *ret_state, struct kms_err *err);
 	void (*forget)(void *state);    /* optional: wipe cached key material */
@@ -28,14 +29,14 @@ struct kms_backend {
 	void (*free)(void *state);
 };
 
-/* Most associated strings any caller passes (keyfs uses KMS_AAD_COUNT). */
+/* Most associated strings any caller passes (keyfs passes two: volume uuid and file id). */
 #define KMS_AAD_MAX 8
 
 /* What a backend's open hands back to kms_open. */
 struct kms_backend_open {
 	const struct kms_backend *ops;
 	void *state;
-	char key_id[FMT_KEY_ID_MAX + 1];
+	char key_id[KMS_KEY_ID_MAX + 1];
 };
 
 /* The local keystore backend (kms_local.c). */

@@ -5,7 +5,7 @@
 #include "kms-backend.h"
 
 /*
- * Reads endpoint, instance, key (id or CRN) and IAM endpoint from cfg->vol, the API key from
+ * Reads endpoint, instance, key (id or CRN) and IAM endpoint from cfg, the API key from
  * cfg->apikey_file or $CREDENTIALS_DIRECTORY/apikey. Makes no network call.
  *
  * Test-only environment (never set in production; read once here):

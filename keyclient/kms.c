@@ -14,7 +14,7 @@
 struct kms {
 	const struct kms_backend *ops;
 	void *state;
-	char key_id[FMT_KEY_ID_MAX + 1];
+	char key_id[KMS_KEY_ID_MAX + 1];
 };
 
 void kms_err_set(struct kms_err *err, const char *fmt, ...)
@@ -37,13 +37,6 @@ const char *kms_state_name(int state)
 	case KMS_STATE_PURGED: return "purged";
 	default: return "unknown";
 	}
-}
-
-void kms_file_aad(const char *volume_uuid, const char file_id_hex[2 * FMT_FILE_ID_SIZE + 1],
-		  const char *aad[KMS_AAD_COUNT])
-{
-	aad[0] = volume_uuid;
-	aad[1] = file_id_hex;
 }
 
 /* Callers may pass err = NULL; backends always get a buffer. */
@@ -69,34 +62,47 @@ static int check_aad(const char *const *aad, size_t naad, struct kms_err *err)
 	return 0;
 }
 
-int kms_open(const struct kms_config *cfg, struct kms **ret, struct kms_err *err)
+static const char *given(const char *s)
 {
+	return s ? s : "";
+}
+
+int kms_open(const struct kms_config *given_cfg, struct kms **ret, struct kms_err *err)
+{
+	struct kms_config c, *cfg = &c;
 	struct kms_err scratch;
 	struct kms_backend_open o;
 	struct kms *k;
 	int r;
 
 	err = err_or(err, &scratch);
-	if (!cfg || !cfg->vol || !ret) {
-		kms_err_set(err, "kms: no volume description given");
+	if (!given_cfg || !ret) {
+		kms_err_set(err, "kms: no configuration given");
 		return -EINVAL;
 	}
+	/* Backends see "" for every field not given. */
+	c = (struct kms_config){
+		.kms = given(given_cfg->kms), .key = given(given_cfg->key), .key_id = given(given_cfg->key_id),
+		.keystore = given(given_cfg->keystore), .endpoint = given(given_cfg->endpoint),
+		.instance = given(given_cfg->instance), .iam_endpoint = given(given_cfg->iam_endpoint),
+		.apikey_file = given(given_cfg->apikey_file), .ca_file = given(given_cfg->ca_file),
+	};
 	/* Idempotent; done here so that it happens before the daemon starts its threads. */
 	if (sodium_init() < 0) {
 		kms_err_set(err, "kms: libsodium cannot be initialised");
 		return -EIO;
 	}
 	memset(&o, 0, sizeof(o));
-	if (strcmp(cfg->vol->kms, VOLDESC_KMS_LOCAL) == 0) {
+	if (strcmp(cfg->kms, KMS_KIND_LOCAL) == 0) {
 		r = kms_local_open(cfg, &o, err);
-	} else if (strcmp(cfg->vol->kms, VOLDESC_KMS_KEYPROTECT) == 0) {
+	} else if (strcmp(cfg->kms, KMS_KIND_KEYPROTECT) == 0) {
 		r = kms_keyprotect_open(cfg, &o, err);
-	} else if (!cfg->vol->kms[0]) {
+	} else if (!cfg->kms[0]) {
 		kms_err_set(err, "the volume description names no kms");
 		r = -EINVAL;
 	} else {
-		kms_err_set(err, "unknown kms '%s': expected '%s' or '%s'", cfg->vol->kms, VOLDESC_KMS_LOCAL,
-			    VOLDESC_KMS_KEYPROTECT);
+		kms_err_set(err, "unknown kms '%s': expected '%s' or '%s'", cfg->kms, KMS_KIND_LOCAL,
+			    KMS_KIND_KEYPROTECT);
 		r = -EINVAL;
 	}
 	if (r < 0)
@@ -145,7 +151,7 @@ const char *kms_key_id(const struct kms *k)
 	return k->key_id;
 }
 
-int kms_wrap(struct kms *k, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+int kms_wrap(struct kms *k, const uint8_t dek[KMS_DEK_SIZE], const char *const *aad, size_t naad,
 	     struct kms_wrapped *ret, struct kms_err *err)
 {
 	struct kms_err scratch;
@@ -163,7 +169,7 @@ int kms_wrap(struct kms *k, const uint8_t dek[FMT_DEK_SIZE], const char *const *
 }
 
 int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
-	       uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+	       uint8_t dek_out[KMS_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 	       struct kms_err *err)
 {
 	struct kms_err scratch;
@@ -174,7 +180,7 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
 		kms_err_set(err, "kms: unwrap called without a key, blob or DEK buffer");
 		return -EINVAL;
 	}
-	if (len == 0 || len > FMT_WRAPPED_MAX) {
+	if (len == 0 || len > KMS_WRAPPED_MAX) {
 		kms_err_set(err, "wrapped key has a bad length (%zu bytes)", len);
 		return -EBADMSG;
 	}

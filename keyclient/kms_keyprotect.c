@@ -73,7 +73,7 @@ struct kp {
 	char endpoint[512];
 	char iam_url[600];
 	char instance[64];
-	char key_id[FMT_KEY_ID_MAX + 1];
+	char key_id[KMS_KEY_ID_MAX + 1];
 	char instance_header[96];
 	char apikey_path[PATH_MAX];     /* absolute: read at each token fetch, never kept in memory */
 	bool apikey_credential;         /* the path is $CREDENTIALS_DIRECTORY/apikey */
@@ -821,14 +821,14 @@ static bool wrapped_from(const cJSON *ct, const cJSON *version_obj, struct kms_w
 	if (!cJSON_IsString(ct))
 		return false;
 	len = strlen(ct->valuestring);
-	if (!b64_string_ok(ct->valuestring, len, FMT_WRAPPED_MAX))
+	if (!b64_string_ok(ct->valuestring, len, KMS_WRAPPED_MAX))
 		return false;
 	memset(out, 0, sizeof(*out));
 	memcpy(out->blob, ct->valuestring, len);
 	out->len = len;
 	vid = cJSON_IsObject(version_obj) ? cJSON_GetObjectItemCaseSensitive(version_obj, "id") : NULL;
 	if (vid) {
-		if (!cJSON_IsString(vid) || !printable_ok(vid->valuestring, FMT_KEY_VERSION_MAX))
+		if (!cJSON_IsString(vid) || !printable_ok(vid->valuestring, KMS_KEY_VERSION_MAX))
 			return false;
 		snprintf(out->key_version, sizeof(out->key_version), "%s", vid->valuestring);
 	}
@@ -867,21 +867,21 @@ static int action_post(struct kp *kp, struct kp_call *c, const char *action, con
 	return r < 0 ? r : 0;
 }
 
-static int kp_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+static int kp_wrap(void *state, const uint8_t dek[KMS_DEK_SIZE], const char *const *aad, size_t naad,
 		   struct kms_wrapped *ret, struct kms_err *err)
 {
 	struct kp *kp = state;
 	struct kp_call c;
 	struct http_response resp;
 	struct kms_wrapped out;
-	char b64[sodium_base64_ENCODED_LEN(FMT_DEK_SIZE, sodium_base64_VARIANT_ORIGINAL)];
+	char b64[sodium_base64_ENCODED_LEN(KMS_DEK_SIZE, sodium_base64_VARIANT_ORIGINAL)];
 	cJSON *root = NULL;
 	int r, st;
 
 	r = check_aad(kp, aad, naad, err);
 	if (r < 0)
 		return r;
-	sodium_bin2base64(b64, sizeof(b64), dek, FMT_DEK_SIZE, sodium_base64_VARIANT_ORIGINAL);
+	sodium_bin2base64(b64, sizeof(b64), dek, KMS_DEK_SIZE, sodium_base64_VARIANT_ORIGINAL);
 	r = action_post(kp, &c, "wrap", "plaintext", b64, aad, naad, &resp, err);
 	sodium_memzero(b64, sizeof(b64));
 	if (r < 0)
@@ -909,7 +909,7 @@ static int kp_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *con
 	if (!wrapped_from(cJSON_GetObjectItemCaseSensitive(root, "ciphertext"),
 			  cJSON_GetObjectItemCaseSensitive(root, "keyVersion"), &out)) {
 		call_fail(&c, err, "HTTP %ld without a usable ciphertext (base64, at most %d bytes) and key version",
-			  resp.status, FMT_WRAPPED_MAX);
+			  resp.status, KMS_WRAPPED_MAX);
 		r = -EIO;
 		goto out;
 	}
@@ -923,14 +923,14 @@ out:
 }
 
 static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
-		     uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+		     uint8_t dek_out[KMS_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 		     struct kms_err *err)
 {
 	struct kp *kp = state;
 	struct kp_call c;
 	struct http_response resp;
 	struct kms_wrapped nw;
-	char ct[FMT_WRAPPED_MAX + 1];
+	char ct[KMS_WRAPPED_MAX + 1];
 	const cJSON *pt, *nct, *nver;
 	cJSON *root = NULL;
 	size_t declen = 0;
@@ -938,8 +938,8 @@ static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *c
 	bool was = false;
 	int r;
 
-	sodium_memzero(dek_out, FMT_DEK_SIZE);
-	if (!b64_string_ok((const char *)blob, len, FMT_WRAPPED_MAX)) {
+	sodium_memzero(dek_out, KMS_DEK_SIZE);
+	if (!b64_string_ok((const char *)blob, len, KMS_WRAPPED_MAX)) {
 		kms_err_set(err, "wrapped key (%zu bytes) is not a key protect ciphertext", len);
 		return -EBADMSG;
 	}
@@ -962,11 +962,11 @@ static int kp_unwrap(void *state, const uint8_t *blob, size_t len, const char *c
 	}
 	pt = cJSON_GetObjectItemCaseSensitive(root, "plaintext");
 	if (!cJSON_IsString(pt) ||
-	    sodium_base642bin(dek_out, FMT_DEK_SIZE, pt->valuestring, strlen(pt->valuestring), NULL, &declen, &b64end,
+	    sodium_base642bin(dek_out, KMS_DEK_SIZE, pt->valuestring, strlen(pt->valuestring), NULL, &declen, &b64end,
 			      sodium_base64_VARIANT_ORIGINAL) != 0 ||
-	    declen != FMT_DEK_SIZE || !b64end || *b64end != '\0') {
-		sodium_memzero(dek_out, FMT_DEK_SIZE);
-		call_fail(&c, err, "HTTP %ld without a %d-byte base64 plaintext", resp.status, FMT_DEK_SIZE);
+	    declen != KMS_DEK_SIZE || !b64end || *b64end != '\0') {
+		sodium_memzero(dek_out, KMS_DEK_SIZE);
+		call_fail(&c, err, "HTTP %ld without a %d-byte base64 plaintext", resp.status, KMS_DEK_SIZE);
 		r = -EIO;
 		goto out;
 	}
@@ -1070,7 +1070,7 @@ static void kp_interrupt(void *state)
 }
 
 static const struct kms_backend keyprotect_backend = {
-	.name = VOLDESC_KMS_KEYPROTECT,
+	.name = KMS_KIND_KEYPROTECT,
 	.wrap = kp_wrap,
 	.unwrap = kp_unwrap,
 	.key_state = kp_key_state,
@@ -1086,7 +1086,7 @@ static const struct kms_backend keyprotect_backend = {
 static int parse_crn(const char *crn, char *instance, size_t isz, char *id, size_t idsz, char *region, size_t rsz,
 		     bool *ret_kms, struct kms_err *err)
 {
-	char buf[FMT_KEY_ID_MAX + 1];
+	char buf[KMS_KEY_ID_MAX + 1];
 	char *f[10], *p;
 	size_t n = 0;
 
@@ -1128,7 +1128,7 @@ static int apikey_locate(struct kp *kp, const struct kms_config *cfg, struct kms
 	const char *dir;
 	int r;
 
-	if (cfg->apikey_file && cfg->apikey_file[0]) {
+	if (cfg->apikey_file[0]) {
 		if (cfg->apikey_file[0] == '/') {
 			r = snprintf(kp->apikey_path, sizeof(kp->apikey_path), "%s", cfg->apikey_file);
 		} else {
@@ -1289,8 +1289,7 @@ static void read_tunables(struct kp_tunables *t)
 
 int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *ret, struct kms_err *err)
 {
-	const struct voldesc *vol = cfg->vol;
-	const char *key = vol->key[0] ? vol->key : vol->key_id;
+	const char *key = cfg->key[0] ? cfg->key : cfg->key_id;
 	char crn_instance[64] = "", region[64] = "", endpoint[600];
 	struct http_settings hs;
 	struct kp *kp;
@@ -1327,13 +1326,13 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 		r = -EINVAL;
 		goto fail;
 	}
-	if (vol->instance[0] && crn && strcmp(vol->instance, crn_instance) != 0) {
-		kms_err_set(err, "key protect: instance '%s' is not the instance '%s' of the key CRN", vol->instance,
+	if (cfg->instance[0] && crn && strcmp(cfg->instance, crn_instance) != 0) {
+		kms_err_set(err, "key protect: instance '%s' is not the instance '%s' of the key CRN", cfg->instance,
 			    crn_instance);
 		r = -EINVAL;
 		goto fail;
 	}
-	snprintf(kp->instance, sizeof(kp->instance), "%s", vol->instance[0] ? vol->instance : crn_instance);
+	snprintf(kp->instance, sizeof(kp->instance), "%s", cfg->instance[0] ? cfg->instance : crn_instance);
 	if (!kp->instance[0]) {
 		kms_err_set(err, "key protect: no instance: give the instance GUID, or the key as a CRN");
 		r = -EINVAL;
@@ -1346,8 +1345,8 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 	}
 	snprintf(kp->instance_header, sizeof(kp->instance_header), "bluemix-instance: %s", kp->instance);
 
-	if (vol->endpoint[0]) {
-		r = base_url(vol->endpoint, kp->endpoint, sizeof(kp->endpoint), "endpoint", err);
+	if (cfg->endpoint[0]) {
+		r = base_url(cfg->endpoint, kp->endpoint, sizeof(kp->endpoint), "endpoint", err);
 	} else if (crn && is_kms) {
 		/* The public endpoint of the CRN's region. */
 		snprintf(endpoint, sizeof(endpoint), "https://%s.kms.cloud.ibm.com", region);
@@ -1358,7 +1357,7 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 	}
 	if (r < 0)
 		goto fail;
-	r = base_url(vol->iam_endpoint[0] ? vol->iam_endpoint : KP_DEFAULT_IAM, endpoint, sizeof(endpoint),
+	r = base_url(cfg->iam_endpoint[0] ? cfg->iam_endpoint : KP_DEFAULT_IAM, endpoint, sizeof(endpoint),
 		     "IAM endpoint", err);
 	if (r < 0)
 		goto fail;
@@ -1370,7 +1369,7 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 		r = -EINVAL;
 		goto fail;
 	}
-	if (cfg->ca_file && cfg->ca_file[0]) {
+	if (cfg->ca_file[0]) {
 		int fd = open(cfg->ca_file, O_RDONLY | O_CLOEXEC | O_NOCTTY);
 
 		if (fd < 0) {
@@ -1393,7 +1392,7 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 	kp->token[0] = '\0';
 	read_tunables(&kp->tun);
 	hs = (struct http_settings){
-		.ca_file = cfg->ca_file && cfg->ca_file[0] ? cfg->ca_file : NULL,
+		.ca_file = cfg->ca_file[0] ? cfg->ca_file : NULL,
 		.connect_timeout_ms = kp->tun.connect_timeout_ms,
 		.timeout_ms = kp->tun.timeout_ms,
 		.body_max = KP_BODY_MAX,

@@ -28,14 +28,14 @@
 #define BLOB_FORMAT     1
 #define BLOB_NONCE_OFF  5
 #define BLOB_CT_OFF     (BLOB_NONCE_OFF + crypto_aead_xchacha20poly1305_ietf_NPUBBYTES)
-#define BLOB_CT_SIZE    (FMT_DEK_SIZE + crypto_aead_xchacha20poly1305_ietf_ABYTES)
+#define BLOB_CT_SIZE    (KMS_DEK_SIZE + crypto_aead_xchacha20poly1305_ietf_ABYTES)
 #define BLOB_SIZE       (BLOB_CT_OFF + BLOB_CT_SIZE)
 #define WRAP_DOMAIN     "keyfs-local-wrap-v1"
 #define AAD_STRING_MAX  255
 #define AD_MAX          (sizeof(WRAP_DOMAIN) - 1 + KMS_AAD_MAX * (1 + AAD_STRING_MAX))
 
 _Static_assert(BLOB_SIZE == 77, "local wrapped blob is 77 bytes");
-_Static_assert(BLOB_SIZE <= FMT_WRAPPED_MAX, "local wrapped blob fits a header");
+_Static_assert(BLOB_SIZE <= KMS_WRAPPED_MAX, "local wrapped blob fits a header");
 _Static_assert(crypto_aead_xchacha20poly1305_ietf_KEYBYTES == KEYSTORE_MATERIAL_SIZE, "key size");
 
 struct kms_local {
@@ -240,7 +240,7 @@ static void material_free(struct keystore_material *mat)
 	sodium_free(mat);
 }
 
-static int local_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+static int local_wrap(void *state, const uint8_t dek[KMS_DEK_SIZE], const char *const *aad, size_t naad,
 		      struct kms_wrapped *ret, struct kms_err *err)
 {
 	struct kms_local *kl = state;
@@ -264,7 +264,7 @@ static int local_wrap(void *state, const uint8_t dek[FMT_DEK_SIZE], const char *
 	out.blob[3] = (uint8_t)(mat->version >> 16);
 	out.blob[4] = (uint8_t)(mat->version >> 24);
 	randombytes_buf(out.blob + BLOB_NONCE_OFF, crypto_aead_xchacha20poly1305_ietf_NPUBBYTES);
-	if (crypto_aead_xchacha20poly1305_ietf_encrypt(out.blob + BLOB_CT_OFF, &ctlen, dek, FMT_DEK_SIZE, ad, adlen,
+	if (crypto_aead_xchacha20poly1305_ietf_encrypt(out.blob + BLOB_CT_OFF, &ctlen, dek, KMS_DEK_SIZE, ad, adlen,
 						       NULL, out.blob + BLOB_NONCE_OFF, mat->key) != 0 ||
 	    ctlen != BLOB_CT_SIZE) {
 		kms_err_set(err, "local kms: encryption failed");
@@ -281,7 +281,7 @@ out:
 }
 
 static int local_unwrap(void *state, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
-			uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+			uint8_t dek_out[KMS_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 			struct kms_err *err)
 {
 	struct kms_local *kl = state;
@@ -309,8 +309,8 @@ static int local_unwrap(void *state, const uint8_t *blob, size_t len, const char
 		return r;
 	if (crypto_aead_xchacha20poly1305_ietf_decrypt(dek_out, &ptlen, NULL, blob + BLOB_CT_OFF, BLOB_CT_SIZE,
 						       ad, adlen, blob + BLOB_NONCE_OFF, mat->key) != 0 ||
-	    ptlen != FMT_DEK_SIZE) {
-		sodium_memzero(dek_out, FMT_DEK_SIZE);
+	    ptlen != KMS_DEK_SIZE) {
+		sodium_memzero(dek_out, KMS_DEK_SIZE);
 		kms_err_set(err, "wrapped key does not unwrap with key '%s' version %u: another volume, file or key, or damaged",
 			    kl->name, version);
 		r = -EBADMSG;
@@ -366,7 +366,7 @@ static void local_free(void *state)
 }
 
 static const struct kms_backend local_backend = {
-	.name = VOLDESC_KMS_LOCAL,
+	.name = KMS_KIND_LOCAL,
 	.wrap = local_wrap,
 	.unwrap = local_unwrap,
 	.key_state = local_key_state,
@@ -376,17 +376,14 @@ static const struct kms_backend local_backend = {
 
 int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, struct kms_err *err)
 {
-	const struct voldesc *vol = cfg->vol;
 	struct keystore_info info;
 	struct kms_local *kl;
 	const char *dir;
 	char defdir[PATH_MAX];
 	int r, n;
 
-	if (cfg->keystore && cfg->keystore[0]) {
+	if (cfg->keystore[0]) {
 		dir = cfg->keystore;
-	} else if (vol->keystore[0]) {
-		dir = vol->keystore;
 	} else {
 		r = keystore_default_dir(defdir, sizeof(defdir));
 		if (r < 0) {
@@ -395,12 +392,12 @@ int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, s
 		}
 		dir = defdir;
 	}
-	if (!vol->key[0]) {
+	if (!cfg->key[0]) {
 		kms_err_set(err, "the volume description names no key");
 		return -EINVAL;
 	}
-	if (keystore_name_valid(vol->key) < 0) {
-		kms_err_set(err, "'%s' is not a valid local key name", vol->key);
+	if (keystore_name_valid(cfg->key) < 0) {
+		kms_err_set(err, "'%s' is not a valid local key name", cfg->key);
 		return -EINVAL;
 	}
 	kl = calloc(1, sizeof(*kl));
@@ -420,7 +417,7 @@ int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, s
 		r = -ENAMETOOLONG;
 		goto fail;
 	}
-	n = snprintf(kl->name, sizeof(kl->name), "%s", vol->key);
+	n = snprintf(kl->name, sizeof(kl->name), "%s", cfg->key);
 	if (n < 0 || (size_t)n >= sizeof(kl->name)) {
 		r = -EINVAL;
 		goto fail;
@@ -434,16 +431,16 @@ int kms_local_open(const struct kms_config *cfg, struct kms_backend_open *ret, s
 	r = keystore_load(kl->dir, kl->name, 0, &info, NULL, err->msg, sizeof(err->msg));
 	/* A damaged key file of a volume that names its key id: open, and let the key state say
 	 * destroyed (the mount comes up locked). */
-	if (r == -EUCLEAN && vol->key_id[0])
+	if (r == -EUCLEAN && cfg->key_id[0])
 		r = 0;
 	if (r < 0) {
 		r = map_keystore_error(r);
 		goto fail;
 	}
 	/* A volume stays bound to the key it was made with, even when the name is reused later. */
-	n = snprintf(kl->id, sizeof(kl->id), "%s", vol->key_id[0] ? vol->key_id : info.id);
+	n = snprintf(kl->id, sizeof(kl->id), "%s", cfg->key_id[0] ? cfg->key_id : info.id);
 	if (n < 0 || (size_t)n >= sizeof(kl->id)) {
-		kms_err_set(err, "the volume's key id '%s' is not a local key id", vol->key_id);
+		kms_err_set(err, "the volume's key id '%s' is not a local key id", cfg->key_id);
 		r = -EINVAL;
 		goto fail;
 	}

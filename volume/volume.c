@@ -13,6 +13,7 @@
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
+#include "keyfs/volkeys.h"
 #include "keyfs/volume.h"
 
 /* A value from the backing dir, fit for a terminal: control bytes and backslash as \ooo. */
@@ -307,19 +308,22 @@ void vol_lock_owner(int lock_fd)
 
 int vol_kms_open(struct vol *v, const char *what)
 {
-	struct voldesc open_as = v->vol;
-	struct kms_config cfg = {
-		.vol = &open_as,
-		.keystore = v->keystore[0] ? v->keystore : NULL,
-		.apikey_file = v->apikey_file[0] ? v->apikey_file : NULL,
-		/* A CA file the host names overrides the trusted one. */
-		.ca_file = v->ca_file[0] ? v->ca_file : v->vol.ca_file[0] ? v->vol.ca_file : NULL,
-	};
+	struct kms_config cfg;
 	struct kms_err err = { .msg = "" };
 	char a[SHOWN_MAX];
 	int r, state = -1;
 
-	if (what && strcmp(v->vol.kms, VOLDESC_KMS_KEYPROTECT) == 0 && !cfg.apikey_file) {
+	vol_kms_config(&v->vol, &cfg);
+	/* A keystore or CA file the host names overrides the trusted one. */
+	if (v->keystore[0])
+		cfg.keystore = v->keystore;
+	if (v->ca_file[0])
+		cfg.ca_file = v->ca_file;
+	cfg.apikey_file = v->apikey_file;
+	/* A stated location names no key id: the backend finds the key's own. */
+	if (v->stated)
+		cfg.key_id = NULL;
+	if (what && strcmp(v->vol.kms, VOLDESC_KMS_KEYPROTECT) == 0 && !v->apikey_file[0]) {
 		const char *creds = getenv("CREDENTIALS_DIRECTORY");
 
 		if (!creds || !creds[0]) {
@@ -328,9 +332,6 @@ int vol_kms_open(struct vol *v, const char *what)
 			return KEYFS_EXIT_KMS;
 		}
 	}
-	/* A stated location names no key id: the backend finds the key's own. */
-	if (v->stated)
-		open_as.key_id[0] = '\0';
 	r = kms_open(&cfg, &v->kms, &err);
 	if (r < 0) {
 		log_err("%s", err.msg[0] ? err.msg : strerror(-r));

@@ -6,8 +6,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "keyfs/format.h"
-#include "keyfs/voldesc.h"
+/*
+ * keyclient knows nothing of the keyfs format or the volume description: its sizes are its own
+ * (the volume layer checks at build time that they agree with format.h) and its configuration
+ * is plain strings, filled in by the volume layer from the description and the host's word.
+ */
+#define KMS_DEK_SIZE            32      /* the data keys wrapped and unwrapped */
+#define KMS_KEY_ID_MAX          255     /* key id or CRN, printable ASCII */
+#define KMS_KEY_VERSION_MAX     64      /* key version id, printable ASCII, may be empty */
+#define KMS_WRAPPED_MAX         600     /* a wrapped DEK: opaque bytes from the service */
+
+/* The backends, as a volume names them. */
+#define KMS_KIND_LOCAL          "local"
+#define KMS_KIND_KEYPROTECT     "keyprotect"
 
 /* Root key states, numbered as Key Protect numbers them. */
 enum kms_key_state {
@@ -28,18 +39,24 @@ struct kms_err {
 	char msg[KMS_ERR_MAX];
 };
 
+/* Where the key is and how to reach it. NULL and "" both mean not given. */
 struct kms_config {
-	const struct voldesc *vol;      /* kms kind, key, keystore or endpoint */
-	const char *keystore;           /* local: overrides vol->keystore when non-NULL */
+	const char *kms;                /* KMS_KIND_LOCAL or KMS_KIND_KEYPROTECT */
+	const char *key;                /* local: key name; keyprotect: key id, alias or CRN */
+	const char *key_id;             /* the key id the volume is bound to; not given: the key's own */
+	const char *keystore;           /* local: keystore dir, else the default one */
+	const char *endpoint;           /* keyprotect: service URL, else the CRN's region */
+	const char *instance;           /* keyprotect: instance GUID, else the CRN's */
+	const char *iam_endpoint;       /* keyprotect: IAM URL, else the public IAM */
 	const char *apikey_file;        /* keyprotect: API key file, else $CREDENTIALS_DIRECTORY/apikey */
 	const char *ca_file;            /* keyprotect: extra trusted CA bundle */
 };
 
 /* A wrapped DEK as stored in a file header. */
 struct kms_wrapped {
-	uint8_t blob[FMT_WRAPPED_MAX];
+	uint8_t blob[KMS_WRAPPED_MAX];
 	size_t len;
-	char key_version[FMT_KEY_VERSION_MAX + 1];
+	char key_version[KMS_KEY_VERSION_MAX + 1];
 };
 
 struct kms;
@@ -56,7 +73,7 @@ struct kms;
  *   -ECANCELED    kms_cancel was called, or kms_interrupt while the call was under way
  */
 
-/* Open the backend the volume names. Checks configuration and that the keystore or credentials
+/* Open the backend cfg names. Checks configuration and that the keystore or credentials
  * are readable; does not require the key to be active (ask kms_key_state). Thread-safe object. */
 int kms_open(const struct kms_config *cfg, struct kms **ret, struct kms_err *err);
 void kms_free(struct kms *k);
@@ -64,15 +81,15 @@ void kms_free(struct kms *k);
 /* The key id written into file headers (local: the key's uuid; keyprotect: the key id). */
 const char *kms_key_id(const struct kms *k);
 
-/* Wrap a 32-byte DEK, binding it to the ordered associated strings aad[0..naad-1]. */
-int kms_wrap(struct kms *k, const uint8_t dek[FMT_DEK_SIZE], const char *const *aad, size_t naad,
+/* Wrap a KMS_DEK_SIZE-byte DEK, binding it to the ordered associated strings aad[0..naad-1]. */
+int kms_wrap(struct kms *k, const uint8_t dek[KMS_DEK_SIZE], const char *const *aad, size_t naad,
 	     struct kms_wrapped *ret, struct kms_err *err);
 
 /* Unwrap into dek_out (32 bytes, caller's sodium_malloc memory; zeroed on failure). When the service re-wrapped the
  * DEK with a newer key version and rewrapped is non-NULL, *rewrapped receives it and
  * *ret_was_rewrapped is set; otherwise *ret_was_rewrapped is false. */
 int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
-	       uint8_t dek_out[FMT_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
+	       uint8_t dek_out[KMS_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 	       struct kms_err *err);
 
 /* Wipe any root key material the backend caches (the local keystore keeps the newest version
@@ -93,10 +110,5 @@ void kms_interrupt(struct kms *k);
 /* Current state of the root key (enum kms_key_state). On success err may still carry a line
  * naming the answer (Key Protect: its correlation id), for the log of a transition. */
 int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err);
-
-/* The associated data keyfs binds every wrapped DEK to: { volume uuid, file id hex }. */
-#define KMS_AAD_COUNT 2
-void kms_file_aad(const char *volume_uuid, const char file_id_hex[2 * FMT_FILE_ID_SIZE + 1],
-		  const char *aad[KMS_AAD_COUNT]);
 
 #endif

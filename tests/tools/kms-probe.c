@@ -43,13 +43,13 @@ static void dek_sha256(const uint8_t *dek, char hex[65])
 {
 	uint8_t h[crypto_hash_sha256_BYTES];
 
-	crypto_hash_sha256(h, dek, FMT_DEK_SIZE);
+	crypto_hash_sha256(h, dek, KMS_DEK_SIZE);
 	util_hex(h, sizeof(h), hex);
 }
 
 static void print_wrapped(const struct kms_wrapped *w)
 {
-	char blob[FMT_WRAPPED_MAX + 1];
+	char blob[KMS_WRAPPED_MAX + 1];
 
 	memcpy(blob, w->blob, w->len);
 	blob[w->len] = '\0';
@@ -63,13 +63,13 @@ static int cmd_wrap(struct kms *k, int argc, char **argv)
 {
 	struct kms_wrapped w;
 	struct kms_err err = { .msg = "" };
-	uint8_t *dek = sodium_malloc(FMT_DEK_SIZE);
+	uint8_t *dek = sodium_malloc(KMS_DEK_SIZE);
 	char hex[65];
 	int r;
 
 	if (!dek)
 		return 1;
-	randombytes_buf(dek, FMT_DEK_SIZE);
+	randombytes_buf(dek, KMS_DEK_SIZE);
 	r = kms_wrap(k, dek, (const char *const *)argv, (size_t)argc, &w, &err);
 	if (r < 0) {
 		print_error("wrap", r, &err);
@@ -97,7 +97,7 @@ static int cmd_unwrap(struct kms *k, int argc, char **argv)
 		fprintf(stderr, "kms-probe: error: unwrap needs a BLOB\n");
 		return 2;
 	}
-	dek = sodium_malloc(FMT_DEK_SIZE);
+	dek = sodium_malloc(KMS_DEK_SIZE);
 	if (!dek)
 		return 1;
 	r = kms_unwrap(k, (const uint8_t *)argv[0], strlen(argv[0]), (const char *const *)argv + 1,
@@ -142,10 +142,10 @@ struct rt_job {
 static void *rt_thread(void *arg)
 {
 	struct rt_job *j = arg;
-	uint8_t *dek = sodium_malloc(FMT_DEK_SIZE), *back = sodium_malloc(FMT_DEK_SIZE);
+	uint8_t *dek = sodium_malloc(KMS_DEK_SIZE), *back = sodium_malloc(KMS_DEK_SIZE);
 	char volume[37], fid[33];
 	uint8_t fidb[16];
-	const char *aad[KMS_AAD_COUNT];
+	const char *aad[2] = { volume, fid };
 	struct kms_wrapped w;
 	bool was;
 
@@ -160,17 +160,16 @@ static void *rt_thread(void *arg)
 
 			nanosleep(&ts, NULL);
 		}
-		randombytes_buf(dek, FMT_DEK_SIZE);
+		randombytes_buf(dek, KMS_DEK_SIZE);
 		randombytes_buf(fidb, sizeof(fidb));
 		util_hex(fidb, sizeof(fidb), fid);
-		kms_file_aad(volume, fid, aad);
-		j->r = kms_wrap(j->k, dek, aad, KMS_AAD_COUNT, &w, &j->err);
+		j->r = kms_wrap(j->k, dek, aad, 2, &w, &j->err);
 		if (j->r < 0)
 			break;
-		j->r = kms_unwrap(j->k, w.blob, w.len, aad, KMS_AAD_COUNT, back, NULL, &was, &j->err);
+		j->r = kms_unwrap(j->k, w.blob, w.len, aad, 2, back, NULL, &was, &j->err);
 		if (j->r < 0)
 			break;
-		if (sodium_memcmp(dek, back, FMT_DEK_SIZE) != 0) {
+		if (sodium_memcmp(dek, back, KMS_DEK_SIZE) != 0) {
 			j->r = -EBADMSG;
 			snprintf(j->err.msg, sizeof(j->err.msg), "unwrap returned another DEK than was wrapped");
 			break;
@@ -245,8 +244,8 @@ int main(int argc, char **argv)
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *voldesc_path = NULL;
-	struct kms_config cfg = { 0 };
+	const char *voldesc_path = NULL, *apikey_file = NULL, *ca_file = NULL, *keystore = NULL;
+	struct kms_config cfg;
 	struct kms_err err = { .msg = "" };
 	struct voldesc vol;
 	struct kms *k = NULL;
@@ -259,9 +258,9 @@ int main(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
 		switch (c) {
 		case 'v': voldesc_path = optarg; break;
-		case 'a': cfg.apikey_file = optarg; break;
-		case 'c': cfg.ca_file = optarg; break;
-		case 'k': cfg.keystore = optarg; break;
+		case 'a': apikey_file = optarg; break;
+		case 'c': ca_file = optarg; break;
+		case 'k': keystore = optarg; break;
 		case 'I': clear_instance = true; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
@@ -287,7 +286,11 @@ int main(int argc, char **argv)
 	/* What init sees when the key is given as a CRN without --instance. */
 	if (clear_instance)
 		vol.instance[0] = '\0';
-	cfg.vol = &vol;
+	cfg = (struct kms_config){
+		.kms = vol.kms, .key = vol.key, .key_id = vol.key_id, .endpoint = vol.endpoint,
+		.instance = vol.instance, .iam_endpoint = vol.iam_endpoint,
+		.keystore = keystore ? keystore : vol.keystore, .apikey_file = apikey_file, .ca_file = ca_file,
+	};
 	r = kms_open(&cfg, &k, &err);
 	if (r < 0) {
 		print_error("open", r, &err);

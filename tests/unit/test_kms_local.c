@@ -90,13 +90,19 @@ static bool contains(const uint8_t *hay, size_t n, const uint8_t *needle, size_t
 	return false;
 }
 
-static struct kms *open_vol(struct voldesc *vol, const char *name, const char *key_id, int *ret_r, struct kms_err *err)
+/* What the volume layer hands keyclient for a volume of a local key (the AAD is the volume's). */
+struct tvol {
+	char volume[37], kms[16], key[KEYSTORE_NAME_MAX + 1], key_id[KMS_KEY_ID_MAX + 1], keystore[4200];
+};
+#define TVOL_CONFIG(v) { .kms = (v).kms, .key = (v).key, .key_id = (v).key_id, .keystore = (v).keystore }
+#define AAD_COUNT 2
+
+static struct kms *open_vol(struct tvol *vol, const char *name, const char *key_id, int *ret_r, struct kms_err *err)
 {
-	struct kms_config cfg = { .vol = vol };
+	struct kms_config cfg = TVOL_CONFIG(*vol);
 	struct kms *k = NULL;
 
 	memset(vol, 0, sizeof(*vol));
-	vol->format = 1;
 	snprintf(vol->volume, sizeof(vol->volume), "0b5f8a52-2a53-4c1b-9c7e-1d2e3f405162");
 	snprintf(vol->kms, sizeof(vol->kms), "local");
 	snprintf(vol->key, sizeof(vol->key), "%s", name);
@@ -115,15 +121,15 @@ struct worker {
 static void *hammer(void *arg)
 {
 	struct worker *w = arg;
-	uint8_t dek[FMT_DEK_SIZE], out[FMT_DEK_SIZE];
+	uint8_t dek[KMS_DEK_SIZE], out[KMS_DEK_SIZE];
 
 	for (int i = 0; i < 50; i++) {
 		struct kms_wrapped wr;
 		bool rw = true;
 
 		randombytes_buf(dek, sizeof(dek));
-		if (kms_wrap(w->k, dek, w->aad, KMS_AAD_COUNT, &wr, NULL) != 0 ||
-		    kms_unwrap(w->k, wr.blob, wr.len, w->aad, KMS_AAD_COUNT, out, NULL, &rw, NULL) != 0 ||
+		if (kms_wrap(w->k, dek, w->aad, AAD_COUNT, &wr, NULL) != 0 ||
+		    kms_unwrap(w->k, wr.blob, wr.len, w->aad, AAD_COUNT, out, NULL, &rw, NULL) != 0 ||
 		    memcmp(dek, out, sizeof(dek)) != 0 || rw)
 			w->bad++;
 	}
@@ -132,12 +138,12 @@ static void *hammer(void *arg)
 
 int main(void)
 {
-	char fid[2 * FMT_FILE_ID_SIZE + 1] = "00112233445566778899aabbccddeeff";
-	const char *aad[KMS_AAD_COUNT], *aad_other[KMS_AAD_COUNT], *aad_swapped[KMS_AAD_COUNT];
+	char fid[33] = "00112233445566778899aabbccddeeff";
+	const char *aad[AAD_COUNT], *aad_other[AAD_COUNT], *aad_swapped[AAD_COUNT];
 	struct keystore_info info, info2;
 	struct kms_wrapped w1, w2;
 	struct kms_err err;
-	struct voldesc vol;
+	struct tvol vol;
 	struct kms *k;
 	uint8_t *dek, *out;
 	char path[4200], name64[KEYSTORE_NAME_MAX + 2];
@@ -149,9 +155,9 @@ int main(void)
 		return 99;
 	umask(022);
 	snprintf(ks, sizeof(ks), "%s/a/b/keystore", tmp);
-	dek = sodium_malloc(FMT_DEK_SIZE);
-	out = sodium_malloc(FMT_DEK_SIZE);
-	randombytes_buf(dek, FMT_DEK_SIZE);
+	dek = sodium_malloc(KMS_DEK_SIZE);
+	out = sodium_malloc(KMS_DEK_SIZE);
+	randombytes_buf(dek, KMS_DEK_SIZE);
 
 	/* names */
 	CHECK_EQ(keystore_name_valid("demo"), 0);
@@ -207,41 +213,41 @@ int main(void)
 	CHECK_EQ(st, KMS_STATE_ACTIVE);
 
 	/* roundtrip */
-	kms_file_aad(vol.volume, fid, aad);
-	CHECK(aad[0] == vol.volume && aad[1] == fid);
-	CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w1, &err), 0);
+	aad[0] = vol.volume;
+	aad[1] = fid;
+	CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w1, &err), 0);
 	CHECK_EQ(w1.len, 77);
 	CHECK_EQ(w1.blob[0], 1);
 	CHECK_EQ(w1.blob[1], 1);
 	CHECK(strcmp(w1.key_version, "1") == 0);
 	rw = true;
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
-	CHECK(sodium_memcmp(dek, out, FMT_DEK_SIZE) == 0);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
+	CHECK(sodium_memcmp(dek, out, KMS_DEK_SIZE) == 0);
 	CHECK(!rw);
-	CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), 0);
+	CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), 0);
 	CHECK(memcmp(w1.blob, w2.blob, w1.len) != 0);           /* fresh nonce per wrap */
 
 	/* wrong aad, swapped aad, tampered or truncated blob */
 	aad_other[0] = "0b5f8a52-2a53-4c1b-9c7e-1d2e3f405163";
 	aad_other[1] = fid;
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad_other, KMS_AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad_other, AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
 	aad_swapped[0] = fid;
 	aad_swapped[1] = vol.volume;
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad_swapped, KMS_AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad_swapped, AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
 	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, 1, out, NULL, &rw, &err), -EBADMSG);
 	w2 = w1;
 	w2.blob[40] ^= 1;
-	CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
+	CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
 	w2 = w1;
 	w2.blob[1] = 7;
-	CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
-	CHECK_EQ(kms_unwrap(k, w1.blob, 76, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
+	CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
+	CHECK_EQ(kms_unwrap(k, w1.blob, 76, aad, AAD_COUNT, out, NULL, &rw, &err), -EBADMSG);
 	memset(long_aad, 'a', sizeof(long_aad));
 	long_aad[256] = '\0';
 	aad_other[0] = long_aad;
-	CHECK_EQ(kms_wrap(k, dek, aad_other, KMS_AAD_COUNT, &w2, &err), -EINVAL);
+	CHECK_EQ(kms_wrap(k, dek, aad_other, AAD_COUNT, &w2, &err), -EINVAL);
 	long_aad[255] = '\0';
-	CHECK_EQ(kms_wrap(k, dek, aad_other, KMS_AAD_COUNT, &w2, &err), 0);
+	CHECK_EQ(kms_wrap(k, dek, aad_other, AAD_COUNT, &w2, &err), 0);
 
 	/* many threads at once */
 	{
@@ -263,18 +269,18 @@ int main(void)
 	CHECK_EQ(file_mode(path), 0600);
 	CHECK_EQ(kms_key_state(k, &st, &err), 0);
 	CHECK_EQ(st, KMS_STATE_SUSPENDED);
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -ENOKEY);
-	CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), -ENOKEY);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), -ENOKEY);
+	CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), -ENOKEY);
 
 	/* deactivated: unwrap yes, wrap no */
 	CHECK_EQ(keystore_set_state(ks, "demo", KMS_STATE_DEACTIVATED), 0);
-	CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), -EKEYEXPIRED);
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
+	CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), -EKEYEXPIRED);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
 
 	CHECK_EQ(keystore_set_state(ks, "demo", KMS_STATE_ACTIVE), 0);
 	CHECK_EQ(keystore_set_state(ks, "demo", KMS_STATE_ACTIVE), 0);
 	CHECK_EQ(keystore_set_state(ks, "demo", KMS_STATE_DESTROYED), -EINVAL);
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
 
 	/* rotation: a second material file; wrap uses the newest, old blobs still unwrap */
 	{
@@ -291,13 +297,13 @@ int main(void)
 		CHECK_EQ(file_mode(m2), 0600);
 		CHECK_EQ(keystore_show(ks, "demo", &info2), 0);
 		CHECK_EQ(info2.version, 2);
-		CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), 0);
+		CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), 0);
 		CHECK(strcmp(w2.key_version, "2") == 0);
 		CHECK_EQ(w2.blob[1], 2);
-		CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
-		CHECK(sodium_memcmp(dek, out, FMT_DEK_SIZE) == 0);
-		CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
-		CHECK(sodium_memcmp(dek, out, FMT_DEK_SIZE) == 0);
+		CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
+		CHECK(sodium_memcmp(dek, out, KMS_DEK_SIZE) == 0);
+		CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
+		CHECK(sodium_memcmp(dek, out, KMS_DEK_SIZE) == 0);
 		/* suspend and enable rewrite the state file only: the material files are never copied */
 		CHECK_EQ(keystore_set_state(ks, "demo", KMS_STATE_SUSPENDED), 0);
 		CHECK_EQ(keystore_set_state(ks, "demo", KMS_STATE_ACTIVE), 0);
@@ -309,8 +315,8 @@ int main(void)
 		text = slurp(path);
 		CHECK(text && strstr(text, "versions=2\n") && !strstr(text, "version="));
 		free(text);
-		CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
-		CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
+		CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
+		CHECK_EQ(kms_unwrap(k, w2.blob, w2.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
 	}
 
 	/*
@@ -342,9 +348,9 @@ int main(void)
 			CHECK_EQ(kms_key_state(k, &st, &err), 0);
 			CHECK_EQ(st, KMS_STATE_DESTROYED);
 			CHECK(strstr(err.msg, m2) && strstr(err.msg, why[i]) && strstr(err.msg, "counts as destroyed"));
-			CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), -EKEYREVOKED);
+			CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), -EKEYREVOKED);
 			CHECK(strstr(err.msg, why[i]) != NULL);
-			CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EKEYREVOKED);
+			CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), -EKEYREVOKED);
 			CHECK_EQ(keystore_show(ks, "demo", &info2), 0);
 			CHECK_EQ(info2.state, KMS_STATE_DESTROYED);
 			CHECK(strstr(info2.note, why[i]) != NULL);
@@ -356,7 +362,7 @@ int main(void)
 				CHECK_EQ(util_write_file_atomic(AT_FDCWD, m2, saved, sizeof(saved), 0600), 0);
 			CHECK_EQ(kms_key_state(k, &st, &err), 0);
 			CHECK_EQ(st, KMS_STATE_ACTIVE);
-			CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), 0);
+			CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), 0);
 		}
 		/* version 1's file copied over version 2's: another version's material is damage */
 		{
@@ -380,7 +386,7 @@ int main(void)
 			CHECK_EQ(kms_key_state(k, &st, &err), 0);
 			CHECK_EQ(st, KMS_STATE_DESTROYED);
 			CHECK(strstr(err.msg, "is damaged") && strstr(err.msg, "counts as destroyed"));
-			CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), -EKEYREVOKED);
+			CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), -EKEYREVOKED);
 			CHECK_EQ(keystore_show(ks, "demo", &info2), -EUCLEAN);
 			CHECK_EQ(write_in_place(path, text, n, -1), 0);
 			CHECK_EQ(kms_key_state(k, &st, &err), 0);
@@ -400,7 +406,7 @@ int main(void)
 		static const char id1[] = "3f0e4c5a-7b1d-4e2f-8a9b-0c1d2e3f4a5b";
 		uint8_t m[2][32], got[112], oldbuf[1024];
 		char b64[2][64], text[1024], opath[4200], mp[4200], stale_link[4200];
-		struct voldesc vol1;
+		struct tvol vol1;
 		struct kms *ko;
 		int ofd;
 		ssize_t n;
@@ -421,7 +427,7 @@ int main(void)
 		ko = open_vol(&vol1, "old1", NULL, &r, &err);
 		CHECK_EQ(r, 0);
 		CHECK(ko != NULL);
-		CHECK_EQ(kms_wrap(ko, dek, aad, KMS_AAD_COUNT, &w2, &err), 0);
+		CHECK_EQ(kms_wrap(ko, dek, aad, AAD_COUNT, &w2, &err), 0);
 		CHECK_EQ(w2.blob[1], 2);
 		ofd = open(opath, O_RDONLY | O_CLOEXEC);
 		CHECK(ofd >= 0);
@@ -452,8 +458,8 @@ int main(void)
 		snprintf(stale_link, sizeof(stale_link), "%s/.old1.key.old", ks);
 		CHECK(access(stale_link, F_OK) < 0 && errno == ENOENT);
 		CHECK_EQ(keystore_set_state(ks, "old1", KMS_STATE_ACTIVE), 0);
-		CHECK_EQ(kms_unwrap(ko, w2.blob, w2.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), 0);
-		CHECK(sodium_memcmp(dek, out, FMT_DEK_SIZE) == 0);
+		CHECK_EQ(kms_unwrap(ko, w2.blob, w2.len, aad, AAD_COUNT, out, NULL, &rw, &err), 0);
+		CHECK(sodium_memcmp(dek, out, KMS_DEK_SIZE) == 0);
 		kms_free(ko);
 
 		/* a migration cut short after the new state file: the old file's second name is shredded
@@ -482,7 +488,7 @@ int main(void)
 	/* unsafe keystore and key file modes are refused */
 	chmod(ks, 0770);
 	CHECK_EQ(keystore_show(ks, "demo", &info2), -EPERM);
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EACCES);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), -EACCES);
 	chmod(ks, 0700);
 	chmod(path, 0640);
 	CHECK_EQ(keystore_show(ks, "demo", &info2), -EPERM);
@@ -528,8 +534,8 @@ int main(void)
 			close(mfd[v - 1]);
 		}
 	}
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EKEYREVOKED);
-	CHECK_EQ(kms_wrap(k, dek, aad, KMS_AAD_COUNT, &w2, &err), -EKEYREVOKED);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), -EKEYREVOKED);
+	CHECK_EQ(kms_wrap(k, dek, aad, AAD_COUNT, &w2, &err), -EKEYREVOKED);
 	CHECK_EQ(kms_key_state(k, &st, &err), 0);
 	CHECK_EQ(st, KMS_STATE_DESTROYED);
 	CHECK_EQ(keystore_show(ks, "demo", &info2), 0);
@@ -585,17 +591,17 @@ int main(void)
 	CHECK_EQ(unlink(path), 0);
 	CHECK_EQ(kms_key_state(k, &st, &err), 0);
 	CHECK_EQ(st, KMS_STATE_PURGED);
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -ENOENT);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), -ENOENT);
 	CHECK_EQ(keystore_create(ks, "demo", &info2), 0);
 	CHECK_EQ(kms_key_state(k, &st, &err), 0);
 	CHECK_EQ(st, KMS_STATE_PURGED);
-	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, KMS_AAD_COUNT, out, NULL, &rw, &err), -EKEYREVOKED);
+	CHECK_EQ(kms_unwrap(k, w1.blob, w1.len, aad, AAD_COUNT, out, NULL, &rw, &err), -EKEYREVOKED);
 	kms_free(k);
 
 	/* open errors name the keystore and the key */
 	{
 		char want[4300];
-		struct kms_config cfg = { .vol = &vol };
+		struct kms_config cfg = TVOL_CONFIG(vol);
 
 		k = open_vol(&vol, "nokey", NULL, &r, &err);
 		CHECK_EQ(r, -ENOENT);
