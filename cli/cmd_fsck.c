@@ -159,6 +159,18 @@ static FILE *jlist_item(struct jlist *l)
 	return l->f;
 }
 
+/* Append {"path": PATH, "KEY": value}, the root as ".". */
+static void jlist_path_item(struct jlist *l, const char *path, const char *key, const char *value)
+{
+	FILE *o = jlist_item(l);
+
+	fputs("{\"path\": ", o);
+	util_json_string(o, path[0] ? path : ".");
+	fprintf(o, ", \"%s\": ", key);
+	util_json_string(o, value);
+	fputc('}', o);
+}
+
 static void jlist_print(const char *name, struct jlist *l, bool last)
 {
 	fflush(l->f);
@@ -178,27 +190,6 @@ static void jlist_close(struct jlist *l)
 	memset(l, 0, sizeof(*l));
 }
 
-/* One line of the text report: "what: PATH: message". */
-static void line(struct fsck *f, const char *what, const char *path, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-
-static void line(struct fsck *f, const char *what, const char *path, const char *fmt, ...)
-{
-	va_list ap;
-
-	progress_clear(&f->prog);
-	printf("%s: ", what);
-	cli_fputs_safe(stdout, path[0] ? path : ".");
-	if (fmt) {
-		fputs(": ", stdout);
-		va_start(ap, fmt);
-		vprintf(fmt, ap);
-		va_end(ap);
-	}
-	putchar('\n');
-	fflush(stdout);
-}
-
 static const char *node_kind(mode_t mode)
 {
 	switch (mode & S_IFMT) {
@@ -213,15 +204,9 @@ static const char *node_kind(mode_t mode)
 static void report_note(struct fsck *f, const char *path, const char *note)
 {
 	if (f->json) {
-		FILE *o = jlist_item(&f->j_notes);
-
-		fputs("{\"path\": ", o);
-		util_json_string(o, path[0] ? path : ".");
-		fputs(", \"note\": ", o);
-		util_json_string(o, note);
-		fputc('}', o);
+		jlist_path_item(&f->j_notes, path, "note", note);
 	} else {
-		line(f, "note", path, "%s", note);
+		progress_report(&f->prog, "note", path, "%s", note);
 	}
 }
 
@@ -229,15 +214,9 @@ static void report_not_checked(struct fsck *f, const char *path, const char *why
 {
 	f->not_checked++;
 	if (f->json) {
-		FILE *o = jlist_item(&f->j_not_checked);
-
-		fputs("{\"path\": ", o);
-		util_json_string(o, path[0] ? path : ".");
-		fputs(", \"error\": ", o);
-		util_json_string(o, why);
-		fputc('}', o);
+		jlist_path_item(&f->j_not_checked, path, "error", why);
 	} else {
-		line(f, "could not check", path, "%s", why);
+		progress_report(&f->prog, "could not check", path, "%s", why);
 	}
 }
 
@@ -293,17 +272,17 @@ static void report_damage_text(struct fsck *f, const char *path, const struct ve
 
 	header_message(f, v, msg, sizeof(msg));
 	if (msg[0])
-		line(f, "damaged", path, "%s", msg);
+		progress_report(&f->prog, "damaged", path, "%s", msg);
 	for (uint64_t i = 0; i < v->nbad && i < LIST_CHUNKS; i++) {
 		uint64_t off = v->bad[i] * FMT_CHUNK_SIZE;
 
-		line(f, "damaged", path, "chunk %" PRIu64 " (plaintext bytes %" PRIu64 "-%" PRIu64 ") does not authenticate",
+		progress_report(&f->prog, "damaged", path, "chunk %" PRIu64 " (plaintext bytes %" PRIu64 "-%" PRIu64 ") does not authenticate",
 		     v->bad[i], off, off + v->bad_len[i] - 1);
 	}
 	if (v->nbad > LIST_CHUNKS)
-		line(f, "damaged", path, "... and %" PRIu64 " more chunks do not authenticate", v->nbad - LIST_CHUNKS);
+		progress_report(&f->prog, "damaged", path, "... and %" PRIu64 " more chunks do not authenticate", v->nbad - LIST_CHUNKS);
 	if (v->cut)
-		line(f, "damaged", path, "backing size %" PRIu64 " is cut inside chunk %" PRIu64 " (plaintext offset %" PRIu64 ")",
+		progress_report(&f->prog, "damaged", path, "backing size %" PRIu64 " is cut inside chunk %" PRIu64 " (plaintext offset %" PRIu64 ")",
 		     (uint64_t)v->st.st_size, v->cut_chunk, v->cut_chunk * FMT_CHUNK_SIZE);
 }
 

@@ -56,24 +56,6 @@ struct rewrap {
 	int kms_rc;                             /* an exit code once the KMS failed: the run stops */
 };
 
-static void problem(struct rewrap *rw, const char *kind, const char *path, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-
-/* One line on stdout per file that is not re-wrapped for a reason an admin must see. */
-static void problem(struct rewrap *rw, const char *kind, const char *path, const char *fmt, ...)
-{
-	va_list ap;
-
-	progress_clear(&rw->progress);
-	printf("%s: ", kind);
-	cli_fputs_safe(stdout, path);
-	fputs(": ", stdout);
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	putchar('\n');
-}
-
 /* The exit code of a KMS failure that ends the run; 0 when it only concerns this file. */
 static int kms_fatal(struct rewrap *rw, int r, const struct kms_err *err)
 {
@@ -139,10 +121,10 @@ static enum outcome unwrap_and_rewrap(struct rewrap *rw, const char *path, const
 	}
 	if (i < 0) {
 		if (strcmp(hs->hdr[0].key_id, kms_key_id(rw->v->kms)) != 0)
-			problem(rw, "damaged", path, "wrapped by key '%s', not by this volume's key '%s': left as it is",
+			progress_report(&rw->progress, "damaged", path, "wrapped by key '%s', not by this volume's key '%s': left as it is",
 				hs->hdr[0].key_id, kms_key_id(rw->v->kms));
 		else
-			problem(rw, "damaged", path, "no header slot authenticates: left as it is (see keyfsctl fsck)");
+			progress_report(&rw->progress, "damaged", path, "no header slot authenticates: left as it is (see keyfsctl fsck)");
 		return DAMAGED;
 	}
 	*ret_i = (unsigned)i;
@@ -176,14 +158,14 @@ static enum outcome store(struct rewrap *rw, const char *path, int fd, const str
 		return CHANGED;
 	switch (st.step) {
 	case VOL_STORE_ENCODE:
-		problem(rw, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
+		progress_report(&rw->progress, "failed", path, "cannot encode a header with the %zu-byte wrapped key", w->len);
 		break;
 	case VOL_STORE_LOCK:
-		problem(rw, "failed", path, "cannot lock its header (%s): without the lock a live mount could race",
+		progress_report(&rw->progress, "failed", path, "cannot lock its header (%s): without the lock a live mount could race",
 			strerror(-r));
 		break;
 	case VOL_STORE_WRITE:
-		problem(rw, "failed", path, "writing header slot %u: %s (run rewrap again: it finishes the job)", st.slot,
+		progress_report(&rw->progress, "failed", path, "writing header slot %u: %s (run rewrap again: it finishes the job)", st.slot,
 			strerror(-r));
 		break;
 	}
@@ -203,15 +185,15 @@ static enum outcome rewrap_fd(struct rewrap *rw, const char *path, int fd)
 		if (r == -ENODATA)
 			return EMPTY;
 		if (r == -EPROTONOSUPPORT) {
-			problem(rw, "failed", path, "header of a format version or cipher this keyfsctl does not know");
+			progress_report(&rw->progress, "failed", path, "header of a format version or cipher this keyfsctl does not know");
 			return FAILED;
 		}
 		if (r == -EIO) {
-			problem(rw, "damaged", path, "no header slot parses: left as it is (see keyfsctl fsck)");
+			progress_report(&rw->progress, "damaged", path, "no header slot parses: left as it is (see keyfsctl fsck)");
 			return DAMAGED;
 		}
 		if (r < 0) {
-			problem(rw, "failed", path, "reading its header: %s", strerror(-r));
+			progress_report(&rw->progress, "failed", path, "reading its header: %s", strerror(-r));
 			return FAILED;
 		}
 		/* Resuming: nothing to do for a file whose only header is on the newest version. With
@@ -229,7 +211,7 @@ static enum outcome rewrap_fd(struct rewrap *rw, const char *path, int fd)
 		sodium_memzero(rw->keys, sizeof(*rw->keys));
 	}
 	if (o == CHANGED)
-		problem(rw, "changed", path, "its header kept changing under a live mount: run rewrap again");
+		progress_report(&rw->progress, "changed", path, "its header kept changing under a live mount: run rewrap again");
 	return o;
 }
 
@@ -254,7 +236,7 @@ static int visit(const struct walk_entry *e, void *arg)
 			rw->files--;
 			return 0;
 		}
-		problem(rw, "failed", e->path, "%s", strerror(errno));
+		progress_report(&rw->progress, "failed", e->path, "%s", strerror(errno));
 		rw->failed++;
 		return 0;
 	}
@@ -283,9 +265,9 @@ static int not_visited(const char *path, int err, void *arg)
 	struct rewrap *rw = arg;
 
 	if (err == EXDEV)
-		problem(rw, "not visited", path[0] ? path : ".", "another filesystem is mounted there");
+		progress_report(&rw->progress, "not visited", path, "another filesystem is mounted there");
 	else
-		problem(rw, "not visited", path[0] ? path : ".", "%s", strerror(err));
+		progress_report(&rw->progress, "not visited", path, "%s", strerror(err));
 	rw->failed++;
 	return 0;
 }

@@ -10,6 +10,7 @@
 
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
+#include "keyfs/util.h"
 #include "keyfs/volume.h"
 #include "cli.h"
 
@@ -60,7 +61,7 @@ static int forget(const char *arg)
 	int r, rc;
 
 	/* A uuid names a volume whose backing dir may be long gone. */
-	if (!(vol_uuid_valid(arg) && stat(arg, &st) < 0)) {
+	if (!(util_uuid_valid(arg) && stat(arg, &st) < 0)) {
 		rc = vol_open(arg, NULL, VOL_SKIP_TRUST, &v);
 		if (rc) {
 			vol_close(&v);

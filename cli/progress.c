@@ -1,10 +1,12 @@
 /* progress.c: a progress line on stderr for long runs, rate-limited, shown on a terminal only */
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include "cli.h"
 #include "progress.h"
 
 static double since(const struct timespec *a, const struct timespec *b)
@@ -89,4 +91,19 @@ void progress_clear(struct progress *p)
 	fputs("\r\033[K", stderr);
 	fflush(stderr);
 	p->shown = false;
+}
+
+void progress_report(struct progress *p, const char *what, const char *path, const char *fmt, ...)
+{
+	va_list ap;
+
+	progress_clear(p);
+	printf("%s: ", what);
+	cli_fputs_safe(stdout, path[0] ? path : ".");
+	fputs(": ", stdout);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	putchar('\n');
+	fflush(stdout);
 }

@@ -22,4 +22,9 @@ void progress_update(struct progress *p, uint64_t files, uint64_t bytes, const c
 /* Erase the line, before printing a message or at the end. */
 void progress_clear(struct progress *p);
 
+/* One line of a command's report on stdout, "what: PATH: message", with the progress line
+ * erased first; PATH printed safe for a terminal, "." for the root. */
+void progress_report(struct progress *p, const char *what, const char *path, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
 #endif

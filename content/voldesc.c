@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "keyfs/util.h"
 #include "keyfs/voldesc.h"
 
 struct field {
@@ -18,26 +19,13 @@ static const struct field fields[] = {
 	FIELD(endpoint), FIELD(instance), FIELD(iam_endpoint), FIELD(ca_file), FIELD(created),
 };
 
-static bool uuid_valid(const char *s)
-{
-	if (strlen(s) != 36)
-		return false;
-	for (int i = 0; i < 36; i++) {
-		bool dash = i == 8 || i == 13 || i == 18 || i == 23;
-
-		if (dash ? s[i] != '-' : !((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-			return false;
-	}
-	return true;
-}
-
 static int check(const struct voldesc *v, char *err, size_t errlen)
 {
 	if (v->format != VOLDESC_FORMAT) {
 		snprintf(err, errlen, "missing 'format=%d'", VOLDESC_FORMAT);
 		return -EINVAL;
 	}
-	if (!uuid_valid(v->volume)) {
+	if (!util_uuid_valid(v->volume)) {
 		snprintf(err, errlen, "'volume' must be a lower-case uuid");
 		return -EINVAL;
 	}

@@ -423,19 +423,6 @@ static int field_copy(char *dst, size_t size, const char *v, size_t n)
 	return 0;
 }
 
-static bool uuid_valid(const char *s)
-{
-	if (strlen(s) != 36)
-		return false;
-	for (int i = 0; i < 36; i++) {
-		bool hyphen = i == 8 || i == 13 || i == 18 || i == 23;
-
-		if (hyphen ? s[i] != '-' : !((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-			return false;
-	}
-	return true;
-}
-
 /* Strict decimal: no sign, no leading zero, fits in 32 bits. */
 static int parse_u32(const char *s, size_t n, unsigned *ret)
 {
@@ -616,7 +603,7 @@ static int ks_parse(struct ks *k, unsigned want, struct keystore_material *mat)
 				}
 				kf->state = (int)st;
 			}
-			if (bit == SEEN_ID && !uuid_valid(kf->id)) {
+			if (bit == SEEN_ID && !util_uuid_valid(kf->id)) {
 				why = "id is not a uuid";
 				goto bad;
 			}
@@ -1146,10 +1133,25 @@ int keystore_show(const char *dir, const char *name, struct keystore_info *ret)
 	return keystore_load(dir, name, 0, ret, NULL, err, sizeof(err));
 }
 
+/* New random material for version of k's key, durable in its file and in the dir. */
+static int mat_new(struct ks *k, unsigned version)
+{
+	uint8_t *material = sodium_malloc(KEYSTORE_MATERIAL_SIZE);
+	int r;
+
+	if (!material)
+		return -ENOMEM;
+	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
+	r = mat_create(k, version, material);
+	if (r == 0)
+		r = ks_sync_dir(k);
+	sodium_free(material);          /* wipes it */
+	return r;
+}
+
 int keystore_create(const char *dir, const char *name, struct keystore_info *ret)
 {
 	char err[KMS_ERR_MAX], file[MAT_NAME_MAX];
-	uint8_t *material = NULL;
 	struct keyfile kf;
 	struct stat st;
 	struct ks k;
@@ -1173,12 +1175,6 @@ int keystore_create(const char *dir, const char *name, struct keystore_info *ret
 		goto out;
 	}
 	wipe_stale(&k);
-	material = sodium_malloc(KEYSTORE_MATERIAL_SIZE);
-	if (!material) {
-		r = -ENOMEM;
-		goto out;
-	}
-	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
 	memset(&kf, 0, sizeof(kf));
 	snprintf(kf.name, sizeof(kf.name), "%s", name);
 	util_uuid4(kf.id);
@@ -1188,9 +1184,7 @@ int keystore_create(const char *dir, const char *name, struct keystore_info *ret
 	kf.newest = 1;
 	kf.format = KEYFILE_FORMAT;
 	k.kf = kf;
-	r = mat_create(&k, 1, material);
-	if (r == 0)
-		r = ks_sync_dir(&k);
+	r = mat_new(&k, 1);
 	if (r == 0)
 		r = ks_write(&k, &kf);
 	if (r < 0) {
@@ -1201,10 +1195,6 @@ int keystore_create(const char *dir, const char *name, struct keystore_info *ret
 	if (ret)
 		ks_info(&k, ret);
 out:
-	if (material) {
-		sodium_memzero(material, KEYSTORE_MATERIAL_SIZE);
-		sodium_free(material);
-	}
 	ks_done(&k);
 	return r;
 }
@@ -1291,7 +1281,6 @@ out:
 int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret)
 {
 	char err[KMS_ERR_MAX];
-	uint8_t *material = NULL;
 	struct keyfile kf;
 	struct ks k;
 	int r;
@@ -1319,16 +1308,8 @@ int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret
 		if (r < 0)
 			goto out;
 	}
-	material = sodium_malloc(KEYSTORE_MATERIAL_SIZE);
-	if (!material) {
-		r = -ENOMEM;
-		goto out;
-	}
-	randombytes_buf(material, KEYSTORE_MATERIAL_SIZE);
 	/* The material file first: the state file names only versions whose file is durable. */
-	r = mat_create(&k, k.kf.newest + 1, material);
-	if (r == 0)
-		r = ks_sync_dir(&k);
+	r = mat_new(&k, k.kf.newest + 1);
 	if (r < 0)
 		goto out;
 	kf = k.kf;
@@ -1341,10 +1322,6 @@ int keystore_rotate(const char *dir, const char *name, struct keystore_info *ret
 			ks_info(&k, ret);
 	}
 out:
-	if (material) {
-		sodium_memzero(material, KEYSTORE_MATERIAL_SIZE);
-		sodium_free(material);
-	}
 	ks_done(&k);
 	return r;
 }

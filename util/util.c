@@ -161,6 +161,19 @@ void util_hex(const uint8_t *in, size_t n, char *out)
 	out[2 * n] = '\0';
 }
 
+bool util_uuid_valid(const char *s)
+{
+	if (strlen(s) != 36)
+		return false;
+	for (int i = 0; i < 36; i++) {
+		bool hyphen = i == 8 || i == 13 || i == 18 || i == 23;
+
+		if (hyphen ? s[i] != '-' : !((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+			return false;
+	}
+	return true;
+}
+
 void util_uuid4(char out[37])
 {
 	uint8_t b[16];

@@ -42,19 +42,6 @@ bool vol_location_applies(const struct voldesc *d, size_t i)
 	return i < VOL_LOCATION_FIELDS && (!loc_fields[i].kms || strcmp(loc_fields[i].kms, d->kms) == 0);
 }
 
-bool vol_uuid_valid(const char *s)
-{
-	if (strlen(s) != 36)
-		return false;
-	for (int i = 0; i < 36; i++) {
-		bool dash = i == 8 || i == 13 || i == 18 || i == 23;
-
-		if (dash ? s[i] != '-' : !((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-			return false;
-	}
-	return true;
-}
-
 static int join(char *buf, size_t size, const char *a, const char *b)
 {
 	int n = snprintf(buf, size, "%s%s", a, b);
@@ -135,6 +122,21 @@ static int open_dir(const char *dir, char *msg, size_t msg_size)
 	return fd;
 }
 
+/* The trust dir into dir (PATH_MAX) and the path of volume uuid's record into path. Returns
+ * 0, -EINVAL (not a volume uuid), or vol_trust_dir's or the path's -errno. */
+static int record_path(const char *uuid, char dir[PATH_MAX], char *path, size_t path_size)
+{
+	int r;
+
+	path[0] = '\0';
+	if (!util_uuid_valid(uuid))
+		return -EINVAL;
+	r = vol_trust_dir(dir, PATH_MAX);
+	if (r == 0)
+		r = snprintf(path, path_size, "%s/%s", dir, uuid) >= (int)path_size ? -ENAMETOOLONG : 0;
+	return r;
+}
+
 int vol_trust_read(const char *uuid, struct voldesc *ret, char *path, size_t path_size, char *msg,
 		   size_t msg_size)
 {
@@ -144,11 +146,9 @@ int vol_trust_read(const char *uuid, struct voldesc *ret, char *path, size_t pat
 	int dfd, r;
 
 	msg[0] = path[0] = '\0';
-	if (!vol_uuid_valid(uuid))
-		return -EINVAL;
-	r = vol_trust_dir(dir, sizeof(dir));
-	if (r == 0)
-		r = snprintf(path, path_size, "%s/%s", dir, uuid) >= (int)path_size ? -ENAMETOOLONG : 0;
+	if (!util_uuid_valid(uuid))
+		return -EINVAL;         /* not a trust dir problem: no message */
+	r = record_path(uuid, dir, path, path_size);
 	if (r < 0)
 		return dir_error(r, msg, msg_size);
 	dfd = open_dir(dir, msg, msg_size);
@@ -211,7 +211,7 @@ int vol_trust_write(const struct voldesc *d, char *path, size_t path_size, char 
 	int dfd, n, m, r;
 
 	msg[0] = path[0] = '\0';
-	if (!vol_uuid_valid(d->volume))
+	if (!util_uuid_valid(d->volume))
 		return -EINVAL;
 	r = vol_trust_dir(dir, sizeof(dir));
 	if (r == 0)
@@ -243,12 +243,7 @@ int vol_trust_forget(const char *uuid, char *path, size_t path_size)
 	char dir[PATH_MAX];
 	int r;
 
-	path[0] = '\0';
-	if (!vol_uuid_valid(uuid))
-		return -EINVAL;
-	r = vol_trust_dir(dir, sizeof(dir));
-	if (r == 0)
-		r = snprintf(path, path_size, "%s/%s", dir, uuid) >= (int)path_size ? -ENAMETOOLONG : 0;
+	r = record_path(uuid, dir, path, path_size);
 	if (r < 0)
 		return r;
 	return unlink(path) < 0 ? -errno : 0;

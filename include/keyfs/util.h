@@ -2,6 +2,7 @@
 #ifndef KEYFS_UTIL_H
 #define KEYFS_UTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +21,10 @@ int util_parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *ret);
 
 /* A random (version 4) uuid, lower-case, 36 chars + NUL. */
 void util_uuid4(char out[37]);
+
+/* Is s a uuid as util_uuid4 writes them (36 chars, lower-case hex and hyphens)? Volume uuids
+ * and local key ids are. */
+bool util_uuid_valid(const char *s);
 
 /* Current time as RFC 3339 UTC with seconds ("2026-11-22T22:25:00Z"). */
 void util_now_rfc3339(char out[32]);

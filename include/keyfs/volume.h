@@ -113,7 +113,4 @@ int vol_trust_write(const struct voldesc *d, char *path, size_t path_size, char 
 /* Remove the record of volume uuid. Returns 0, -ENOENT or -errno; path receives its path. */
 int vol_trust_forget(const char *uuid, char *path, size_t path_size);
 
-/* Is s a lower-case uuid, as volume uuids are? */
-bool vol_uuid_valid(const char *s);
-
 #endif
