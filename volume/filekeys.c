@@ -32,6 +32,12 @@ void vol_kms_config(const struct voldesc *d, struct kms_config *cfg)
 	};
 }
 
+/* The one place a DEK is made. */
+static void new_dek(uint8_t *dek)
+{
+	randombytes_buf(dek, FMT_DEK_SIZE);
+}
+
 int vol_kms_probe(struct kms *kms, const char *volume, bool unwrap, struct kms_wrapped *w,
 		  struct kms_err *err, enum vol_probe_step *ret_step)
 {
@@ -44,7 +50,7 @@ int vol_kms_probe(struct kms *kms, const char *volume, bool unwrap, struct kms_w
 	*ret_step = VOL_PROBE_WRAP;
 	if (!dek)
 		return -ENOMEM;
-	randombytes_buf(dek, KMS_DEK_SIZE);
+	new_dek(dek);
 	vol_file_aad(volume, no_file, &a);
 	r = kms_wrap(kms, dek, a.aad, VOL_AAD_COUNT, w, err);
 	if (r == 0 && unwrap) {
@@ -95,7 +101,7 @@ int vol_keys_open(struct kms *kms, const char *volume, const struct content_head
 
 void vol_keys_generate(uint8_t *dek, uint8_t file_id[FMT_FILE_ID_SIZE])
 {
-	randombytes_buf(dek, FMT_DEK_SIZE);
+	new_dek(dek);
 	do
 		randombytes_buf(file_id, FMT_FILE_ID_SIZE);
 	while (sodium_is_zero(file_id, FMT_FILE_ID_SIZE));
