@@ -5,7 +5,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "keyfs/format.h"
 
 #define KEYSTORE_NAME_MAX 64            /* [A-Za-z0-9][A-Za-z0-9._-]{0,63} */
 #define KEYSTORE_MATERIAL_SIZE 32
