@@ -268,9 +268,9 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 			pthread_cond_wait(&inode->keys_cond, &inode->keys_lock);
 		/* Locking or locked: no key is loaded, and none is used once writes are refused. */
 		r = keystate_check(fs->ks, inode->keys ? KS_OP_WRITE : KS_OP_OPEN);
-		if (r) {
+		if (r < 0) {
 			pthread_mutex_unlock(&inode->keys_lock);
-			return -r;
+			return r;
 		}
 		if (inode->keys) {
 			fill(inode, fd, cf);
@@ -290,8 +290,8 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 		/* The KMS says the key is unusable or access is denied: the mount finds out now. */
 		keystate_poke(fs->ks, r);
 		/* Locked meanwhile (a call under way is interrupted then): answer as the lock does. */
-		if (r < 0 && keystate_check(fs->ks, KS_OP_OPEN))
-			r = -keystate_check(fs->ks, KS_OP_OPEN);
+		if (r < 0 && keystate_check(fs->ks, KS_OP_OPEN) < 0)
+			r = keystate_check(fs->ks, KS_OP_OPEN);
 		else if (r < 0)
 			r = file_errno(r);
 
@@ -339,7 +339,7 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 	int fd, r;
 
 	pthread_mutex_lock(&inode->keys_lock);
-	if (inode->keys || inode->keys_loading || keystate_check(fs->ks, KS_OP_OPEN)) {
+	if (inode->keys || inode->keys_loading || keystate_check(fs->ks, KS_OP_OPEN) < 0) {
 		pthread_mutex_unlock(&inode->keys_lock);
 		return 0;
 	}

@@ -136,9 +136,9 @@ int keystate_check(struct keystate *ks, enum ks_op op)
 	int phase = atomic_load_explicit(&ks->phase, memory_order_acquire);
 
 	if (phase == PHASE_LOCKED || (phase == PHASE_LOCKING && op != KS_OP_WRITE))
-		return atomic_load(&ks->err);
+		return -atomic_load(&ks->err);
 	if (op == KS_OP_CREATE && atomic_load(&ks->no_create))
-		return ENOKEY;
+		return -ENOKEY;
 	return 0;
 }
 

@@ -59,7 +59,7 @@ int keystate_start(struct keystate *ks);
 /* Stop and join both threads. Call kms_cancel first, or a stalled poll is waited for. */
 void keystate_free(struct keystate *ks);
 
-/* 0 when op may go ahead now, else the errno to answer (ENOKEY, EKEYREVOKED). Cheap: atomics. */
+/* 0 when op may go ahead now, else the error to answer (-ENOKEY, -EKEYREVOKED). Cheap: atomics. */
 int keystate_check(struct keystate *ks, enum ks_op op);
 
 /* A wrap or unwrap failed with r: when the answer says the key is unusable or access is denied

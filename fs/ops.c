@@ -308,8 +308,8 @@ static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kf
 	int pfd, oflags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & PASSED_OPEN_FLAGS);
 
 	r = keystate_check(fs->ks, KS_OP_OPEN);
-	if (r)
-		return -r;
+	if (r < 0)
+		return r;
 	pfd = fd_of(fs, i);
 	if (pfd < 0)
 		return pfd;
@@ -356,8 +356,8 @@ static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, 
 	int oflags = O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW | (flags & PASSED_OPEN_FLAGS);
 
 	r = keystate_check(fs->ks, KS_OP_CREATE);
-	if (r)
-		return -r;
+	if (r < 0)
+		return r;
 	dfd = fd_of(fs, dir);
 	if (dfd < 0)
 		return dfd;
@@ -516,8 +516,8 @@ static int do_setattr(struct keyfs *fs, struct kfs_inode *i, int ifd, const stru
 		if (attr->st_size < 0)
 			return -EINVAL;
 		r = keystate_check(fs->ks, KS_OP_OPEN);
-		if (r)
-			return -r;
+		if (r < 0)
+			return r;
 		fd = f && f->writable ? f->fd : open(proc, O_RDWR | O_CLOEXEC);
 		if (fd < 0 && inode_fd_shortage(&fs->table, errno))
 			fd = open(proc, O_RDWR | O_CLOEXEC);
@@ -855,8 +855,8 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
 	(void)ino;
 	/* Also through a descriptor opened before a lock: no plaintext once locking began. */
 	n = keystate_check(fs_of(req)->ks, KS_OP_READ);
-	if (n) {
-		fuse_reply_err(req, (int)n);
+	if (n < 0) {
+		fuse_reply_err(req, (int)-n);
 		return;
 	}
 	buf = malloc(size ? size : 1);
@@ -896,8 +896,8 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 
 	(void)ino;
 	n = keystate_check(fs_of(req)->ks, KS_OP_WRITE);
-	if (n) {
-		fuse_reply_err(req, (int)n);
+	if (n < 0) {
+		fuse_reply_err(req, (int)-n);
 		return;
 	}
 	pthread_rwlock_wrlock(&i->content);
@@ -1206,8 +1206,8 @@ static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, of
 		return;
 	}
 	r = keystate_check(fs_of(req)->ks, KS_OP_WRITE);
-	if (r) {
-		fuse_reply_err(req, r);
+	if (r < 0) {
+		fuse_reply_err(req, -r);
 		return;
 	}
 	pthread_rwlock_wrlock(&i->content);
