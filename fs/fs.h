@@ -46,7 +46,7 @@ struct keyfs {
 	int initial_key_state;          /* as read at startup */
 };
 
-/* The request handlers (ops.c). */
+/* The request handlers (ops.c: the table; names.c, contents.c, dirs.c, xattrs.c). */
 extern const struct fuse_lowlevel_ops keyfs_ops;
 
 #endif

@@ -50,6 +50,11 @@ static bool resting_locked(struct prefetch *p)
 	return p->resting;
 }
 
+bool prefetch_wanted(struct kfs_inode *inode)
+{
+	return S_ISREG(inode->type) && filekeys_wanted(inode);
+}
+
 static void *worker(void *arg)
 {
 	struct prefetch *p = arg;

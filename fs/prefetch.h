@@ -15,6 +15,10 @@ int prefetch_new(struct keyfs *fs, struct prefetch **ret);
 /* Stop and join the threads (an unwrap in flight is waited for) and drop what is queued. */
 void prefetch_free(struct prefetch *p);
 
+/* A listed inode a prefetch would do something for: a regular file whose keys nobody has or is
+ * loading. Lets a listing choose what to queue without knowing about keys. */
+bool prefetch_wanted(struct kfs_inode *inode);
+
 /*
  * Queue a regular file for filekeys_prefetch. Takes over one lookup reference of inode (the
  * caller took it with inode_ref): it is dropped once the file is done or not done after all

@@ -1,0 +1,580 @@
+/* contents.c: the handlers of regular files' bytes, the only ones that need the key, and the gate they pass */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+#include <sodium.h>
+
+#include "keyfs/content.h"
+#include "keyfs/log.h"
+
+#include "filekeys.h"
+#include "fs.h"
+#include "keystate.h"
+#include "ops.h"
+
+/* Open flags a user may pass on to the backing file; the rest is ours to decide (see file_open). */
+#define PASSED_OPEN_FLAGS (O_SYNC | O_DSYNC | O_NOATIME)
+
+/* An open regular file. Several may share one inode (and its content lock and keys). */
+struct kfs_file {
+	int fd;                         /* backing file: O_RDWR when writable, never O_APPEND */
+	bool writable;
+	bool append;                    /* O_APPEND, emulated: each write goes to the current end */
+	struct kfs_inode *inode;
+};
+
+static struct kfs_file *file_of(const struct fuse_file_info *fi)
+{
+	return (struct kfs_file *)(uintptr_t)fi->fh;
+}
+
+/* ---- the gate: key state, content lock, keys ---- */
+
+/* What a contents operation asks of the gate. */
+enum contents_op {
+	C_OPEN,         /* open without O_TRUNC */
+	C_EMPTY,        /* truncate to 0 bytes, O_TRUNC included */
+	C_TRUNCATE,     /* truncate to more than 0 bytes */
+	C_CREATE,       /* the header of a new regular file */
+	C_READ,
+	C_WRITE,
+	C_ALLOCATE,     /* fallocate that keeps the size (FALLOC_FL_KEEP_SIZE) */
+	C_SEEK,
+};
+
+enum gate_lock { LOCK_NONE, LOCK_SHARED, LOCK_EXCLUSIVE };
+
+enum gate_keys {
+	KEYS_NONE,
+	KEYS,                   /* the file's keys; none for an empty file (no header yet) */
+	KEYS_OR_NEW,            /* an empty file first gets a header (new DEK, wrapped by the KMS) */
+	KEYS_IF_INTACT,         /* none, not -EIO, when the header is damaged: it is about to go */
+};
+
+/*
+ * The key boundary in one table. refuse: keystate_check decides (docs/LOCKING.md: locking
+ * refuses opens, truncates, creates and reads, locked refuses writes too, a deactivated key
+ * refuses creates). lock: i->content, shared for reads (inode.h). An open loads the keys, so
+ * a header that does not authenticate fails the open rather than a read, but takes no content
+ * lock: it reads only the header, and filekeys.c serialises the loads of one inode.
+ */
+static const struct gate {
+	bool refuse;
+	enum ks_op state;
+	enum gate_lock lock;
+	enum gate_keys keys;
+} gates[] = {
+	[C_OPEN]     = { true,  KS_OP_OPEN,   LOCK_NONE,      KEYS },
+	[C_EMPTY]    = { true,  KS_OP_OPEN,   LOCK_EXCLUSIVE, KEYS_IF_INTACT },
+	[C_TRUNCATE] = { true,  KS_OP_OPEN,   LOCK_EXCLUSIVE, KEYS_OR_NEW },
+	[C_CREATE]   = { true,  KS_OP_CREATE, LOCK_EXCLUSIVE, KEYS_OR_NEW },
+	[C_READ]     = { true,  KS_OP_READ,   LOCK_SHARED,    KEYS },
+	[C_WRITE]    = { true,  KS_OP_WRITE,  LOCK_EXCLUSIVE, KEYS_OR_NEW },
+	[C_ALLOCATE] = { true,  KS_OP_WRITE,  LOCK_EXCLUSIVE, KEYS },
+	/* Holes and the size come from the backing layout: no key, and it works while locked. */
+	[C_SEEK]     = { false, KS_OP_READ,   LOCK_SHARED,    KEYS_NONE },
+};
+
+/*
+ * The key state check alone, for an operation that must be refused before it opens or creates
+ * its backing file; contents_enter asks again, as a lock may have begun meanwhile.
+ * Returns 0 or -ENOKEY, -EKEYREVOKED.
+ */
+static int contents_allowed(struct keyfs *fs, enum contents_op op)
+{
+	return gates[op].refuse ? keystate_check(fs->ks, gates[op].state) : 0;
+}
+
+static void contents_leave(struct kfs_inode *i, enum contents_op op)
+{
+	if (gates[op].lock != LOCK_NONE)
+		pthread_rwlock_unlock(&i->content);
+}
+
+/*
+ * Pass the gate of op on i, whose backing file is open at fd: the key state, the content lock,
+ * the keys into cf (cf->keys NULL: no header). On success the caller holds what op needs until
+ * contents_leave; on failure nothing is held. Returns 0 or the errno the operation answers.
+ */
+static int contents_enter(struct keyfs *fs, struct kfs_inode *i, enum contents_op op, int fd,
+			  struct content_file *cf)
+{
+	const struct gate *g = &gates[op];
+	int r = contents_allowed(fs, op);
+
+	if (r < 0)
+		return r;
+	if (g->lock == LOCK_SHARED)
+		pthread_rwlock_rdlock(&i->content);
+	else if (g->lock == LOCK_EXCLUSIVE)
+		pthread_rwlock_wrlock(&i->content);
+	*cf = (struct content_file){ .fd = fd };
+	if (g->keys == KEYS_OR_NEW)
+		r = filekeys_get_or_create(fs, i, fd, cf);
+	else if (g->keys != KEYS_NONE)
+		r = filekeys_get(fs, i, fd, cf);
+	if (r == -EIO && g->keys == KEYS_IF_INTACT) {
+		cf->keys = NULL;
+		r = 0;
+	}
+	if (r < 0)
+		contents_leave(i, op);
+	return r;
+}
+
+/* ---- regular files ---- */
+
+static int file_new(int fd, struct kfs_inode *i, int flags, bool writable, struct kfs_file **ret)
+{
+	struct kfs_file *f = malloc(sizeof(*f));
+
+	if (!f)
+		return -ENOMEM;
+	f->fd = fd;
+	f->writable = writable;
+	f->append = (flags & O_APPEND) != 0;
+	f->inode = i;
+	*ret = f;
+	return 0;
+}
+
+/* Close an open file and let its inode's fd go (file_open and regular_new hold it for the file). */
+static void file_free(struct keyfs *fs, struct kfs_file *f)
+{
+	close(f->fd);
+	fd_done(fs, f->inode);
+	free(f);
+}
+
+/* The handle of an open file, as the reply to an open or a create gives it. */
+static struct fuse_file_info *file_info(struct fuse_file_info *fi, struct kfs_file *f)
+{
+	fi->fh = (uintptr_t)f;
+	fi->keep_cache = 1;
+	fi->noflush = 1;
+	return fi;
+}
+
+/*
+ * Set the plaintext size of i, open O_RDWR at fd. Truncating to 0 needs no key for a file whose
+ * header is damaged: it drops the header, and the next write gives the file a new one. That is
+ * how a user discards a damaged file in place.
+ */
+static int file_truncate(struct keyfs *fs, struct kfs_inode *i, int fd, uint64_t size)
+{
+	enum contents_op op = size == 0 ? C_EMPTY : C_TRUNCATE;
+	struct content_file cf;
+	int r = contents_enter(fs, i, op, fd, &cf);
+
+	if (r < 0)
+		return r;
+	r = cf.keys || size ? content_truncate(&cf, size) : filekeys_drop_header(fs, i, fd);
+	contents_leave(i, op);
+	return r;
+}
+
+/*
+ * Open the backing file of i, holding i's O_PATH fd for as long as the file is open: ops on an
+ * open file (fchmod, fstat, a file unlinked since) must not depend on reopening it by name.
+ * Write-only becomes read-write (partial chunks are read, modified,
+ * re-sealed); O_APPEND is emulated, O_DIRECT dropped (chunks are not sector-aligned), O_TRUNC
+ * done here (FUSE_CAP_ATOMIC_O_TRUNC). The keys are loaded now, so a file whose header does
+ * not authenticate or whose key is gone fails at open, not at its first read.
+ */
+static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kfs_file **ret)
+{
+	char proc[OPS_PROC_PATH_SIZE];
+	struct content_file cf;
+	bool trunc = (flags & O_TRUNC) != 0;
+	bool writable = (flags & O_ACCMODE) != O_RDONLY || trunc;
+	int oflags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (flags & PASSED_OPEN_FLAGS);
+	int fd, pfd, r;
+
+	r = contents_allowed(fs, C_OPEN);
+	if (r < 0)
+		return r;
+	pfd = fd_of(fs, i);
+	if (pfd < 0)
+		return pfd;
+	proc_path(pfd, proc);
+	fd = open(proc, oflags);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = open(proc, oflags);
+	if (fd < 0) {
+		r = -errno;
+		fd_done(fs, i);
+		return r;
+	}
+	if (trunc) {
+		r = file_truncate(fs, i, fd, 0);
+	} else {
+		r = contents_enter(fs, i, C_OPEN, fd, &cf);
+		if (r == 0)
+			contents_leave(i, C_OPEN);
+	}
+	if (r == 0)
+		r = file_new(fd, i, flags, writable, ret);
+	if (r < 0) {
+		close(fd);
+		fd_done(fs, i);
+	}
+	return r;
+}
+
+/*
+ * Create a regular file with its header (new DEK wrapped by the KMS). On success the entry holds
+ * one lookup reference and *ret_fd (when wanted) an O_RDWR fd, and then the inode's O_PATH fd is
+ * held for it (see file_open). On failure nothing is left behind.
+ */
+static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, const char *name, mode_t mode,
+		       int flags, struct fuse_entry_param *e, struct kfs_inode **ret_inode, int *ret_fd)
+{
+	char proc[OPS_PROC_PATH_SIZE];
+	struct content_file cf;
+	struct kfs_inode *i;
+	struct stat st;
+	uid_t uid;
+	gid_t gid;
+	int fd, pfd, dfd, r;
+	int oflags = O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | O_NOFOLLOW | (flags & PASSED_OPEN_FLAGS);
+
+	r = contents_allowed(fs, C_CREATE);
+	if (r < 0)
+		return r;
+	dfd = fd_of(fs, dir);
+	if (dfd < 0)
+		return dfd;
+	fd = openat(dfd, name, oflags, mode & 07777);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = openat(dfd, name, oflags, mode & 07777);
+	if (fd < 0) {
+		r = -errno;
+		fd_done(fs, dir);
+		return r;
+	}
+	r = ops_new_owner(fs, req, dir, &uid, &gid);
+	if (r > 0) {
+		r = 0;
+		if (fchown(fd, uid, gid) < 0 || (needs_mode_again(S_IFREG, mode) && fchmod(fd, mode & 07777) < 0))
+			r = -errno;
+	}
+	if (r < 0)
+		goto fail_unlink;
+	/* The O_PATH fd comes from our own fd, not the name, which may already be another file. */
+	proc_path(fd, proc);
+	pfd = open(proc, O_PATH | O_CLOEXEC);
+	if (pfd < 0 && inode_fd_shortage(&fs->table, errno))
+		pfd = open(proc, O_PATH | O_CLOEXEC);
+	if (pfd < 0) {
+		r = -errno;
+		goto fail_unlink;
+	}
+	r = ops_adopt(fs, pfd, dir, name, e, &i);
+	if (r < 0)
+		goto fail_unlink;
+	if (ret_fd) {
+		r = fd_of(fs, i);
+		if (r < 0) {
+			inode_unref(&fs->table, i, 1);
+			goto fail_unlink;
+		}
+	}
+	r = contents_enter(fs, i, C_CREATE, fd, &cf);
+	if (r == 0)
+		contents_leave(i, C_CREATE);
+	if (r == 0 && fstat(fd, &st) < 0)
+		r = -errno;
+	if (r < 0) {
+		if (ret_fd)
+			fd_done(fs, i);
+		inode_unref(&fs->table, i, 1);
+		goto fail_unlink;
+	}
+	plain_attr(&st);
+	e->attr = st;
+	*ret_inode = i;
+	if (ret_fd)
+		*ret_fd = fd;
+	else
+		close(fd);
+	fd_done(fs, dir);
+	return 0;
+fail_unlink:
+	unlinkat(dfd, name, 0);
+	close(fd);
+	fd_done(fs, dir);
+	return r;
+}
+
+int contents_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_entry_param *e)
+{
+	struct kfs_inode *i;
+
+	if (is_reserved(parent, name))
+		return -EPERM;
+	return regular_new(fs_of(req), req, inode_of(req, parent), name, mode, 0, e, &i, NULL);
+}
+
+int contents_truncate(struct keyfs *fs, struct kfs_inode *i, const char *proc, off_t size,
+		      const struct fuse_file_info *fi)
+{
+	const struct kfs_file *f = fi && S_ISREG(i->type) ? file_of(fi) : NULL;
+	int fd, r;
+
+	if (S_ISDIR(i->type))
+		return -EISDIR;
+	if (!S_ISREG(i->type))
+		return -EINVAL;
+	if (size < 0)
+		return -EINVAL;
+	r = contents_allowed(fs, size == 0 ? C_EMPTY : C_TRUNCATE);
+	if (r < 0)
+		return r;
+	fd = f && f->writable ? f->fd : open(proc, O_RDWR | O_CLOEXEC);
+	if (fd < 0 && inode_fd_shortage(&fs->table, errno))
+		fd = open(proc, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	r = file_truncate(fs, i, fd, (uint64_t)size);
+	if (!(f && f->writable))
+		close(fd);
+	return r;
+}
+
+/* ---- handlers ---- */
+
+void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct kfs_file *f = NULL;
+	int r = file_open(fs_of(req), inode_of(req, ino), fi->flags, &f);
+
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else if (fuse_reply_open(req, file_info(fi, f)) == -ENOENT)
+		file_free(fs_of(req), f);
+}
+
+static int do_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, int flags,
+		     struct fuse_entry_param *e, struct kfs_file **ret)
+{
+	struct keyfs *fs = fs_of(req);
+	struct kfs_inode *dir = inode_of(req, parent), *i;
+	int fd, r;
+
+	if (is_reserved(parent, name))
+		return -EPERM;
+	r = regular_new(fs, req, dir, name, mode, flags, e, &i, &fd);
+	if (r == 0) {
+		r = file_new(fd, i, flags, true, ret);
+		if (r < 0) {
+			close(fd);
+			fd_done(fs, i);
+			inode_unref(&fs->table, i, 1);
+		}
+		return r;
+	}
+	if (r != -EEXIST || (flags & O_EXCL))
+		return r;
+	/* Lost a race with another creator, and the caller did not ask for O_EXCL: open it. */
+	r = ops_lookup(fs, dir, name, e, &i);
+	if (r < 0)
+		return r;
+	r = S_ISREG(i->type) ? file_open(fs, i, flags, ret) : S_ISDIR(i->type) ? -EISDIR : -EEXIST;
+	if (r < 0)
+		inode_unref(&fs->table, i, 1);
+	return r;
+}
+
+void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, struct fuse_file_info *fi)
+{
+	struct fuse_entry_param e;
+	struct kfs_file *f = NULL;
+	int r = do_create(req, parent, name, mode, fi->flags, &e, &f);
+
+	if (r < 0) {
+		fuse_reply_err(req, -r);
+	} else if (fuse_reply_create(req, &e, file_info(fi, f)) == -ENOENT) {
+		file_free(fs_of(req), f);
+		inode_unref(&fs_of(req)->table, inode_of(req, e.ino), 1);
+	}
+}
+
+/*
+ * Read into a new buffer, *ret (wiped and freed on failure: a failed read may have opened some
+ * chunks before the one that did not authenticate). Also through a descriptor opened before a
+ * lock: no plaintext once locking began. Returns the byte count or -errno.
+ */
+static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_t off, uint8_t **ret)
+{
+	struct kfs_inode *i = f->inode;
+	struct content_file cf;
+	uint8_t *buf;
+	ssize_t n = contents_enter(fs, i, C_READ, f->fd, &cf);
+
+	if (n < 0)
+		return n;
+	buf = malloc(size ? size : 1);
+	if (!buf)
+		n = -ENOMEM;
+	else if (cf.keys)
+		n = content_read(&cf, buf, size, (uint64_t)off);
+	contents_leave(i, C_READ);
+	if (n == -EIO) {
+		char label[64];
+
+		inode_label(i, label, sizeof(label));
+		log_err("%s: a chunk in bytes %lld..%lld does not authenticate", label, (long long)off,
+			(long long)off + (long long)size - 1);
+	}
+	if (n < 0 && buf) {
+		sodium_memzero(buf, size);
+		free(buf);
+	} else if (n >= 0) {
+		*ret = buf;
+	}
+	return n;
+}
+
+void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	uint8_t *buf = NULL;
+	ssize_t n = file_read(fs_of(req), file_of(fi), size, off, &buf);
+
+	(void)ino;
+	if (n < 0)
+		fuse_reply_err(req, (int)-n);
+	else
+		fuse_reply_buf(req, (const char *)buf, (size_t)n);
+	/* The plaintext stays in memory no longer than the reply needs it. */
+	if (n >= 0) {
+		sodium_memzero(buf, (size_t)n);
+		free(buf);
+	}
+}
+
+static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf, size_t size, off_t off)
+{
+	struct kfs_inode *i = f->inode;
+	struct content_file cf;
+	uint64_t pos = (uint64_t)off;
+	ssize_t n = contents_enter(fs, i, C_WRITE, f->fd, &cf);
+
+	if (n < 0)
+		return n;
+	if (f->append)
+		n = content_size(f->fd, &pos);
+	if (n == 0)
+		n = content_write(&cf, buf, size, pos);
+	contents_leave(i, C_WRITE);
+	return n;
+}
+
+void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	ssize_t n = file_write(fs_of(req), file_of(fi), buf, size, off);
+
+	(void)ino;
+	if (n < 0)
+		fuse_reply_err(req, (int)-n);
+	else
+		fuse_reply_write(req, (size_t)n);
+}
+
+/* flush, release and fsync move no plaintext: they pass no gate and work while locked. */
+
+void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	(void)fi;
+	/* Every write reached the backing file before it was acknowledged: nothing is pending. */
+	fuse_reply_err(req, 0);
+}
+
+void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino;
+	file_free(fs_of(req), file_of(fi));
+	fuse_reply_err(req, 0);
+}
+
+void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+	(void)ino;
+	fuse_reply_err(req, -fd_sync(file_of(fi)->fd, datasync));
+}
+
+static int file_fallocate(struct keyfs *fs, struct kfs_file *f, int mode, off_t off, off_t len)
+{
+	/* Growing an empty file needs its header first; KEEP_SIZE modes never grow it. */
+	enum contents_op op = mode & FALLOC_FL_KEEP_SIZE ? C_ALLOCATE : C_WRITE;
+	struct content_file cf;
+	int r;
+
+	/* COLLAPSE_RANGE, INSERT_RANGE and UNSHARE_RANGE stay refused (content_fallocate too). */
+	if (mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))
+		return -EOPNOTSUPP;
+	if (off < 0 || len <= 0)
+		return -EINVAL;
+	r = contents_enter(fs, f->inode, op, f->fd, &cf);
+	if (r < 0)
+		return r;
+	r = content_fallocate(&cf, mode, (uint64_t)off, (uint64_t)len);
+	contents_leave(f->inode, op);
+	return r;
+}
+
+void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, struct fuse_file_info *fi)
+{
+	(void)ino;
+	fuse_reply_err(req, -file_fallocate(fs_of(req), file_of(fi), mode, off, len));
+}
+
+static int file_lseek(struct keyfs *fs, struct kfs_file *f, off_t off, int whence, uint64_t *ret)
+{
+	struct content_file cf;
+	uint64_t pos = 0;
+	int r;
+
+	if (off < 0)
+		return -ENXIO;
+	r = contents_enter(fs, f->inode, C_SEEK, f->fd, &cf);
+	if (r < 0)
+		return r;
+	switch (whence) {
+	case SEEK_DATA:
+	case SEEK_HOLE:
+		r = content_lseek(&cf, (uint64_t)off, whence, &pos);
+		break;
+	case SEEK_SET:
+		pos = (uint64_t)off;
+		break;
+	case SEEK_END:
+		r = content_size(f->fd, &pos);
+		pos += (uint64_t)off;
+		break;
+	default:
+		r = -EINVAL;
+		break;
+	}
+	contents_leave(f->inode, C_SEEK);
+	if (r >= 0)
+		*ret = pos;
+	return r;
+}
+
+void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+	uint64_t pos = 0;
+	int r = file_lseek(fs_of(req), file_of(fi), off, whence, &pos);
+
+	(void)ino;
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else
+		fuse_reply_lseek(req, (off_t)pos);
+}
