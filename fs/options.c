@@ -108,19 +108,29 @@ static char *absolute(const char *path)
 	return out;
 }
 
-static int set_path(char **dst, const char *name, const char *value)
+/* A text option's value: as given, or made absolute when path (the daemon leaves its cwd). */
+static int set_text(char **dst, const char *name, const char *value, bool path)
 {
 	if (!*value) {
 		log_err("mount option '%s' needs a value", name);
 		return -EINVAL;
 	}
 	free(*dst);
-	*dst = absolute(value);
-	if (!*dst) {
+	*dst = path ? absolute(value) : strdup(value);
+	if (!*dst && path) {
 		log_err("mount option '%s': path too long", name);
 		return -EINVAL;
 	}
+	if (!*dst) {
+		log_err("out of memory");
+		return -ENOMEM;
+	}
 	return 0;
+}
+
+static int set_path(char **dst, const char *name, const char *value)
+{
+	return set_text(dst, name, value, true);
 }
 
 static int add_fuse(struct keyfs_options *o, const char *opt)
@@ -138,17 +148,7 @@ static int add_fuse(struct keyfs_options *o, const char *opt)
 
 static int set_string(char **dst, const char *name, const char *value)
 {
-	if (!*value) {
-		log_err("mount option '%s' needs a value", name);
-		return -EINVAL;
-	}
-	free(*dst);
-	*dst = strdup(value);
-	if (!*dst) {
-		log_err("out of memory");
-		return -ENOMEM;
-	}
-	return 0;
+	return set_text(dst, name, value, false);
 }
 
 static int set_count(int *dst, const char *name, const char *value, unsigned max)
