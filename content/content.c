@@ -228,19 +228,26 @@ static size_t chunk_len(uint64_t idx, uint64_t p)
 	return (size_t)(p - start < CS ? p - start : CS);
 }
 
+/* Read the ctlen sealed bytes of chunk idx into ct; a backing file that ends short of them is damaged. */
+static int chunk_read(const struct content_file *f, uint64_t idx, size_t ctlen, uint8_t ct[FMT_CHUNK_DISK_SIZE])
+{
+	ssize_t n = util_pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
+
+	if (n < 0)
+		return (int)n;
+	return (size_t)n == ctlen ? 0 : -EIO;
+}
+
 /* Read and open chunk idx of a file of plain size p into pt (FMT_CHUNK_SIZE bytes). */
 static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, uint8_t *pt)
 {
 	uint8_t ct[FMT_CHUNK_DISK_SIZE];
 	size_t len = chunk_len(idx, p), ctlen = len + FMT_CHUNK_OVERHEAD;
-	ssize_t n;
 	int r;
 
-	n = util_pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
-	if (n < 0)
-		return (int)n;
-	if ((size_t)n != ctlen)
-		return -EIO;
+	r = chunk_read(f, idx, ctlen, ct);
+	if (r < 0)
+		return r;
 	r = fmt_chunk_open(f->keys, f->file_id, idx, ct, ctlen, pt);
 	if (r != (int)len)
 		return -EIO;
@@ -529,14 +536,11 @@ static int chunk_zero(const struct content_file *f, uint64_t idx, uint64_t p, si
 {
 	uint8_t ct[FMT_CHUNK_DISK_SIZE], pt[FMT_CHUNK_SIZE];
 	size_t len = chunk_len(idx, p), ctlen = len + FMT_CHUNK_OVERHEAD;
-	ssize_t n;
 	int r;
 
-	n = util_pread_full(f->fd, ct, ctlen, fmt_chunk_offset(idx));
-	if (n < 0)
-		return (int)n;
-	if ((size_t)n != ctlen)
-		return -EIO;
+	r = chunk_read(f, idx, ctlen, ct);
+	if (r < 0)
+		return r;
 	if (len == CS && sodium_is_zero(ct, ctlen))
 		return 0;
 	r = fmt_chunk_open(f->keys, f->file_id, idx, ct, ctlen, pt);
