@@ -17,7 +17,8 @@ import sys
 THIRD_PARTY = {
     "fuse": ("fs/",),
     "curl": ("keyclient/",),
-    "openssl": ("keyclient/",),
+    # OpenSSL: wiping allocators (keyclient/secmem.c); ChaCha20-Poly1305 for the chunks (content/format.c).
+    "openssl": ("keyclient/", "content/format.c"),
     # cJSON: the Key Protect client, and the control protocol module (status format and parse).
     "cjson": ("keyclient/", "util/control.c", "control/"),
 }

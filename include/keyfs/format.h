@@ -76,6 +76,12 @@ int fmt_chunk_seal(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
 		   const uint8_t *ct, size_t ctlen, uint8_t *pt);
 
+/* Which implementation seals and opens chunks: "openssl" (HChaCha20 from libsodium, ChaCha20-Poly1305
+ * from libcrypto) or "libsodium" (its XChaCha20-Poly1305, when libcrypto cannot give the cipher).
+ * Both write the same bytes. Chunk calls use libcrypto: a program that installs OpenSSL allocators
+ * (secmem_init) does so before its first chunk call. */
+const char *fmt_chunk_impl(void);
+
 /* The generation of a header that replaces one of generation g. After UINT32_MAX comes 1:
  * a rewrite clears the slot it replaces once the new one is durable, so at most a crash in
  * between leaves both, and both hold the same DEK (docs/FORMAT.md, two header slots). */

@@ -1,4 +1,6 @@
-/* test_format.c: size arithmetic at every chunk boundary, header and chunk authentication */
+/* test_format.c: size arithmetic at every chunk boundary, header and chunk authentication, and the
+ * chunk AEAD (HChaCha20 + OpenSSL ChaCha20-Poly1305) byte for byte against libsodium's XChaCha20-Poly1305.
+ * secmem_init is not called (it belongs to keyclient): OpenSSL runs on its own allocators here. */
 /* Cross-checked with Python: blake2b(key=dek, salt=LE64(id), person="keyfs-v1"). */
 #define KDF_CONTENT_HEX "8227c93de20b4f523f007b0299303b0e4d17ddef233bf1e0a954291b80c3f56b"
 #define KDF_HEADER_HEX "d4f25661cf082f1eb90be9674782e5d5023117a70963f9547894b8df424691c5"
@@ -226,6 +228,86 @@ static void test_chunks(void)
 	CHECK_EQ(fmt_chunk_seal(&keys, h.file_id, 0, nonce, pt, 4097, ct), -EINVAL);
 }
 
+/* libsodium's crypto_aead_xchacha20poly1305_ietf_encrypt, laid out as a v1 chunk: the reference. */
+static void reference_seal(const struct fmt_keys *keys, const uint8_t file_id[16], uint64_t index,
+			   const uint8_t nonce[24], const uint8_t *pt, size_t len, uint8_t *out)
+{
+	uint8_t ad[24];
+	unsigned long long clen;
+
+	memcpy(ad, file_id, 16);
+	for (int i = 0; i < 8; i++)
+		ad[16 + i] = (uint8_t)(index >> (8 * i));
+	memcpy(out, nonce, 24);
+	crypto_aead_xchacha20poly1305_ietf_encrypt(out + 24, &clen, pt, len, ad, sizeof(ad), NULL, nonce, keys->content);
+}
+
+static int reference_open(const struct fmt_keys *keys, const uint8_t file_id[16], uint64_t index,
+			  const uint8_t *ct, size_t ctlen, uint8_t *pt)
+{
+	uint8_t ad[24];
+	unsigned long long plen;
+
+	memcpy(ad, file_id, 16);
+	for (int i = 0; i < 8; i++)
+		ad[16 + i] = (uint8_t)(index >> (8 * i));
+	if (crypto_aead_xchacha20poly1305_ietf_decrypt(pt, &plen, NULL, ct + 24, ctlen - 24, ad, sizeof(ad), ct,
+						       keys->content) != 0)
+		return -1;
+	return (int)plen;
+}
+
+/* The OpenSSL path writes exactly libsodium's bytes, each opens the other's, and a forgery leaves
+ * no plaintext: random keys, file ids, indexes, nonces and lengths, the boundaries included. */
+static void test_chunk_impl_matches_libsodium(void)
+{
+	static const size_t edge[] = { 1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 511, 512, 4095, 4096 };
+	struct fmt_keys keys;
+	uint8_t pt[4096], out[4096], mine[FMT_CHUNK_DISK_SIZE], ref[FMT_CHUNK_DISK_SIZE], nonce[24], id[16];
+	unsigned bad_bytes = 0, bad_opens = 0, bad_tamper = 0, left_plain = 0;
+
+	CHECK(strcmp(fmt_chunk_impl(), "openssl") == 0);
+	for (int i = 0; i < 600; i++) {
+		size_t len = i < (int)(sizeof(edge) / sizeof(edge[0])) ? edge[i] : 1 + randombytes_uniform(4096);
+		uint64_t index;
+		size_t flip;
+
+		randombytes_buf(&keys, sizeof(keys));
+		randombytes_buf(id, sizeof(id));
+		randombytes_buf(&index, sizeof(index));
+		randombytes_buf(nonce, sizeof(nonce));
+		randombytes_buf(pt, len);
+		if (i % 3 == 0)
+			index %= 1000;
+		CHECK_EQ(fmt_chunk_seal(&keys, id, index, nonce, pt, len, mine), 0);
+		reference_seal(&keys, id, index, nonce, pt, len, ref);
+		bad_bytes += memcmp(mine, ref, len + 40) != 0;
+		memset(out, 0xaa, sizeof(out));
+		bad_opens += fmt_chunk_open(&keys, id, index, ref, len + 40, out) != (int)len || memcmp(out, pt, len);
+		memset(out, 0xaa, sizeof(out));
+		bad_opens += reference_open(&keys, id, index, mine, len + 40, out) != (int)len || memcmp(out, pt, len);
+
+		/* One flipped bit anywhere (nonce, ciphertext, tag) fails both ways, and leaves pt zeroed. */
+		flip = randombytes_uniform((uint32_t)(len + 40));
+		mine[flip] ^= (uint8_t)(1u << randombytes_uniform(8));
+		memset(out, 0xaa, sizeof(out));
+		bad_tamper += fmt_chunk_open(&keys, id, index, mine, len + 40, out) != -EBADMSG;
+		left_plain += !sodium_is_zero(out, len);
+		bad_tamper += reference_open(&keys, id, index, mine, len + 40, out) != -1;
+		/* The wrong position or file fails too. */
+		memset(out, 0xaa, sizeof(out));
+		bad_tamper += fmt_chunk_open(&keys, id, index ^ 1, ref, len + 40, out) != -EBADMSG;
+		left_plain += !sodium_is_zero(out, len);
+		id[randombytes_uniform(16)] ^= 0x10;
+		bad_tamper += fmt_chunk_open(&keys, id, index, ref, len + 40, out) != -EBADMSG;
+		left_plain += !sodium_is_zero(out, len);
+	}
+	CHECK_EQ(bad_bytes, 0);
+	CHECK_EQ(bad_opens, 0);
+	CHECK_EQ(bad_tamper, 0);
+	CHECK_EQ(left_plain, 0);
+}
+
 int main(void)
 {
 	if (sodium_init() < 0)
@@ -234,6 +316,7 @@ int main(void)
 	test_kdf_known_answer();
 	test_header();
 	test_chunks();
+	test_chunk_impl_matches_libsodium();
 	CHECK(strcmp(fmt_cipher_name(1), "xchacha20-poly1305") == 0);
 	CHECK(fmt_cipher_name(2) == NULL);
 	return check_done();
