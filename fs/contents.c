@@ -13,6 +13,7 @@
 #include "keyfs/log.h"
 
 #include "filekeys.h"
+#include "killpriv.h"
 #include "fs.h"
 #include "keystate.h"
 #include "ops.h"
@@ -212,6 +213,8 @@ static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kf
 	}
 	if (trunc) {
 		r = file_truncate(fs, i, fd, 0);
+		if (r == 0 && killpriv_wanted())
+			r = killpriv_apply(proc);
 	} else {
 		r = contents_enter(fs, i, C_OPEN, fd, &cf);
 		if (r == 0)
@@ -341,6 +344,8 @@ int contents_truncate(struct keyfs *fs, struct kfs_inode *i, const char *proc, o
 	if (fd < 0)
 		return -errno;
 	r = file_truncate(fs, i, fd, (uint64_t)size);
+	if (r == 0 && killpriv_wanted())
+		r = killpriv_apply(proc);
 	if (!(f && f->writable))
 		close(fd);
 	return r;
@@ -471,6 +476,18 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 	if (n == 0)
 		n = content_write(&cf, buf, size, pos);
 	contents_leave(i, C_WRITE);
+	if (n >= 0 && killpriv_wanted()) {
+		char proc[OPS_PROC_PATH_SIZE];
+		int r;
+
+		proc_path(f->fd, proc);
+		r = killpriv_apply(proc);
+		if (r < 0)
+			n = r;
+		/* The kernel keeps the mode it had: tell it the attributes changed (no pages, so
+		 * safe from a handler). */
+		fuse_lowlevel_notify_inval_inode(fs->se, node_id(i), -1, 0);
+	}
 	return n;
 }
 

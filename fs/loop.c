@@ -10,12 +10,14 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/uio.h>
 
 #include <fuse_lowlevel.h>
 #include <sodium.h>
 
 #include "keyfs/log.h"
 #include "bgthread.h"
+#include "killpriv.h"
 #include "loop.h"
 
 /*
@@ -56,6 +58,24 @@ struct loop {
 };
 
 static void *worker_main(void *arg);
+
+/* The device I/O libfuse would do, plus a look at each request and reply for kill-priv. */
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+	ssize_t n = read(fd, buf, len);
+
+	(void)userdata;
+	if (n > 0)
+		killpriv_request(buf, (size_t)n);
+	return n;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+	(void)userdata;
+	killpriv_reply(iov, count);
+	return writev(fd, iov, count);
+}
 
 static void worker_free(struct loop *lp, struct worker *w)
 {
@@ -201,6 +221,11 @@ int loop_run(struct fuse_session *se, const struct loop_config *cfg)
 	lp.mapsize = (lp.bufsize + (size_t)page - 1) / (size_t)page * (size_t)page + (size_t)page;
 	lp.max_threads = cfg->max_threads ? cfg->max_threads : 1;
 	lp.max_idle = cfg->max_idle;
+	/* Read and write the device ourselves (no splice: every byte is transformed anyway). */
+	r = fuse_session_custom_io(se, &(struct fuse_custom_io){ .read = io_read, .writev = io_writev },
+				   fuse_session_fd(se));
+	if (r < 0)
+		return r;
 	pthread_mutex_init(&lp.lock, NULL);
 	if (sem_init(&lp.finish, 0, 0) < 0) {
 		r = -errno;

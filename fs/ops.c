@@ -6,8 +6,9 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
 	(void)userdata;
 	/* Every byte is transformed, so splice gains nothing; the writeback cache would let the
-	 * kernel own O_APPEND and sizes, and send reads on write-only files. Suid and sgid bits are
-	 * dropped by the kernel (a setattr) rather than by us on every write. */
+	 * kernel own O_APPEND and sizes, and send reads on write-only files. Kill-priv is handled
+	 * as version 2 (killpriv.c: libfuse 3.14 cannot ask for it), not as version 1, which
+	 * would leave the GETXATTR before every write and move chown's suid clearing to us. */
 	conn->want &= ~(unsigned)(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
 				  FUSE_CAP_SPLICE_MOVE | FUSE_CAP_HANDLE_KILLPRIV);
 	if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
