@@ -130,7 +130,7 @@ static int contents_enter(struct keyfs *fs, struct kfs_inode *i, enum contents_o
 
 /* ---- regular files ---- */
 
-static int file_new(int fd, struct kfs_inode *i, int flags, bool writable, struct kfs_file **ret)
+static int file_new(struct keyfs *fs, int fd, struct kfs_inode *i, int flags, bool writable, struct kfs_file **ret)
 {
 	struct kfs_file *f = malloc(sizeof(*f));
 
@@ -138,7 +138,9 @@ static int file_new(int fd, struct kfs_inode *i, int flags, bool writable, struc
 		return -ENOMEM;
 	f->fd = fd;
 	f->writable = writable;
-	f->append = (flags & O_APPEND) != 0;
+	/* With the writeback cache the kernel resolves O_APPEND and sends the offset; a write-back
+	 * of pages may also come through any writable handle, an O_APPEND one included. */
+	f->append = (flags & O_APPEND) != 0 && !fs->writeback_on;
 	f->inode = i;
 	*ret = f;
 	return 0;
@@ -221,7 +223,7 @@ static int file_open(struct keyfs *fs, struct kfs_inode *i, int flags, struct kf
 			contents_leave(i, C_OPEN);
 	}
 	if (r == 0)
-		r = file_new(fd, i, flags, writable, ret);
+		r = file_new(fs, fd, i, flags, writable, ret);
 	if (r < 0) {
 		close(fd);
 		fd_done(fs, i);
@@ -351,6 +353,13 @@ int contents_truncate(struct keyfs *fs, struct kfs_inode *i, const char *proc, o
 	return r;
 }
 
+int contents_attr_for_write(struct keyfs *fs)
+{
+	/* Refused from the start of a lock, like opens: dirty pages made before are still written
+	 * back, but no write() dirties a page afterwards. */
+	return fs->writeback_on ? contents_allowed(fs, C_OPEN) : 0;
+}
+
 /* ---- handlers ---- */
 
 void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -375,7 +384,7 @@ static int do_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 		return -EPERM;
 	r = regular_new(fs, req, dir, name, mode, flags, e, &i, &fd);
 	if (r == 0) {
-		r = file_new(fd, i, flags, true, ret);
+		r = file_new(fs, fd, i, flags, true, ret);
 		if (r < 0) {
 			close(fd);
 			fd_done(fs, i);

@@ -37,6 +37,8 @@ struct keyfs {
 	double timeout;                 /* entry and attribute timeout, seconds */
 	bool as_root;                   /* euid 0: new nodes are given to the caller (fchown) */
 	bool debug;
+	bool writeback;                 /* -o writeback asked; */
+	bool writeback_on;              /* ... and the kernel agreed (set by init, before any request) */
 	struct fuse_session *se;
 	struct dekpool *pool;           /* keys for new files; always set (capacity 0: none ready ahead) */
 	struct prefetch *prefetch;      /* NULL: no unwrapping ahead after a readdir */

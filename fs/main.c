@@ -498,10 +498,12 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 		keyslab_destroy(&fs->slab);
 		return KEYFS_EXIT_FAILURE;
 	}
-	fs->timeout = 1.0;
+	/* One mount per volume: nothing but keyfs changes what it serves (docs/man/keyfs.8). */
+	fs->timeout = 86400.0;
 	fs->as_root = geteuid() == 0;
 	raise_nofile_limit();
 	fs->debug = o->debug;
+	fs->writeback = o->writeback;
 
 	if (!o->foreground) {
 		report_fd = daemon_fork();

@@ -181,8 +181,13 @@ void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forg
 
 void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-	(void)fi;
-	reply_attr_of(req, inode_of(req, ino));
+	struct kfs_inode *i = inode_of(req, ino);
+	int r = fi && S_ISREG(i->type) ? contents_attr_for_write(fs_of(req)) : 0;
+
+	if (r < 0)
+		fuse_reply_err(req, -r);
+	else
+		reply_attr_of(req, i);
 }
 
 static int do_setattr(struct keyfs *fs, struct kfs_inode *i, int ifd, const struct stat *attr, int valid,

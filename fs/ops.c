@@ -4,13 +4,21 @@
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
-	(void)userdata;
+	struct keyfs *fs = userdata;
+
 	/* Every byte is transformed, so splice gains nothing; the writeback cache would let the
 	 * kernel own O_APPEND and sizes, and send reads on write-only files. Kill-priv is handled
 	 * as version 2 (killpriv.c: libfuse 3.14 cannot ask for it), not as version 1, which
 	 * would leave the GETXATTR before every write and move chown's suid clearing to us. */
 	conn->want &= ~(unsigned)(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
 				  FUSE_CAP_SPLICE_MOVE | FUSE_CAP_HANDLE_KILLPRIV);
+	/* -o writeback: the kernel keeps dirty pages and i_size, merges small writes, handles
+	 * O_APPEND itself (contents.c then writes at the offsets it sends) and may read through a
+	 * write-only handle; a lock writes the dirty pages back before it refuses writes. */
+	if (fs->writeback && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) {
+		conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+		fs->writeback_on = true;
+	}
 	if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
 		conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
 	/* Names go through *at() calls on per-inode fds and a locked table: lookups and readdirs in

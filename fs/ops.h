@@ -113,6 +113,13 @@ int contents_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t m
 int contents_truncate(struct keyfs *fs, struct kfs_inode *i, const char *proc, off_t size,
 		      const struct fuse_file_info *fi);
 
+/*
+ * A getattr through an open regular file (fi set): with the writeback cache, the kernel asks
+ * it before a write() may dirty pages once the lock invalidated the attributes. 0, or the
+ * errno of the key state from the start of a lock.
+ */
+int contents_attr_for_write(struct keyfs *fs);
+
 /* The handlers, for the table in ops.c. */
 
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name);

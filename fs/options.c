@@ -71,6 +71,8 @@ void options_help(FILE *f)
 	      "  -o prefetch=N       after a directory listing, unwrap ahead the keys of up to N\n"
 	      "                      of its files (0-1024; default 64 for Key Protect, 0 local)\n"
 	      "  -o nonempty         allow a non-empty mountpoint\n"
+	      "  -o writeback        let the kernel cache writes (experimental, see keyfs(8));\n"
+	      "                      -o nowriteback (the default): every write reaches keyfs\n"
 	      "  -o allow_other      let every user in (the kernel always checks permissions:\n"
 	      "                      default_permissions is implied)\n"
 	      "\n"
@@ -201,6 +203,10 @@ static int one_option(struct keyfs_options *o, const char *opt)
 		return set_string(&o->iam_endpoint, "iam_endpoint", opt + 13);
 	if (strcmp(opt, "nonempty") == 0) {
 		o->nonempty = true;
+		return 0;
+	}
+	if (strcmp(opt, "writeback") == 0 || strcmp(opt, "nowriteback") == 0) {
+		o->writeback = opt[0] == 'w';
 		return 0;
 	}
 	if (in_list(fuse_passed, opt))

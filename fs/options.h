@@ -13,6 +13,7 @@ struct keyfs_options {
 	bool foreground;                /* -f, also implied by -d */
 	bool debug;                     /* -d */
 	bool nonempty;                  /* -o nonempty */
+	bool writeback;                 /* -o writeback (-o nowriteback: off, the default) */
 	bool help;                      /* --help */
 	bool version;                   /* --version */
 	char *keystore;                 /* -o keystore=DIR, absolute; malloc'd or NULL */
