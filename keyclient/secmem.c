@@ -101,8 +101,9 @@ static void secmem_init_once(void)
 		secmem_result = -EIO;
 		return;
 	}
-	/* keyclient/ is the only cJSON user in keyfs (DESIGN.md, layers), so the hooks are ours.
-	 * With a free that is not free(), cJSON grows its print buffers by malloc + copy + free. */
+	/* cJSON's hooks are process-wide: the Key Protect bodies (keyclient) and the control
+	 * protocol's answers (control/) are both wiped when freed. With a free that is not free(),
+	 * cJSON grows its print buffers by malloc + copy + free. */
 	cJSON_InitHooks(&hooks);
 	secmem_result = 0;
 }
