@@ -19,16 +19,18 @@
 #include "keyfs/exitcode.h"
 #include "keyfs/kms.h"
 #include "keyfs/log.h"
+#include "keyfs/util.h"
 #include "cli.h"
 
 /* Locking waits for the kernel to flush dirty pages of every inode: give it time. */
 #define TIMEOUT_LOCK_S 60
 #define TIMEOUT_OTHER_S 10
 
-enum { OPT_JSON = CLI_OPT_BASE, OPT_HELP };
+enum { OPT_JSON = CLI_OPT_BASE, OPT_PROMETHEUS, OPT_HELP };
 
 static const struct option control_options[] = {
 	{ "json", no_argument, NULL, OPT_JSON },
+	{ "prometheus", no_argument, NULL, OPT_PROMETHEUS },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ NULL, 0, NULL, 0 },
 };
@@ -253,10 +255,14 @@ static void print_status(const struct control_status *st)
 		snprintf(buf, sizeof(buf), "%s", state);
 	print_clean("state: ", buf);
 	print_string("key: ", st->key);
-	if (st->key_state >= 0)
-		printf("key state: %d (%s)\n", (int)st->key_state, kms_state_name((int)st->key_state));
-	else
-		print_clean("key state: ", "-");
+	if (st->key_id[0] && strcmp(st->key_id, st->key) != 0)
+		print_string("key id: ", st->key_id);
+	if (st->key_crn[0] && strcmp(st->key_crn, st->key) != 0)
+		print_string("key crn: ", st->key_crn);
+	if (st->volume[0])
+		print_string("volume: ", st->volume);
+	/* The name only: the number is in --json. */
+	print_clean("key state: ", st->key_state >= 0 ? kms_state_name((int)st->key_state) : "-");
 	print_string("last poll: ", st->last_poll[0] ? st->last_poll : "never");
 	print_seconds("poll: ", st->poll);
 	print_seconds("grace: ", st->grace);
@@ -348,6 +354,273 @@ static int print_json(const char *arg, const struct control_status *st)
 	return 0;
 }
 
+/* ---- every mount of the host ---- */
+
+#define HOST_MOUNTS_MAX 4096
+
+struct host_mount {
+	char *mountpoint;
+	uid_t owner;
+	bool bad_owner;
+};
+
+struct host_list {
+	struct host_mount *m;
+	size_t n;
+	bool full;
+};
+
+static int host_collect(const struct util_mount *m, void *ctx)
+{
+	struct host_list *l = ctx;
+	struct host_mount *hm;
+	uid_t uid;
+	int r;
+
+	if (strcmp(m->fstype, KEYFS_FSTYPE) != 0)
+		return 0;
+	/* Only the mount on top answers on its socket: control_mount_owner says which. */
+	for (size_t i = 0; i < l->n; i++)
+		if (strcmp(l->m[i].mountpoint, m->mountpoint) == 0)
+			return 0;
+	if (l->n == HOST_MOUNTS_MAX) {
+		l->full = true;
+		return 0;
+	}
+	hm = &l->m[l->n];
+	hm->mountpoint = strdup(m->mountpoint);
+	if (!hm->mountpoint)
+		return -ENOMEM;
+	r = control_mount_owner(m->mountpoint, &uid);
+	hm->bad_owner = r != 1;
+	hm->owner = r == 1 ? uid : 0;
+	l->n++;
+	return 0;
+}
+
+/* A label value of the text exposition format: backslash, quote and newline escaped. */
+static void prom_label(const char *name, const char *v, bool first)
+{
+	printf("%s%s=\"", first ? "" : ",", name);
+	for (; *v; v++) {
+		if (*v == '\\')
+			fputs("\\\\", stdout);
+		else if (*v == '"')
+			fputs("\\\"", stdout);
+		else if (*v == '\n')
+			fputs("\\n", stdout);
+		else
+			putchar(*v);
+	}
+	putchar('"');
+}
+
+struct host_answer {
+	const char *mountpoint;
+	struct control_status *st;      /* NULL: no answer (error says why) */
+	char error[CONTROL_ERROR_MAX];
+};
+
+enum prom_kind { P_UP, P_LOCKED, P_KEY_STATE, P_AGE, P_LAT, P_LAT_AVG, P_CALLS, P_ERRORS, P_FILES, P_DROPPED };
+
+static const struct {
+	const char *name, *type, *help;
+} prom[] = {
+	[P_UP] = { "keyfs_mount_up", "gauge", "Whether the mount's daemon answered on its control socket (1) or not (0)." },
+	[P_LOCKED] = { "keyfs_mount_locked", "gauge", "Whether the mount is locked (1) or unlocked (0)." },
+	[P_KEY_STATE] = { "keyfs_key_state", "gauge", "The root key state as the key service numbers it (1 active, 2 suspended, 3 deactivated, 5 destroyed); absent when purged." },
+	[P_AGE] = { "keyfs_last_good_poll_age_seconds", "gauge", "Seconds since the key service last gave a definite answer." },
+	[P_LAT] = { "keyfs_kms_call_latency_seconds", "gauge", "Latency of the newest key state poll." },
+	[P_LAT_AVG] = { "keyfs_kms_call_latency_avg_seconds", "gauge", "Mean latency of the key state polls since the mount." },
+	[P_CALLS] = { "keyfs_kms_calls_total", "counter", "Key state polls made since the mount." },
+	[P_ERRORS] = { "keyfs_kms_errors_total", "counter", "Key state polls that got no definite answer." },
+	[P_FILES] = { "keyfs_files_with_keys_loaded", "gauge", "Files whose keys are loaded in the daemon now." },
+	[P_DROPPED] = { "keyfs_audit_events_dropped_total", "counter", "Audit events the daemon could not send." },
+};
+
+static void prom_sample(enum prom_kind k, const struct host_answer *a, double v)
+{
+	const struct control_status *st = a->st;
+
+	printf("%s{", prom[k].name);
+	prom_label("mountpoint", a->mountpoint, true);
+	if (st) {
+		prom_label("volume", st->volume, false);
+		prom_label("key_id", st->key_id, false);
+	}
+	printf("} %.17g\n", v);
+}
+
+static void print_prometheus(const struct host_answer *a, size_t n)
+{
+	for (size_t k = 0; k < sizeof(prom) / sizeof(prom[0]); k++) {
+		printf("# HELP %s %s\n# TYPE %s %s\n", prom[k].name, prom[k].help, prom[k].name, prom[k].type);
+		for (size_t i = 0; i < n; i++) {
+			const struct control_status *st = a[i].st;
+			int64_t v = -1;
+
+			if (k == P_UP) {
+				prom_sample(P_UP, &a[i], st ? 1 : 0);
+				continue;
+			}
+			if (!st)
+				continue;
+			switch (k) {
+			case P_LOCKED: v = st->locked; break;
+			case P_KEY_STATE: v = st->key_state; break;
+			case P_AGE: v = st->last_good_age; break;
+			case P_LAT:
+				if (st->kms_latency_ms >= 0)
+					prom_sample(P_LAT, &a[i], (double)st->kms_latency_ms / 1000.0);
+				continue;
+			case P_LAT_AVG:
+				if (st->kms_latency_avg_ms >= 0)
+					prom_sample(P_LAT_AVG, &a[i], (double)st->kms_latency_avg_ms / 1000.0);
+				continue;
+			case P_CALLS: v = st->kms_calls; break;
+			case P_ERRORS: v = st->kms_errors; break;
+			case P_FILES: v = st->files_keyed; break;
+			case P_DROPPED: v = st->audit_dropped; break;
+			default: break;
+			}
+			if (v >= 0)
+				prom_sample((enum prom_kind)k, &a[i], (double)v);
+		}
+	}
+}
+
+/* One mount's status, or why there is none. */
+static void host_ask(const struct host_mount *hm, struct host_answer *a)
+{
+	char path[PATH_MAX], answer[CONTROL_ANSWER_MAX + 2];
+	int r;
+
+	a->mountpoint = hm->mountpoint;
+	a->st = NULL;
+	if (hm->bad_owner) {
+		snprintf(a->error, sizeof(a->error), "no valid user_id= in the mount table");
+		return;
+	}
+	if (control_socket_path(hm->mountpoint, hm->owner, path, sizeof(path)) < 0) {
+		snprintf(a->error, sizeof(a->error), "control socket path too long");
+		return;
+	}
+	r = control_call(path, hm->owner, CONTROL_STATUS, TIMEOUT_OTHER_S, answer, sizeof(answer));
+	if (r < 0) {
+		snprintf(a->error, sizeof(a->error), "%s", r == -EACCES || r == -EPERM ? "permission denied"
+			 : r == -ENOENT || r == -ECONNREFUSED ? "no control socket (is the daemon running?)"
+			 : strerror(-r));
+		return;
+	}
+	a->st = malloc(sizeof(*a->st));
+	if (!a->st) {
+		snprintf(a->error, sizeof(a->error), "out of memory");
+		return;
+	}
+	if (control_answer_parse(answer, a->st, NULL) < 0 || a->st->error[0]) {
+		snprintf(a->error, sizeof(a->error), "%s", a->st->error[0] ? a->st->error : "invalid answer");
+		free(a->st);
+		a->st = NULL;
+	}
+}
+
+/*
+ * keyfsctl status without a mountpoint: every keyfs mount in this mount namespace. Exit 0 when
+ * every mount answered and none is locked, 8 when one is locked, 1 when one did not answer.
+ */
+static int host_status(bool json, bool prometheus)
+{
+	struct host_list l = { .m = calloc(HOST_MOUNTS_MAX, sizeof(struct host_mount)) };
+	struct host_answer *a = NULL;
+	char buf[PATH_MAX * 2];
+	int r, rc = KEYFS_EXIT_OK;
+
+	if (!l.m) {
+		log_err("out of memory");
+		return KEYFS_EXIT_FAILURE;
+	}
+	r = util_mountinfo_each(host_collect, &l);
+	if (r < 0) {
+		log_err("reading /proc/self/mountinfo: %s", strerror(-r));
+		rc = KEYFS_EXIT_FAILURE;
+		goto out;
+	}
+	if (l.full)
+		log_warn("more than %d keyfs mounts: the first %d are shown", HOST_MOUNTS_MAX, HOST_MOUNTS_MAX);
+	a = calloc(l.n ? l.n : 1, sizeof(*a));
+	if (!a) {
+		log_err("out of memory");
+		rc = KEYFS_EXIT_FAILURE;
+		goto out;
+	}
+	for (size_t i = 0; i < l.n; i++) {
+		host_ask(&l.m[i], &a[i]);
+		if (!a[i].st)
+			rc = KEYFS_EXIT_FAILURE;
+		else if (a[i].st->locked && rc == KEYFS_EXIT_OK)
+			rc = KEYFS_EXIT_LOCKED;
+	}
+	if (prometheus) {
+		print_prometheus(a, l.n);
+	} else if (json) {
+		size_t size = 3 * CONTROL_ANSWER_MAX + 8;
+		char *line = malloc(size);
+
+		fputs("[", stdout);
+		for (size_t i = 0; i < l.n && line; i++) {
+			int n;
+
+			if (i)
+				fputs(",", stdout);
+			if (a[i].st) {
+				n = control_status_format(a[i].st, line, size);
+			} else {
+				/* {"error":...} with the mountpoint it concerns. */
+				n = control_error_format(a[i].error, line, size);
+				if (n > 2) {
+					line[n - 2] = '\0';
+					fputs(line, stdout);
+					fputs(",\"mountpoint\":", stdout);
+					n = control_error_format(a[i].mountpoint, line, size);
+					if (n > 11) {
+						line[n - 2] = '\0';
+						fputs(line + 9, stdout);
+					}
+					fputs("}", stdout);
+					continue;
+				}
+			}
+			if (n > 0) {
+				line[n - 1] = '\0';
+				print_json_clean(line);
+			}
+		}
+		fputs("]\n", stdout);
+		free(line);
+	} else if (l.n == 0) {
+		puts("no keyfs mounts");
+	} else {
+		printf("%-8s %-20s %-36s %s\n", "STATE", "REASON", "VOLUME", "MOUNTPOINT");
+		for (size_t i = 0; i < l.n; i++) {
+			const struct control_status *st = a[i].st;
+
+			printf("%-8s ", st ? (st->locked ? "locked" : "unlocked") : "unknown");
+			printf("%-20s ", clean(st ? (st->reason[0] ? st->reason : "-") : a[i].error, buf, 21));
+			printf("%-36s ", st && st->volume[0] ? clean(st->volume, buf, sizeof(buf)) : "-");
+			puts(clean(a[i].mountpoint, buf, sizeof(buf)));
+		}
+	}
+out:
+	for (size_t i = 0; i < l.n; i++) {
+		free(l.m[i].mountpoint);
+		if (a)
+			free(a[i].st);
+	}
+	free(a);
+	free(l.m);
+	return rc;
+}
+
 static int run_action(enum control_request req, int argc, char **argv)
 {
 	const char *cmd = control_request_name(req), *arg = NULL, *field;
@@ -355,7 +628,7 @@ static int run_action(enum control_request req, int argc, char **argv)
 	char buf[CONTROL_ERROR_MAX * 4];
 	int timeout_s = req == CONTROL_LOCK ? TIMEOUT_LOCK_S : TIMEOUT_OTHER_S;
 	struct control_status *st = NULL;
-	bool json = false;
+	bool json = false, prometheus = false;
 	uid_t owner;
 	int c, r, rc;
 
@@ -373,6 +646,11 @@ static int run_action(enum control_request req, int argc, char **argv)
 				return cli_usage_error(cmd, "unknown option '--json'");
 			json = true;
 			break;
+		case OPT_PROMETHEUS:
+			if (req != CONTROL_STATUS)
+				return cli_usage_error(cmd, "unknown option '--prometheus'");
+			prometheus = true;
+			break;
 		case 'h':
 		case OPT_HELP:
 			cli_print_usage(stdout, cmd);
@@ -386,8 +664,14 @@ static int run_action(enum control_request req, int argc, char **argv)
 			return cli_usage_error(cmd, "too many arguments: '%s'", argv[arg ? optind : optind + 1]);
 		arg = argv[optind];
 	}
+	if (json && prometheus)
+		return cli_usage_error(cmd, "--json and --prometheus exclude each other");
+	if (!arg && req == CONTROL_STATUS)
+		return host_status(json, prometheus);
 	if (!arg)
 		return cli_usage_error(cmd, "missing MOUNTPOINT");
+	if (prometheus)
+		return cli_usage_error(cmd, "--prometheus lists every mount: give no MOUNTPOINT");
 
 	rc = find_mount(arg, mp, sizeof(mp), &owner);
 	if (rc)

@@ -285,6 +285,52 @@ static int kp_check_state(struct kms *k, const struct voldesc *vol)
 	}
 }
 
+/*
+ * An alias (or a CRN) names a key only until it is moved: the volume records the key's uuid and
+ * CRN as the service resolves them now, and from here on every call names the uuid. *k is
+ * reopened on the uuid when init was given anything else. Returns 0 or an exit code.
+ */
+static int kp_resolve(struct kms **k, struct voldesc *vol, struct kms_config *cfg)
+{
+	struct kms_key_info info;
+	struct kms_err err;
+	char where[WHERE_MAX];
+	int r;
+
+	kp_where(vol, where);
+	r = kms_key_info(*k, &info, &err);
+	if (r == -EACCES) {
+		log_err("access to key '%s' at %s was denied: %s: %s", vol->key, where, KP_ACCESS_HINT, err.msg);
+		return KEYFS_EXIT_KMS;
+	}
+	if (r == -ENOENT) {
+		log_err("key '%s' not found at %s: give its id, alias or CRN in instance %s: %s", vol->key, where,
+			vol->instance, err.msg);
+		return KEYFS_EXIT_KMS;
+	}
+	if (r < 0) {
+		log_err("key service at %s cannot be used: %s", where, err.msg);
+		return kms_exit(r);
+	}
+	if (cli_copy(vol->key_id, sizeof(vol->key_id), info.id) < 0 ||
+	    cli_copy(vol->key_crn, sizeof(vol->key_crn), info.crn) < 0) {
+		log_err("key '%s' at %s: its id or CRN is too long", vol->key, where);
+		return KEYFS_EXIT_KMS;
+	}
+	if (strcmp(info.id, kms_key_id(*k)) == 0)
+		return 0;
+	/* Given an alias: every later call names the uuid it stands for now. */
+	kms_free(*k);
+	*k = NULL;
+	cfg->key_id = vol->key_id;
+	r = kms_open(cfg, k, &err);
+	if (r < 0) {
+		log_err("%s", err.msg);
+		return kms_exit(r);
+	}
+	return 0;
+}
+
 static int write_voldesc(const char *backing, const struct voldesc *vol)
 {
 	char buf[VOLDESC_MAX];
@@ -374,7 +420,7 @@ static int kp_setup(const struct init_args *a, struct voldesc *vol, struct kms_c
 	int r, rc;
 
 	if (!a->key_given)
-		return cli_usage_error("init", "missing --key ID|CRN: the id or CRN of the root key in Key Protect");
+		return cli_usage_error("init", "missing --key ID|ALIAS|CRN: the id, alias or CRN of the root key in Key Protect");
 	if (!a->endpoint)
 		return cli_usage_error("init", "missing --endpoint URL (https://REGION.kms.cloud.ibm.com, or the Hyper Protect Crypto Services endpoint)");
 	rc = https_url("--endpoint", a->endpoint, vol->endpoint, sizeof(vol->endpoint));
@@ -599,6 +645,11 @@ int cmd_init(int argc, char **argv)
 		kms_free(k);
 		return KEYFS_EXIT_KMS;
 	}
+	rc = kp ? kp_resolve(&k, &vol, &cfg) : 0;
+	if (rc) {
+		kms_free(k);
+		return rc;
+	}
 	rc = kp ? kp_check_state(k, &vol) : check_state(k, a.key, keystore);
 	if (rc == 0)
 		rc = prove_kms(k, &vol, version, sizeof(version));
@@ -637,6 +688,8 @@ int cmd_init(int argc, char **argv)
 		printf("  key:      %s\n", vol.key);
 	else
 		printf("  key:      %s (id %s)\n", vol.key, vol.key_id);
+	if (vol.key_crn[0])
+		printf("  key crn:  %s\n", vol.key_crn);
 	if (keystore[0])
 		printf("  keystore: %s\n", keystore);
 	if (!kp) {

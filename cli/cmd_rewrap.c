@@ -10,10 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <sodium.h>
 
+#include "keyfs/audit.h"
 #include "keyfs/content.h"
 #include "keyfs/exitcode.h"
 #include "keyfs/format.h"
@@ -272,6 +274,22 @@ static int not_visited(const char *path, int err, void *arg)
 	return 0;
 }
 
+/* The run as an audit event: which volume, to which key version, how it went and how long. */
+static void audit_run(const struct rewrap *rw, int rc, long long ms)
+{
+	char line[256];
+
+	snprintf(line, sizeof(line), "rewrap: %" PRIu64 " files: %" PRIu64 " re-wrapped to key version %s, %" PRIu64
+		 " already on it, %" PRIu64 " damaged, %" PRIu64 " failed (exit %d)", rw->files, rw->rewrapped,
+		 rw->newest[0] ? rw->newest : "-", rw->current, rw->damaged, rw->failed + rw->changed, rc);
+	audit_emit(&(struct audit_event){
+		.kind = AUDIT_REWRAP, .volume = rw->v->vol.volume, .backing = rw->v->backing,
+		.key_id = kms_key_id(rw->v->kms), .key_crn = rw->v->vol.key_crn, .key_version = rw->newest,
+		.reason = rc == KEYFS_EXIT_OK ? "complete" : "incomplete", .latency_ms = ms, .uid = (long long)getuid(),
+		.message = line,
+	});
+}
+
 static int run(struct rewrap *rw)
 {
 	int r;
@@ -359,7 +377,12 @@ int cmd_rewrap(int argc, char **argv)
 			log_err("out of locked memory for keys");
 			rc = KEYFS_EXIT_FAILURE;
 		} else {
+			struct timespec t0, t1;
+
+			clock_gettime(CLOCK_MONOTONIC, &t0);
 			rc = run(&rw);
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+			audit_run(&rw, rc, (long long)(t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000);
 		}
 		sodium_free(rw.dek);
 		sodium_free(rw.keys);

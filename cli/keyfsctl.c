@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "keyfs-config.h"
+#include "keyfs/audit.h"
 #include "keyfs/exitcode.h"
 #include "keyfs/keystore.h"
 #include "keyfs/kms.h"
@@ -38,8 +39,9 @@ static const struct cli_cmd commands[] = {
 	{ "rewrap", cmd_rewrap, "[--keystore DIR] [--apikey-file F] [--ca-file F] BACKING", NULL,
 	  "after a root key rotation, re-wrap every file key with the newest key version\n"
 	  "            (data untouched; resumable; safe alongside a live mount)" },
-	{ "status", cmd_status, "MOUNTPOINT [--json]", NULL,
-	  "show whether a mount is locked, why, and its key's state (exit 0 unlocked, 8 locked)" },
+	{ "status", cmd_status, "[MOUNTPOINT] [--json | --prometheus]", NULL,
+	  "show whether a mount is locked, why, and its key's state (exit 0 unlocked, 8 locked);\n"
+	  "            without MOUNTPOINT every keyfs mount of the host (--prometheus: node-exporter textfile)" },
 	{ "lock", cmd_lock, "MOUNTPOINT", NULL,
 	  "lock a mount now: contents unavailable until 'keyfsctl unlock' (root or the mount's owner)" },
 	{ "unlock", cmd_unlock, "MOUNTPOINT", NULL,
@@ -350,6 +352,7 @@ int main(int argc, char **argv)
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	setrlimit(RLIMIT_CORE, &no_core);
 	log_init("keyfsctl", LOG_LEVEL_INFO);
+	audit_init("keyfsctl");
 	/* Before libcurl, OpenSSL or cJSON is used: their heaps wipe on free. Memory is locked
 	 * where the limits allow every page to be (a short-lived command: no message otherwise). */
 	if (secmem_init() < 0) {

@@ -15,7 +15,7 @@ struct field {
 
 #define FIELD(n) { #n, offsetof(struct voldesc, n), sizeof(((struct voldesc *)0)->n) }
 static const struct field fields[] = {
-	FIELD(volume), FIELD(kms), FIELD(key), FIELD(key_id), FIELD(keystore),
+	FIELD(volume), FIELD(kms), FIELD(key), FIELD(key_id), FIELD(key_crn), FIELD(keystore),
 	FIELD(endpoint), FIELD(instance), FIELD(iam_endpoint), FIELD(ca_file), FIELD(created),
 };
 
@@ -33,7 +33,15 @@ static int check(const struct voldesc *v, char *err, size_t errlen)
 		snprintf(err, errlen, "'key' and 'key_id' are required");
 		return -EINVAL;
 	}
+	if (v->key_crn[0] && strncmp(v->key_crn, "crn:", 4) != 0) {
+		snprintf(err, errlen, "'key_crn' must be a CRN (crn:v1:...)");
+		return -EINVAL;
+	}
 	if (strcmp(v->kms, VOLDESC_KMS_LOCAL) == 0) {
+		if (v->key_crn[0]) {
+			snprintf(err, errlen, "'key_crn' is for kms=keyprotect only");
+			return -EINVAL;
+		}
 		if (v->keystore[0] != '/') {
 			snprintf(err, errlen, "'keystore' must be an absolute path for kms=local");
 			return -EINVAL;

@@ -163,6 +163,16 @@ static const struct member {
 	{ "deactivated", M_BOOL, offsetof(struct control_status, deactivated), 0, 0 },
 	STRING(backing),
 	STRING(mountpoint),
+	STRING(volume),
+	STRING(key_id),
+	STRING(key_crn),
+	NUMBER(last_good_age, INT64_C(1) << 40),
+	NUMBER(kms_calls, INT64_C(1) << 52),
+	NUMBER(kms_errors, INT64_C(1) << 52),
+	NUMBER(kms_latency_ms, INT64_C(1) << 40),
+	NUMBER(kms_latency_avg_ms, INT64_C(1) << 40),
+	NUMBER(files_keyed, INT64_C(1) << 52),
+	NUMBER(audit_dropped, INT64_C(1) << 52),
 #undef STRING
 #undef NUMBER
 };

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "keyfs/control.h"
@@ -99,10 +100,17 @@ static void serve_one(struct control *c, int fd)
 	if (request == CONTROL_LOCK || request == CONTROL_UNLOCK) {
 		bool lock = request == CONTROL_LOCK;
 
+		struct timespec t0, t1;
+
 		log_info("manual %s requested (uid %u)", control_request_name(request), (unsigned)cred.uid);
+		clock_gettime(CLOCK_MONOTONIC, &t0);
 		if (keystate_manual(c->ks, lock) < 0)
 			log_warn("manual %s: not carried out within %d s; answering the status as it is",
 				 control_request_name(request), KS_MANUAL_WAIT_MS / 1000);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		/* The uid is the kernel's word (SO_PEERCRED), not the peer's. */
+		keystate_audit_manual(c->ks, lock, (unsigned)cred.uid,
+				      (long long)(t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000);
 	} else if (request != CONTROL_STATUS) {
 		answer_error(fd, "unknown request: expected status, lock or unlock");
 		return;

@@ -104,6 +104,7 @@ fail:
 	inode->header_generation = st.generation;
 	inode->header_epoch++;
 	log_info("%s: key re-wrapped with key version '%s'", label, w->key_version);
+	keystate_note_rotation(fs->ks, w->key_version);
 }
 
 /* Why the slots tried did not open, as the log says it. A quiet caller (a prefetch) logs only

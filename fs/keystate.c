@@ -8,6 +8,7 @@
 
 #include <sodium.h>
 
+#include "keyfs/audit.h"
 #include "keyfs/control.h"
 #include "keyfs/kms.h"
 #include "keyfs/log.h"
@@ -65,6 +66,12 @@ struct keystate {
 	char last_poll[32];             /* RFC 3339 of the newest poll answer (good or bad) */
 	char why[KMS_ERR_MAX];          /* what the newest observation said, for the log */
 	char outage_why[KMS_ERR_MAX];   /* why the newest poll failed */
+	double event_at;                /* when the newest observation that changed something arrived */
+	bool in_grace;                  /* an outage began and has not ended or locked (audit) */
+	char rotated_to[KMS_KEY_VERSION_MAX + 1];       /* the newest key version picked up (audit) */
+	/* The poller's key service calls, for status: count, failures, latency. */
+	unsigned long long kms_calls, kms_errors;
+	double kms_last_ms, kms_total_ms;
 
 	struct ks_verdict verdict;      /* lock: the one in force (applied) */
 	bool started;
@@ -142,6 +149,42 @@ int keystate_check(struct keystate *ks, enum ks_op op)
 	return 0;
 }
 
+void keystate_note_rotation(struct keystate *ks, const char *key_version)
+{
+	char line[KMS_KEY_VERSION_MAX + 64];
+	bool news;
+
+	pthread_mutex_lock(&ks->lock);
+	news = strcmp(ks->rotated_to, key_version) != 0;
+	if (news)
+		snprintf(ks->rotated_to, sizeof(ks->rotated_to), "%s", key_version);
+	pthread_mutex_unlock(&ks->lock);
+	if (!news)
+		return;
+	snprintf(line, sizeof(line), "key version '%s' picked up: re-wrapped keys are stored", key_version);
+	/* Queued only: the audit thread sends it. */
+	audit_emit(&(struct audit_event){
+		.kind = AUDIT_ROTATION, .volume = ks->cfg.volume, .mountpoint = ks->cfg.mountpoint,
+		.backing = ks->cfg.backing, .key_id = ks->cfg.key_id, .key_crn = ks->cfg.key_crn,
+		.reason = "rewrapped", .key_version = key_version, .latency_ms = -1, .uid = -1, .message = line,
+	});
+}
+
+void keystate_audit_manual(struct keystate *ks, bool lock, unsigned uid, long long ms)
+{
+	char line[128];
+	bool locked = keystate_locked(ks);
+
+	snprintf(line, sizeof(line), "keyfsctl %s by uid %u: the mount is %s", lock ? "lock" : "unlock", uid,
+		 locked ? "locked" : "unlocked");
+	audit_emit(&(struct audit_event){
+		.kind = lock ? AUDIT_MANUAL_LOCK : AUDIT_MANUAL_UNLOCK, .volume = ks->cfg.volume,
+		.mountpoint = ks->cfg.mountpoint, .backing = ks->cfg.backing, .key_id = ks->cfg.key_id,
+		.key_crn = ks->cfg.key_crn, .reason = locked ? "locked" : "unlocked", .latency_ms = ms,
+		.uid = uid, .message = line,
+	});
+}
+
 bool keystate_locked(struct keystate *ks)
 {
 	return atomic_load(&ks->phase) != PHASE_UNLOCKED;
@@ -184,6 +227,7 @@ void keystate_poke(struct keystate *ks, int r)
 		ks->key_state = state;
 		ks->poke_at = mono_now();
 	}
+	ks->event_at = mono_now();
 	ks->poked = true;
 	pthread_cond_signal(&ks->wake);
 	pthread_cond_signal(&ks->decide);
@@ -198,6 +242,7 @@ int keystate_manual(struct keystate *ks, bool lock)
 
 	pthread_mutex_lock(&ks->lock);
 	ks->manual = lock;
+	ks->event_at = mono_now();
 	seq = ++ks->manual_seq;
 	pthread_cond_signal(&ks->decide);
 	/* The lock thread applies requests in order; wait for ours, not for the key service. */
@@ -242,12 +287,38 @@ static void interrupting(struct keystate *ks, bool on, pthread_t *thread, bool *
 	}
 }
 
+/* One audit event about this mount. */
+static void audit(const struct keystate *ks, enum audit_kind kind, const char *reason, const char *why,
+		  long long latency_ms)
+{
+	char cid[37];
+
+	audit_correlation_id(why, cid);
+	audit_emit(&(struct audit_event){
+		.kind = kind, .volume = ks->cfg.volume, .mountpoint = ks->cfg.mountpoint,
+		.backing = ks->cfg.backing, .key_id = ks->cfg.key_id, .key_crn = ks->cfg.key_crn,
+		.reason = reason, .correlation_id = cid, .latency_ms = latency_ms, .uid = -1, .message = why,
+	});
+}
+
+/* Milliseconds from the observation that led here (a poll answer, a refused call, a request). */
+static long long since_event(struct keystate *ks)
+{
+	double at;
+
+	pthread_mutex_lock(&ks->lock);
+	at = ks->event_at;
+	pthread_mutex_unlock(&ks->lock);
+	return at > 0 ? (long long)((mono_now() - at) * 1000 + 0.5) : -1;
+}
+
 /* Carry out a change of verdict. Called by the lock thread only, without ks->lock. */
 static void transition(struct keystate *ks, const struct ks_verdict *was, const struct ks_verdict *now,
 		       const char *why)
 {
 	const char *key = ks->cfg.key;
 	const char *name = ks_reason_name(now->reason);
+	char line[WHY_MAX + 64];
 
 	if (now->locked && !was->locked) {
 		pthread_t thread;
@@ -263,6 +334,12 @@ static void transition(struct keystate *ks, const struct ks_verdict *was, const 
 		interrupting(ks, false, &thread, &started);
 		log_warn("locked (%s): key '%s'%s%s", name, key, why[0] ? ": " : "", why);
 		notify_send("STATUS=locked (%s): key %s", name, key);
+		snprintf(line, sizeof(line), "locked (%s)%s%s", name, why[0] ? ": " : "", why);
+		audit(ks, AUDIT_LOCK, name, line,
+		      now->reason == KS_REASON_UNREACHABLE ? -1 : since_event(ks));
+		pthread_mutex_lock(&ks->lock);
+		ks->in_grace = false;
+		pthread_mutex_unlock(&ks->lock);
 	} else if (now->locked) {
 		/* Still locked, for another reason: the errno follows the worse news. */
 		atomic_store(&ks->err, now->err);
@@ -275,6 +352,8 @@ static void transition(struct keystate *ks, const struct ks_verdict *was, const 
 		ks->cfg.hooks.unlocked(ks->cfg.hooks.ctx);
 		atomic_store_explicit(&ks->phase, PHASE_UNLOCKED, memory_order_release);
 		log_info("unlocked: key '%s' is usable again%s%s", key, why[0] ? ": " : "", why);
+		snprintf(line, sizeof(line), "unlocked%s%s", why[0] ? ": " : "", why);
+		audit(ks, AUDIT_UNLOCK, ks_reason_name(was->reason), line, since_event(ks));
 		notify_send("STATUS=unlocked: key %s%s", key, now->no_create ? " (deactivated: no new files)" : "");
 	}
 	if (!now->locked && now->no_create != was->no_create) {
@@ -403,6 +482,15 @@ static void poll_once(struct keystate *ks)
 	pthread_mutex_unlock(&ks->lock);
 
 	r = ask(ks, &state, &err);
+	now = mono_now();
+	pthread_mutex_lock(&ks->lock);
+	if (r != -ECANCELED) {
+		ks->kms_calls++;
+		ks->kms_errors += r < 0 && r != -EKEYREVOKED;
+		ks->kms_last_ms = (now - sent) * 1000;
+		ks->kms_total_ms += ks->kms_last_ms;
+	}
+	pthread_mutex_unlock(&ks->lock);
 	if (r == -ECANCELED) {
 		pthread_mutex_lock(&ks->lock);
 		ks->polling = false;
@@ -424,11 +512,21 @@ static void poll_once(struct keystate *ks)
 		/* An outage is logged when it starts, every OUTAGE_LOG_EVERY s while it lasts, and when it ends. */
 		if (ks->outage_logged >= 0)
 			log_info("key service answers again after %.0f s without an answer", now - ks->last_good);
+		if (ks->in_grace) {
+			char line[KMS_ERR_MAX + 96];
+
+			ks->in_grace = false;
+			snprintf(line, sizeof(line), "key service answers again after %.0f s without an answer%s%s",
+				 now - ks->last_good, err.msg[0] ? ": " : "", err.msg);
+			audit(ks, AUDIT_GRACE_END, "answered", line, (long long)((now - ks->last_good) * 1000));
+		}
 		ks->outage_logged = -1;
 		ks->poll_failed = false;
 		ks->last_good = now;
 	}
 	if ((r == 0 || r == -EKEYREVOKED) && sent >= ks->poke_at) {
+		if (ks->key_state != (r == 0 ? state : KMS_STATE_PURGED))
+			ks->event_at = now;
 		ks->key_state = r == 0 ? state : KMS_STATE_PURGED;
 		if (err.msg[0])
 			snprintf(ks->why, sizeof(ks->why), "%s", err.msg);
@@ -436,6 +534,8 @@ static void poll_once(struct keystate *ks)
 			snprintf(ks->why, sizeof(ks->why), "the key service reports it %s", kms_state_name(ks->key_state));
 	} else if (r == -EACCES) {
 		/* The client already retried with a fresh token: access itself is revoked. */
+		if (!ks->revoked)
+			ks->event_at = now;
 		ks->revoked = true;
 		snprintf(ks->why, sizeof(ks->why), "%s", err.msg);
 	} else if (r < 0) {
@@ -443,6 +543,13 @@ static void poll_once(struct keystate *ks)
 
 		ks->poll_failed = true;
 		snprintf(ks->outage_why, sizeof(ks->outage_why), "%s", err.msg);
+		if (!ks->in_grace && !ks->verdict.locked) {
+			char line[KMS_ERR_MAX + 64];
+
+			ks->in_grace = true;
+			snprintf(line, sizeof(line), "key service unreachable (grace %u s): %s", ks->cfg.grace, err.msg);
+			audit(ks, AUDIT_GRACE_START, "unreachable", line, (long long)(quiet * 1000));
+		}
 		if (!(ks->verdict.locked && ks->verdict.reason == KS_REASON_UNREACHABLE) && quiet <= ks->cfg.grace &&
 		    (ks->outage_logged < 0 || quiet - ks->outage_logged >= OUTAGE_LOG_EVERY)) {
 			log_warn("key service unreachable for %.0f s (grace %u s): %s", quiet, ks->cfg.grace, err.msg);
@@ -550,6 +657,16 @@ int keystate_status(struct keystate *ks, struct control_status *st)
 	st->deactivated = v.no_create;
 	cut |= status_copy(st->backing, sizeof(st->backing), ks->cfg.backing);
 	cut |= status_copy(st->mountpoint, sizeof(st->mountpoint), ks->cfg.mountpoint);
+	cut |= status_copy(st->volume, sizeof(st->volume), ks->cfg.volume);
+	cut |= status_copy(st->key_id, sizeof(st->key_id), ks->cfg.key_id ? ks->cfg.key_id : "");
+	cut |= status_copy(st->key_crn, sizeof(st->key_crn), ks->cfg.key_crn ? ks->cfg.key_crn : "");
+	st->last_good_age = (int64_t)(mono_now() - ks->last_good);
+	st->kms_calls = (int64_t)ks->kms_calls;
+	st->kms_errors = (int64_t)ks->kms_errors;
+	st->kms_latency_ms = ks->kms_calls ? (int64_t)(ks->kms_last_ms + 0.5) : -1;
+	st->kms_latency_avg_ms = ks->kms_calls ? (int64_t)(ks->kms_total_ms / (double)ks->kms_calls + 0.5) : -1;
 	pthread_mutex_unlock(&ks->lock);
+	st->files_keyed = ks->cfg.hooks.files_keyed ? (int64_t)ks->cfg.hooks.files_keyed(ks->cfg.hooks.ctx) : -1;
+	st->audit_dropped = (int64_t)audit_dropped();
 	return cut ? -ENAMETOOLONG : 0;
 }

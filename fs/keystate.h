@@ -33,11 +33,15 @@ struct keystate_hooks {
 	void (*lockdown)(void *ctx, struct keystate *ks);
 	/* Unlocked again: resume what lockdown paused. */
 	void (*unlocked)(void *ctx);
+	/* Optional: how many files hold keys now (status only; may take a while). */
+	unsigned long (*files_keyed)(void *ctx);
 };
 
 struct keystate_config {
 	struct kms *kms;
 	const char *key;                /* the volume's key as it names it: status and log */
+	const char *key_id;             /* the key's uuid (audit, status) */
+	const char *key_crn;            /* its CRN, "" when unknown (audit, status) */
 	const char *volume;             /* volume uuid: associated data of the access probe */
 	const char *backing;            /* absolute, for status */
 	const char *mountpoint;         /* absolute, for status */
@@ -77,6 +81,13 @@ void keystate_refuse_writes(struct keystate *ks);
 /* The status keyfsctl shows (docs/LOCKING.md) into st. Returns 0, or -ENAMETOOLONG when a string
  * does not fit. Never waits for the key service or for a lock under way. */
 int keystate_status(struct keystate *ks, struct control_status *st);
+
+/* A wrap or unwrap handed back a DEK re-wrapped with key version: the first time a version is
+ * seen, one audit event (rotation picked up). Never waits: request handlers call it. */
+void keystate_note_rotation(struct keystate *ks, const char *key_version);
+
+/* A manual request by uid was answered (ms since it came): its audit event. */
+void keystate_audit_manual(struct keystate *ks, bool lock, unsigned uid, long long ms);
 
 /* Locked now (for an exit status or a summary). */
 bool keystate_locked(struct keystate *ks);

@@ -59,19 +59,38 @@ static void unlocked(void *ctx)
 	dekpool_pause(fs->pool, false);
 }
 
+/* For status: every inode the kernel knows, asked whether it holds keys. */
+static unsigned long files_keyed(void *ctx)
+{
+	struct keyfs *fs = ctx;
+	struct kfs_inode **inodes = NULL;
+	unsigned long keyed = 0;
+	size_t n = inode_table_snapshot(&fs->table, &inodes);
+
+	for (size_t i = 0; i < n; i++) {
+		pthread_mutex_lock(&inodes[i]->keys_lock);
+		keyed += inodes[i]->keys != NULL;
+		pthread_mutex_unlock(&inodes[i]->keys_lock);
+	}
+	inode_table_release(&fs->table, inodes, n);
+	return keyed;
+}
+
 int lockdown_keystate_new(struct keyfs *fs, unsigned poll, unsigned grace, int initial_state,
 			  struct keystate **ret)
 {
 	struct keystate_config cfg = {
 		.kms = fs->kms,
 		.key = fs->vol.key,
+		.key_id = kms_key_id(fs->kms),
+		.key_crn = fs->vol.key_crn,
 		.volume = fs->vol.volume,
 		.backing = fs->backing,
 		.mountpoint = fs->mountpoint,
 		.poll = poll,
 		.grace = grace,
 		.initial_state = initial_state,
-		.hooks = { .ctx = fs, .lockdown = lockdown, .unlocked = unlocked },
+		.hooks = { .ctx = fs, .lockdown = lockdown, .unlocked = unlocked, .files_keyed = files_keyed },
 	};
 
 	return keystate_new(&cfg, ret);

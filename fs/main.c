@@ -20,6 +20,7 @@
 #include <sodium.h>
 
 #include "keyfs-config.h"
+#include "keyfs/audit.h"
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
 #include "keyfs/secmem.h"
@@ -343,6 +344,7 @@ static void daemon_detach(void)
 			close(fd);
 	}
 	log_to_syslog(true);
+	audit_to_syslog(true);
 }
 
 /* fsname=<backing>: commas and backslashes escaped for libfuse's option parser. */
@@ -407,6 +409,9 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	}
 	log_info("'%s' mounted on '%s' (volume %s, key '%s'%s)", fs->backing, fs->mountpoint, fs->vol.volume,
 		 fs->vol.key, keystate_locked(fs->ks) ? ", locked" : "");
+	/* Audit events leave from a thread of their own: never a FUSE request thread's wait. */
+	if (audit_start() < 0)
+		log_warn("audit: no thread of its own: events are sent inline");
 	r = keystate_start(fs->ks);
 	if (r < 0)
 		log_err("key state poller: %s: the key is not watched", strerror(-r));
@@ -429,6 +434,7 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	fs->control = NULL;
 	keystate_free(fs->ks);
 	fs->ks = NULL;
+	audit_stop();
 	fuse_remove_signal_handlers(se);
 	fuse_session_destroy(se);
 	fs->se = NULL;
@@ -554,6 +560,7 @@ int main(int argc, char *argv[])
 	prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 	setrlimit(RLIMIT_CORE, &no_core);
 	log_init("keyfs", LOG_LEVEL_INFO);
+	audit_init("keyfs");
 	/* Before any thread and any use of libcurl, OpenSSL or cJSON: their heaps wipe on free. */
 	if (secmem_init() < 0) {
 		log_err("libcurl cannot be initialised");

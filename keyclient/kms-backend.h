@@ -23,6 +23,7 @@ struct kms_backend {
 		      uint8_t dek_out[KMS_DEK_SIZE], struct kms_wrapped *rewrapped, bool *ret_was_rewrapped,
 		      struct kms_err *err);
 	int (*key_state)(void *state, int *ret_state, struct kms_err *err);
+	int (*key_info)(void *state, struct kms_key_info *ret, struct kms_err *err);    /* optional */
 	void (*forget)(void *state);    /* optional: wipe cached key material */
 	void (*cancel)(void *state);    /* optional: end calls under way and refuse new ones */
 	void (*interrupt)(void *state); /* optional: end calls under way; new ones proceed */

@@ -15,6 +15,7 @@ struct kms {
 	const struct kms_backend *ops;
 	void *state;
 	char key_id[KMS_KEY_ID_MAX + 1];
+	char key[256];                  /* as the volume named it: kms_key_info of a local key */
 };
 
 void kms_err_set(struct kms_err *err, const char *fmt, ...)
@@ -116,6 +117,7 @@ int kms_open(const struct kms_config *given_cfg, struct kms **ret, struct kms_er
 	k->ops = o.ops;
 	k->state = o.state;
 	memcpy(k->key_id, o.key_id, sizeof(k->key_id));
+	snprintf(k->key, sizeof(k->key), "%s", cfg->key);
 	*ret = k;
 	return 0;
 }
@@ -188,6 +190,29 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
 	if (r < 0)
 		return r;
 	return k->ops->unwrap(k->state, blob, len, aad, naad, dek_out, rewrapped, ret_was_rewrapped, err);
+}
+
+int kms_key_info(struct kms *k, struct kms_key_info *ret, struct kms_err *err)
+{
+	struct kms_err scratch;
+	int r;
+
+	err = err_or(err, &scratch);
+	if (!k || !ret) {
+		kms_err_set(err, "kms: key_info called without a key or result");
+		return -EINVAL;
+	}
+	memset(ret, 0, sizeof(*ret));
+	if (k->ops->key_info)
+		return k->ops->key_info(k->state, ret, err);
+	/* A backend that cannot say more: the id it was opened with, and its state. */
+	snprintf(ret->id, sizeof(ret->id), "%s", k->key_id);
+	if (strcmp(k->key, k->key_id) != 0) {
+		snprintf(ret->name, sizeof(ret->name), "%s", k->key);
+		snprintf(ret->alias, sizeof(ret->alias), "%s", k->key);
+	}
+	r = k->ops->key_state(k->state, &ret->state, err);
+	return r;
 }
 
 int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err)

@@ -1015,6 +1015,86 @@ static int kp_key_state(void *state, int *ret_state, struct kms_err *err)
 	return 0;
 }
 
+/* A string member of key that fits size and is printable; "" when absent. Returns false when bad. */
+static bool info_string(const cJSON *key, const char *name, char *out, size_t size)
+{
+	const cJSON *s = cJSON_GetObjectItemCaseSensitive(key, name);
+
+	out[0] = '\0';
+	if (!s)
+		return true;
+	if (!cJSON_IsString(s) || !printable_ok(s->valuestring, size - 1))
+		return false;
+	snprintf(out, size, "%s", s->valuestring);
+	return true;
+}
+
+/* Who the key named at open (id, alias or CRN's id) is: one metadata read. Needs only the
+ * Reader role and never carries a payload, unlike GET /api/v2/keys/<id>. */
+static int kp_key_info(void *state, struct kms_key_info *ret, struct kms_err *err)
+{
+	struct kp *kp = state;
+	struct http_response resp;
+	struct kp_call c;
+	const cJSON *key, *res, *aliases, *st, *del;
+	cJSON *root = NULL;
+	char url[KP_URL_MAX];
+	int r;
+
+	if (key_url(kp, "/metadata", url) < 0) {
+		kms_err_set(err, "key protect: URL for key '%s' is too long", kp->key_id);
+		return -ENAMETOOLONG;
+	}
+	r = call_begin(kp, &c, "metadata read", err);
+	if (r < 0)
+		return r;
+	r = kp_send(&c, "GET", url, kp->endpoint, true, false, NULL, 0, &resp, err);
+	if (r < 0)
+		goto out;
+	if (resp.status == 404) {
+		call_fail(&c, err, "HTTP 404: no key, alias or id '%s' in instance %s", kp->key_id, kp->instance);
+		r = -ENOENT;
+		goto out;
+	}
+	if (resp.status != 200) {
+		r = status_error(&c, &resp, false, err);
+		goto out;
+	}
+	root = parse_answer(&c, &resp, err);
+	if (!root) {
+		r = -EIO;
+		goto out;
+	}
+	res = cJSON_GetObjectItemCaseSensitive(root, "resources");
+	key = cJSON_IsArray(res) ? res->child : root;
+	st = cJSON_IsObject(key) ? cJSON_GetObjectItemCaseSensitive(key, "state") : NULL;
+	aliases = cJSON_IsObject(key) ? cJSON_GetObjectItemCaseSensitive(key, "aliases") : NULL;
+	if (!cJSON_IsNumber(st) || st->valueint < 0 || st->valueint > 5 ||
+	    !info_string(key, "id", ret->id, sizeof(ret->id)) || !ident_ok(ret->id, 128) ||
+	    !info_string(key, "crn", ret->crn, sizeof(ret->crn)) ||
+	    (ret->crn[0] && strncmp(ret->crn, "crn:", 4) != 0) ||
+	    (aliases && !cJSON_IsArray(aliases))) {
+		call_fail(&c, err, "HTTP 200 without a key id, CRN and state in its body");
+		r = -EIO;
+		goto out;
+	}
+	/* The name is free text: only kept when printable. */
+	if (!info_string(key, "name", ret->name, sizeof(ret->name)))
+		ret->name[0] = '\0';
+	if (aliases && cJSON_IsString(aliases->child) && ident_ok(aliases->child->valuestring, sizeof(ret->alias) - 1))
+		snprintf(ret->alias, sizeof(ret->alias), "%s", aliases->child->valuestring);
+	ret->state = st->valueint;
+	del = cJSON_GetObjectItemCaseSensitive(key, "deleted");
+	if (cJSON_IsTrue(del))
+		ret->state = KMS_STATE_DESTROYED;
+	kms_err_set(err, "key protect: key '%s' is %s (correlation-id %s)", kp->key_id, ret->id, c.cid);
+	r = 0;
+out:
+	cJSON_Delete(root);
+	call_end(&c);
+	return r;
+}
+
 static void kp_free(void *state)
 {
 	struct kp *kp = state;
@@ -1074,6 +1154,7 @@ static const struct kms_backend keyprotect_backend = {
 	.wrap = kp_wrap,
 	.unwrap = kp_unwrap,
 	.key_state = kp_key_state,
+	.key_info = kp_key_info,
 	.forget = kp_forget,
 	.cancel = kp_cancel,
 	.interrupt = kp_interrupt,
@@ -1289,7 +1370,8 @@ static void read_tunables(struct kp_tunables *t)
 
 int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *ret, struct kms_err *err)
 {
-	const char *key = cfg->key[0] ? cfg->key : cfg->key_id;
+	/* The id recorded at init, when there is one: an alias moved since cannot redirect the volume. */
+	const char *key = cfg->key_id[0] ? cfg->key_id : cfg->key;
 	char crn_instance[64] = "", region[64] = "", endpoint[600];
 	struct http_settings hs;
 	struct kp *kp;

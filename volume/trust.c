@@ -24,7 +24,7 @@ struct loc_field {
 static const struct loc_field loc_fields[VOL_LOCATION_FIELDS] = {
 	LOC(kms, NULL), LOC(keystore, VOLDESC_KMS_LOCAL), LOC(endpoint, VOLDESC_KMS_KEYPROTECT),
 	LOC(iam_endpoint, VOLDESC_KMS_KEYPROTECT), LOC(ca_file, VOLDESC_KMS_KEYPROTECT),
-	LOC(instance, VOLDESC_KMS_KEYPROTECT), LOC(key, NULL), LOC(key_id, NULL),
+	LOC(instance, VOLDESC_KMS_KEYPROTECT), LOC(key, NULL), LOC(key_id, NULL), LOC(key_crn, VOLDESC_KMS_KEYPROTECT),
 };
 
 const char *vol_location_name(size_t i)

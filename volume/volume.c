@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "keyfs/audit.h"
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
@@ -109,6 +110,19 @@ static int stated(const struct vol_host *h, const struct voldesc *d, struct vold
 	return 0;
 }
 
+/* A refusal is an audit event too (docs/AUDIT.md): the uuid and key are the description's word. */
+static void audit_refused(const struct vol *v, const char *reason, const char *field)
+{
+	char line[PATH_MAX + 128];
+
+	snprintf(line, sizeof(line), "volume '%s' refused: %s%s%s", v->backing, reason, field ? " of " : "",
+		 field ? field : "");
+	audit_emit(&(struct audit_event){
+		.kind = AUDIT_REFUSED, .volume = v->vol.volume, .backing = v->backing, .key_id = v->vol.key_id,
+		.key_crn = v->vol.key_crn, .reason = reason, .latency_ms = -1, .uid = -1, .message = line,
+	});
+}
+
 /* Does the description agree with the host? Returns 0 or KEYFS_EXIT_UNTRUSTED after saying why. */
 static int check_trust(struct vol *v, const struct vol_host *h)
 {
@@ -129,6 +143,7 @@ static int check_trust(struct vol *v, const struct vol_host *h)
 				"check the key service its %s names and run 'keyfsctl trust %s' (needed once for a volume made on another host or by a keyfs that did not record trust)%s",
 				v->backing, v->vol.volume, dir, VOLDESC_NAME, v->backing,
 				v->flags & VOL_DAEMON ? ", or state it in mount options (kms=,key=,...; see keyfs(8))" : "");
+			audit_refused(v, "untrusted", NULL);
 			return KEYFS_EXIT_UNTRUSTED;
 		}
 		if (r < 0) {
@@ -136,6 +151,7 @@ static int check_trust(struct vol *v, const struct vol_host *h)
 				log_err("%s: refusing to trust it", msg);
 			else
 				log_err("trust record of volume %s ('%s'): %s", v->vol.volume, path, strerror(-r));
+			audit_refused(v, "unsafe_record", NULL);
 			return KEYFS_EXIT_UNTRUSTED;
 		}
 	}
@@ -146,7 +162,7 @@ static int check_trust(struct vol *v, const struct vol_host *h)
 		if ((strcmp(name, "keystore") == 0 && v->keystore[0]) || (strcmp(name, "ca_file") == 0 && v->ca_file[0]))
 			continue;
 		/* A stated location is checked against the key service's own id once it is open. */
-		if (v->stated && strcmp(name, "key_id") == 0)
+		if (v->stated && (strcmp(name, "key_id") == 0 || strcmp(name, "key_crn") == 0))
 			continue;
 		if (strcmp(vol_location_value(&v->vol, i), vol_location_value(&trusted, i)) == 0)
 			continue;
@@ -158,6 +174,7 @@ static int check_trust(struct vol *v, const struct vol_host *h)
 			log_err("volume '%s': its %s says %s %s but this host trusts %s (%s): refusing it before any key service is contacted; if the key service really moved, run 'keyfsctl trust %s'",
 				v->backing, VOLDESC_NAME, name, shown(vol_location_value(&v->vol, i), a),
 				shown(vol_location_value(&trusted, i), b), path, v->backing);
+		audit_refused(v, "trust_mismatch", name);
 		return KEYFS_EXIT_UNTRUSTED;
 	}
 	return 0;
@@ -340,6 +357,7 @@ int vol_kms_open(struct vol *v, const char *what)
 	if (v->stated && strcmp(kms_key_id(v->kms), v->vol.key_id) != 0) {
 		log_err("volume '%s': its %s says key_id %s but key '%s' of the key service the mount options state has id '%s': refusing it",
 			v->backing, VOLDESC_NAME, shown(v->vol.key_id, a), v->vol.key, kms_key_id(v->kms));
+		audit_refused(v, "trust_mismatch", "key_id");
 		return KEYFS_EXIT_UNTRUSTED;
 	}
 	r = kms_key_state(v->kms, &state, &err);

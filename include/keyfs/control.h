@@ -17,7 +17,9 @@
  *
  * Protocol: the client sends one request line, the daemon answers one line of JSON and closes.
  *   "status\n"  -> the status object (docs/LOCKING.md): state, reason, key, key_state, last_poll,
- *                  poll, grace, deactivated, backing, mountpoint
+ *                  poll, grace, deactivated, backing, mountpoint, volume, key_id, key_crn,
+ *                  last_good_age, kms_calls, kms_errors, kms_latency_ms, kms_latency_avg_ms,
+ *                  files_keyed, audit_dropped
  *   "lock\n"    -> the status object after a manual lock took effect (locking is complete)
  *   "unlock\n"  -> the status object after a manual unlock (the mount may stay locked for a
  *                  KMS reason, which "reason" then names)
@@ -70,6 +72,18 @@ struct control_status {
 	bool deactivated;               /* an expired key: existing files only */
 	char backing[PATH_MAX];
 	char mountpoint[PATH_MAX];
+	/* Added with the host view (keyfsctl status without a path, --prometheus); older daemons
+	 * send none of them: -1 and "". */
+	char volume[40];                /* volume uuid */
+	char key_id[CONTROL_KEY_MAX];   /* the key's uuid */
+	char key_crn[512];              /* its CRN */
+	int64_t last_good_age;          /* seconds since the newest definite key service answer */
+	int64_t kms_calls;              /* key state polls answered or failed */
+	int64_t kms_errors;             /* of which failed (no definite answer) */
+	int64_t kms_latency_ms;         /* the newest poll's */
+	int64_t kms_latency_avg_ms;     /* over all polls */
+	int64_t files_keyed;            /* files whose keys are loaded now */
+	int64_t audit_dropped;          /* audit events dropped */
 };
 
 /* The answer line for st (JSON and "\n", members in the order above; strings that are not UTF-8

@@ -81,6 +81,19 @@ void kms_free(struct kms *k);
 /* The key id written into file headers (local: the key's uuid; keyprotect: the key id). */
 const char *kms_key_id(const struct kms *k);
 
+/* Who the key is, as the service knows it now: a key named by alias or CRN resolves to its id. */
+struct kms_key_info {
+	char id[KMS_KEY_ID_MAX + 1];    /* the key's uuid (local: its uuid) */
+	char crn[512];                  /* keyprotect: its CRN; local: "" */
+	char name[256];                 /* keyprotect: its name; local: its name */
+	char alias[256];                /* keyprotect: its first alias, "" for none; local: its name */
+	int state;                      /* enum kms_key_state */
+};
+
+/* Resolve the key the backend was opened with (an alias, a CRN or an id) once, by asking the
+ * service (Key Protect: GET /api/v2/keys/<key>/metadata). Returns 0 or an errno as kms_key_state. */
+int kms_key_info(struct kms *k, struct kms_key_info *ret, struct kms_err *err);
+
 /* Wrap a KMS_DEK_SIZE-byte DEK, binding it to the ordered associated strings aad[0..naad-1]. */
 int kms_wrap(struct kms *k, const uint8_t dek[KMS_DEK_SIZE], const char *const *aad, size_t naad,
 	     struct kms_wrapped *ret, struct kms_err *err);

@@ -19,7 +19,9 @@
  *   volume=<uuid>                 random at init, bound into every wrapped DEK
  *   kms=local|keyprotect
  *   key=<name | key id | CRN>     what the user named at init
- *   key_id=<id>                   the id written in file headers (local: the key's uuid)
+ *   key_id=<id>                   the id written in file headers: the key's uuid, resolved at init
+ *                                 (an alias given to init never lands here; older volumes may hold one)
+ *   key_crn=<CRN>                 keyprotect only, optional: the key's CRN, resolved at init
  *   keystore=<dir>                local only
  *   endpoint=<url> instance=<guid> iam_endpoint=<url>    keyprotect only
  *   ca_file=<absolute path>       keyprotect only, optional: CA bundle the service's certificate
@@ -33,6 +35,7 @@ struct voldesc {
 	char kms[16];
 	char key[256];
 	char key_id[256];
+	char key_crn[512];
 	char keystore[PATH_MAX];
 	char endpoint[512];
 	char instance[64];

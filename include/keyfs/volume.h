@@ -95,7 +95,7 @@ void vol_close(struct vol *v);
 int vol_trust_dir(char *buf, size_t size);
 
 /* The location fields, in display order: their .keyfs names and values. */
-#define VOL_LOCATION_FIELDS 8
+#define VOL_LOCATION_FIELDS 9
 const char *vol_location_name(size_t i);
 const char *vol_location_value(const struct voldesc *d, size_t i);
 /* Is field i part of the location of a volume of d's kms? */

@@ -13,6 +13,7 @@ import hmac
 import http.server
 import json
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -137,6 +138,7 @@ class Key:
         self.deletion_date = None
         self.purged = False
         self.versions = []              # [{"id", "secret", "created"}], oldest first
+        self.aliases = []               # unique in the instance; a path <id> may be one
         self.add_version()
 
     def add_version(self):
@@ -167,6 +169,10 @@ class Key:
              "restoreAllowed": self.deleted}
         if self.description:
             r["description"] = self.description
+        aliases = getattr(self, "aliases", [])
+        if aliases:
+            r["aliases"] = list(aliases)
+            r["aliasCount"] = len(aliases)
         if self.rotated:
             r["lastRotateDate"] = rfc3339(self.rotated)
         if self.deleted:
@@ -177,7 +183,8 @@ class Key:
     def to_json(self):
         d = {k: getattr(self, k) for k in ("id", "name", "instance", "state", "extractable",
                                              "description", "created", "updated", "last_action",
-                                             "rotated", "deleted", "deletion_date", "purged")}
+                                             "rotated", "deleted", "deletion_date", "purged",
+                                             "aliases")}
         d["versions"] = [{"id": v["id"], "secret": v["secret"].hex(), "created": v["created"]}
                          for v in self.versions]
         return d
@@ -190,6 +197,7 @@ class Key:
                 setattr(k, name, value)
         k.versions = [{"id": v["id"], "secret": bytes.fromhex(v["secret"]), "created": v["created"]}
                       for v in d["versions"]]
+        k.aliases = list(d.get("aliases") or [])
         return k
 
 
@@ -668,6 +676,10 @@ class Emulator:
         k = self.keys.get(kid)
         if k is None:
             for cand in self.keys.values():
+                if kid in getattr(cand, "aliases", []) and not cand.purged:
+                    k = cand
+        if k is None:
+            for cand in self.keys.values():
                 if cand.name == kid and not cand.purged:
                     k = cand
         if k is None or k.purged:
@@ -734,6 +746,13 @@ class Emulator:
                 return 200, collection(KEY_TYPE, [k.resource()]), {}
             if len(rest) == 3 and rest[1] == "actions" and m == "POST":
                 return self._action(role, kid, rest[2], body)
+            if len(rest) == 3 and rest[1] == "aliases" and m in ("POST", "DELETE"):
+                self._need(role, "manager", "writer")
+                alias = urllib.parse.unquote(rest[2])
+                if m == "POST":
+                    return 201, self._create_alias(self._find(kid), alias), {}
+                self._delete_alias(self._find(kid), alias)
+                return 204, None, {}
             if rest[1:] == ["restore"] and m == "POST":
                 self._need(role, "manager")
                 k = self._find(kid)
@@ -765,6 +784,43 @@ class Emulator:
         self.keys[k.id] = k
         self._save()
         return 201, collection(KEY_TYPE, [k.resource()]), {}
+
+    # Aliases as the service has them: 2-90 characters of letters, digits, '-' and '_', not a
+    # uuid, unique in the instance, at most 5 per key. There is no "move": delete, then create.
+    def _create_alias(self, k, alias):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{2,90}", alias) or re.fullmatch(r"[0-9a-fA-F-]{36}", alias):
+            raise ApiError(400, "INVALID_FIELD_ERR", "The field 'alias' must be: 2 to 90 letters, digits, '-' or '_'",
+                           {"type": "field", "name": "alias"})
+        for other in self.keys.values():
+            if alias in getattr(other, "aliases", []) and not other.purged:
+                if other is k:
+                    break
+                raise ApiError(409, "KEY_ALIAS_NOT_UNIQUE_ERR", "The alias is already used in this instance")
+        else:
+            if len(k.aliases) >= 5:
+                raise ApiError(400, "KEY_ALIAS_QUOTA_ERR", "A key can have at most 5 aliases")
+            k.aliases.append(alias)
+            k.updated = time.time()
+            self._save()
+        return collection("application/vnd.ibm.kms.alias+json",
+                          [{"keyId": k.id, "alias": alias, "creationDate": rfc3339(k.updated), "createdBy": "kpemu"}])
+
+    def _delete_alias(self, k, alias):
+        if alias not in k.aliases:
+            raise ApiError(404, "ALIAS_NOT_FOUND_ERR", "Alias does not exist")
+        k.aliases.remove(alias)
+        k.updated = time.time()
+        self._save()
+
+    def create_alias(self, kid, alias):
+        with self.lock:
+            self._create_alias(self._find(kid), alias)
+
+    def move_alias(self, alias, kid):
+        """What an admin does to point an alias at another key: delete it from its key, create it on kid."""
+        with self.lock:
+            self._delete_alias(self._find(alias), alias)
+            self._create_alias(self._find(kid), alias)
 
     def _usable(self, k, wrap):
         if k.state == 5 or k.deleted:
@@ -933,6 +989,15 @@ class Emulator:
                 if path == "/_emu/keys" and method == "GET":
                     return self._send_json(h, 200, [k.resource() for k in self.keys.values() if not k.purged])
                 parts = path.split("/")
+                if len(parts) == 6 and parts[2] == "keys" and parts[4] == "aliases" and method in ("POST", "DELETE"):
+                    if method == "DELETE":
+                        self._delete_alias(self._find(parts[3]), parts[5])
+                    elif doc.get("move"):
+                        self._delete_alias(self._find(parts[5]), parts[5])
+                        self._create_alias(self._find(parts[3]), parts[5])
+                    else:
+                        self._create_alias(self._find(parts[3]), parts[5])
+                    return self._send_json(h, 200, self.keys[self._find(parts[3]).id].resource())
                 if len(parts) == 5 and parts[2] == "keys" and method == "POST":
                     self.key_action(parts[3], parts[4])
                     return self._send_json(h, 200, self.keys[parts[3]].resource())
