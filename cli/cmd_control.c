@@ -448,7 +448,7 @@ static void prom_sample(enum prom_kind k, const struct host_answer *a, double v)
 		prom_label("volume", st->volume, false);
 		prom_label("key_id", st->key_id, false);
 	}
-	printf("} %.17g\n", v);
+	printf("} %.6g\n", v);
 }
 
 static void print_prometheus(const struct host_answer *a, size_t n)

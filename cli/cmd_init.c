@@ -420,7 +420,7 @@ static int kp_setup(const struct init_args *a, struct voldesc *vol, struct kms_c
 	int r, rc;
 
 	if (!a->key_given)
-		return cli_usage_error("init", "missing --key ID|ALIAS|CRN: the id, alias or CRN of the root key in Key Protect");
+		return cli_usage_error("init", "missing --key ID|CRN: the id, alias or CRN of the root key in Key Protect");
 	if (!a->endpoint)
 		return cli_usage_error("init", "missing --endpoint URL (https://REGION.kms.cloud.ibm.com, or the Hyper Protect Crypto Services endpoint)");
 	rc = https_url("--endpoint", a->endpoint, vol->endpoint, sizeof(vol->endpoint));

@@ -1052,7 +1052,7 @@ static int kp_key_info(void *state, struct kms_key_info *ret, struct kms_err *er
 	if (r < 0)
 		goto out;
 	if (resp.status == 404) {
-		call_fail(&c, err, "HTTP 404: no key, alias or id '%s' in instance %s", kp->key_id, kp->instance);
+		status_error(&c, &resp, false, err);
 		r = -ENOENT;
 		goto out;
 	}

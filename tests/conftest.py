@@ -71,6 +71,19 @@ def keyfs_binaries():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def audit_off():
+    """No audit events (docs/AUDIT.md) unless a test asks for them (tests/test_audit.py): daemon
+    logs then hold only log lines, which other tests count."""
+    old = os.environ.get("KEYFS_AUDIT")
+    os.environ["KEYFS_AUDIT"] = "off"
+    yield
+    if old is None:
+        os.environ.pop("KEYFS_AUDIT", None)
+    else:
+        os.environ["KEYFS_AUDIT"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def trust_dir(tmp_path_factory):
     """Where keyfsctl init and trust record the volumes this host trusts (KEYFS_TRUST_DIR): a
     private dir per run, so that the suite never writes /etc/keyfs or ~/.config. Every keyfs and

@@ -49,6 +49,7 @@ struct record {
  */
 static struct {
 	bool inited;
+	bool off;                       /* KEYFS_AUDIT=off: no events at all */
 	bool journal;                   /* else stderr lines */
 	bool syslog;
 	const char *ident;
@@ -86,6 +87,10 @@ void audit_init(const char *ident)
 	A.ident = ident;
 	if (!path || path[0] != '/' || strlen(path) >= sizeof(A.addr.sun_path))
 		path = JOURNAL_SOCKET;
+	if (mode && strcmp(mode, "off") == 0) {
+		A.off = true;
+		return;
+	}
 	if (mode && strcmp(mode, "stderr") == 0)
 		return;
 	if (!(mode && strcmp(mode, "journal") == 0) && (stat(path, &st) < 0 || !S_ISSOCK(st.st_mode)))
@@ -410,6 +415,8 @@ void audit_emit(const struct audit_event *ev)
 		return;
 	if (!A.inited)
 		audit_init("keyfs");
+	if (A.off)
+		return;
 	pthread_mutex_lock(&A.lock);
 	if (A.started && !A.stop) {
 		struct record *r;
