@@ -21,6 +21,7 @@
 #include "keyfs/log.h"
 #include "keyfs/util.h"
 #include "cli.h"
+#include "volume.h"
 
 /* Locking waits for the kernel to flush dirty pages of every inode: give it time. */
 #define TIMEOUT_LOCK_S 60
@@ -560,6 +561,9 @@ static int host_status(bool json, bool prometheus)
 		else if (a[i].st->locked && rc == KEYFS_EXIT_OK)
 			rc = KEYFS_EXIT_LOCKED;
 	}
+	for (size_t i = 0; i < l.n && !prometheus; i++)
+		if (a[i].st && cli_key_id_is_alias(a[i].st->key_id))
+			cli_key_id_hint(a[i].st->backing, a[i].st->key_id);
 	if (prometheus) {
 		print_prometheus(a, l.n);
 	} else if (json) {
@@ -718,6 +722,8 @@ static int run_action(enum control_request req, int argc, char **argv)
 	} else {
 		print_status(st);
 	}
+	if (req == CONTROL_STATUS && cli_key_id_is_alias(st->key_id))
+		cli_key_id_hint(st->backing, st->key_id);
 	rc = st->locked ? KEYFS_EXIT_LOCKED : KEYFS_EXIT_OK;
 	if (req == CONTROL_LOCK) {
 		rc = KEYFS_EXIT_OK;

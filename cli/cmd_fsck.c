@@ -758,6 +758,8 @@ int cmd_fsck(int argc, char **argv)
 	rc = cli_volume_open(backing, &kargs, "fsck", &f->vol);
 	if (rc)
 		goto out;
+	if (strcmp(f->vol.vol.kms, VOLDESC_KMS_KEYPROTECT) == 0 && cli_key_id_is_alias(f->vol.vol.key_id))
+		cli_key_id_hint(f->vol.backing, f->vol.vol.key_id);
 	rc = cli_volume_kms(&f->vol, "fsck");
 	if (rc)
 		goto out;

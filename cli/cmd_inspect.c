@@ -22,6 +22,7 @@
 #include "keyfs/voldesc.h"
 #include "cli.h"
 #include "progress.h"
+#include "volume.h"
 #include "walk.h"
 
 /* inspect -r keeps counts, not files; these bound the rest of what it holds. */
@@ -95,6 +96,7 @@ struct target {
 	char backing[PATH_MAX];
 	const struct mount *mount;      /* NULL when not inside a live keyfs mount */
 	bool found;                     /* backing exists: -r shows it in the summary */
+	struct voldesc *desc;           /* -r of a volume's backing root: its description, else NULL */
 };
 
 /* Why there is nothing to show for a path: an exit code, and the rest of a message that starts
@@ -588,11 +590,12 @@ static int count_key(struct tree *tr, const struct fmt_header *h)
 	return 0;
 }
 
-/* True when fd holds a volume description: the .keyfs of a volume root met in the tree. */
-static bool fd_is_voldesc(int fd)
+/* True when fd holds a volume description: the .keyfs of a volume root met in the tree. The
+ * description into ret, when not NULL. */
+static bool fd_voldesc(int fd, struct voldesc *ret)
 {
 	char *text = malloc(VOLDESC_MAX + 1), err[256];
-	struct voldesc *v = malloc(sizeof(*v));
+	struct voldesc *v = ret ? ret : malloc(sizeof(*v));
 	size_t len = 0;
 	bool ok = false;
 
@@ -615,23 +618,50 @@ static bool fd_is_voldesc(int fd)
 	ok = voldesc_parse(text, len, v, err, sizeof(err)) == 0;
 out:
 	free(text);
-	free(v);
+	if (v != ret)
+		free(v);
 	return ok;
 }
 
-/* The directory dirfd is a volume's backing root: its .keyfs is a volume description. */
-static bool is_volume_root(int dirfd)
+static bool fd_is_voldesc(int fd)
 {
+	return fd_voldesc(fd, NULL);
+}
+
+/* The description of the volume whose backing root is dirfd, malloc'd; NULL when it is none. */
+static struct voldesc *volume_desc(int dirfd)
+{
+	struct voldesc *v = malloc(sizeof(*v));
 	struct stat st;
-	bool ok;
 	int fd;
 
+	if (!v)
+		return NULL;
 	fd = openat(dirfd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
-	if (fd < 0)
-		return false;
-	ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && fd_is_voldesc(fd);
-	close(fd);
-	return ok;
+	if (fd >= 0 && fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && fd_voldesc(fd, v)) {
+		close(fd);
+		return v;
+	}
+	if (fd >= 0)
+		close(fd);
+	free(v);
+	return NULL;
+}
+
+/* Who a volume's key is, as its description says: the alias it was named by (Key Protect; an
+ * older volume's key_id may be one), its uuid, its CRN; "" for what it does not say. */
+static void volume_key(const struct voldesc *d, const char **alias, const char **uuid, const char **crn)
+{
+	bool kp = strcmp(d->kms, VOLDESC_KMS_KEYPROTECT) == 0;
+
+	*alias = *uuid = *crn = "";
+	if (kp && cli_key_id_is_alias(d->key_id))
+		*alias = d->key_id;
+	else if (kp && strcmp(d->key, d->key_id) != 0 && strncmp(d->key, "crn:", 4) != 0)
+		*alias = d->key;
+	if (!kp || !cli_key_id_is_alias(d->key_id))
+		*uuid = d->key_id;
+	*crn = d->key_crn;
 }
 
 /* A regular file the walk listed with lstat listed (or a file PATH): count it, print it. */
@@ -783,7 +813,8 @@ static int inspect_tree(struct tree *tr, const struct mounts *m, struct target *
 		close(fd);
 		return 0;
 	}
-	r = walk_tree(fd, is_volume_root(fd), visit, walk_error, tr);
+	t->desc = volume_desc(fd);
+	r = walk_tree(fd, t->desc != NULL, visit, walk_error, tr);
 	close(fd);
 	if (r == -ENOMEM)
 		return r;
@@ -848,6 +879,31 @@ static void print_tree_text(struct tree *tr, const struct target *targets, int n
 			print_mount_state(targets[i].mount);
 		}
 		putchar('\n');
+		if (targets[i].desc) {
+			const struct voldesc *d = targets[i].desc;
+			const char *alias, *uuid, *crn;
+
+			volume_key(d, &alias, &uuid, &crn);
+			printf("volume: %s\n", d->volume);
+			if (strcmp(d->kms, VOLDESC_KMS_LOCAL) == 0) {
+				fputs("key name: ", stdout);
+				cli_fputs_safe(stdout, d->key);
+				putchar('\n');
+			}
+			if (alias[0]) {
+				fputs("key alias: ", stdout);
+				cli_fputs_safe(stdout, alias);
+				putchar('\n');
+			}
+			fputs("key uuid: ", stdout);
+			cli_fputs_safe(stdout, uuid[0] ? uuid : "(not recorded)");
+			putchar('\n');
+			if (crn[0]) {
+				fputs("key crn: ", stdout);
+				cli_fputs_safe(stdout, crn);
+				putchar('\n');
+			}
+		}
 	}
 	human(tr->plain_bytes, size, sizeof(size));
 	printf("files: %" PRIu64 " (%" PRIu64 " empty)\n", tr->files, tr->empty);
@@ -880,16 +936,49 @@ static void print_tree_text(struct tree *tr, const struct target *targets, int n
 		printf("  ... and %" PRIu64 " more\n", more);
 }
 
-static void print_tree_json_end(struct tree *tr)
+/* A string member, null when "". */
+static void json_member(const char *name, const char *value, bool last)
+{
+	printf("\"%s\": ", name);
+	if (value[0])
+		util_json_string(stdout, value);
+	else
+		fputs("null", stdout);
+	if (!last)
+		fputs(", ", stdout);
+}
+
+static void print_tree_json_end(struct tree *tr, const struct target *targets, int ntargets)
 {
 	uint64_t unreadable_more, not_visited_more;
 	size_t i = 0;
+	bool any = false;
 
 	fputs(tr->printed ? "\n  ],\n  \"unreadable\": [" : "  ],\n  \"unreadable\": [", stdout);
 	unreadable_more = listing_print(&tr->unreadable);
 	fputs(tr->unreadable.listed ? "\n  ],\n  \"not_visited\": [" : "],\n  \"not_visited\": [", stdout);
 	not_visited_more = listing_print(&tr->not_visited);
 	fputs(tr->not_visited.listed ? "\n  ],\n" : "],\n", stdout);
+	fputs("  \"volumes\": [", stdout);
+	for (int t = 0; t < ntargets; t++) {
+		const struct voldesc *d = targets[t].desc;
+		const char *alias, *uuid, *crn;
+
+		if (!d)
+			continue;
+		volume_key(d, &alias, &uuid, &crn);
+		fputs(any ? ",\n    {" : "\n    {", stdout);
+		json_member("backing", targets[t].backing, false);
+		json_member("volume", d->volume, false);
+		json_member("kms", d->kms, false);
+		json_member("key", d->key, false);
+		json_member("key_alias", alias, false);
+		json_member("key_uuid", uuid, false);
+		json_member("key_crn", crn, true);
+		fputs("}", stdout);
+		any = true;
+	}
+	fputs(any ? "\n  ],\n" : "],\n", stdout);
 	printf("  \"summary\": {\n");
 	printf("    \"files\": %" PRIu64 ",\n", tr->files);
 	printf("    \"empty_files\": %" PRIu64 ",\n", tr->empty);
@@ -959,10 +1048,14 @@ static int inspect_recursive(const struct mounts *mounts, char **paths, int npat
 	}
 	progress_clear(&tr->progress);
 	if (json)
-		print_tree_json_end(tr);
+		print_tree_json_end(tr, targets, npaths);
 	else
 		print_tree_text(tr, targets, npaths);
 	fflush(stdout);
+	for (int i = 0; i < npaths; i++)
+		if (targets[i].desc && strcmp(targets[i].desc->kms, VOLDESC_KMS_KEYPROTECT) == 0 &&
+		    cli_key_id_is_alias(targets[i].desc->key_id))
+			cli_key_id_hint(targets[i].backing, targets[i].desc->key_id);
 	rc = tr->rc;
 	if (rc)
 		log_err("%" PRIu64 " %s without a readable keyfs header, %" PRIu64 " %s not visited: listed in the %s",
@@ -973,6 +1066,8 @@ out:
 	listing_close(&tr->not_visited);
 	free(tr->kv);
 	free(tr);
+	for (int i = 0; i < npaths; i++)
+		free(targets[i].desc);
 	free(targets);
 	return rc;
 }

@@ -27,9 +27,10 @@ static const struct cli_cmd commands[] = {
 	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F]",
 	  "make an empty or missing dir a keyfs volume bound to a key; records its key service\n"
 	  "            as trusted on this host" },
-	{ "trust", cmd_trust, "BACKING [--yes]", "--forget BACKING|UUID",
+	{ "trust", cmd_trust, "BACKING [--yes]", "--forget BACKING|UUID | --resolve-key [--apikey-file F] [--ca-file F] BACKING [--yes]",
 	  "show the key service a volume names and trust it on this host (once per volume made\n"
-	  "            elsewhere or by an older keyfs); --forget: trust it no more" },
+	  "            elsewhere or by an older keyfs); --forget: trust it no more; --resolve-key: a volume\n"
+	  "            that names its key by alias records the key's uuid and CRN instead" },
 	{ "inspect", cmd_inspect, "[-r] [--json] PATH...", NULL,
 	  "show the keyfs header of files (backing files or paths in a mount), no key needed;\n"
 	  "            -r: every file under a directory, with a summary" },

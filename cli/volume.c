@@ -2,10 +2,12 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "keyfs/exitcode.h"
 #include "keyfs/log.h"
+#include "keyfs/util.h"
 #include "volume.h"
 
 int cli_kms_option(struct cli_kms_args *a, int c, const char *arg)
@@ -18,7 +20,8 @@ int cli_kms_option(struct cli_kms_args *a, int c, const char *arg)
 	}
 }
 
-int cli_volume_open(const char *arg, const struct cli_kms_args *a, const char *what, struct vol *ret)
+static int volume_open(const char *arg, const struct cli_kms_args *a, const char *what, unsigned flags,
+		       struct vol *ret)
 {
 	char keystore[PATH_MAX], apikey[PATH_MAX], ca[PATH_MAX];
 	struct vol_host h = { NULL };
@@ -44,7 +47,33 @@ int cli_volume_open(const char *arg, const struct cli_kms_args *a, const char *w
 			return cli_usage_error(what, "--ca-file '%s': %s", a->ca_file, strerror(-r));
 		h.ca_file = ca;
 	}
-	return vol_open(arg, &h, 0, ret);
+	return vol_open(arg, &h, flags, ret);
+}
+
+int cli_volume_open(const char *arg, const struct cli_kms_args *a, const char *what, struct vol *ret)
+{
+	return volume_open(arg, a, what, 0, ret);
+}
+
+int cli_volume_open_untrusted(const char *arg, const struct cli_kms_args *a, const char *what, struct vol *ret)
+{
+	return volume_open(arg, a, what, VOL_SKIP_TRUST, ret);
+}
+
+bool cli_key_id_is_alias(const char *key_id)
+{
+	return key_id[0] && !util_uuid_valid(key_id) && strncmp(key_id, "crn:", 4) != 0;
+}
+
+void cli_key_id_hint(const char *backing, const char *key_id)
+{
+	char a[1024], b[PATH_MAX * 2];
+
+	/* Both are the backing dir's bytes (the daemon's, for status): escaped for the terminal. */
+	cli_escape(key_id, true, a, sizeof(a));
+	cli_escape(backing, true, b, sizeof(b));
+	fprintf(stderr, "keyfsctl: hint: volume '%s' names its key by the alias '%s' (moving the alias would move the volume): "
+		"'keyfsctl trust --resolve-key %s' records the key's uuid instead\n", b, a, b);
 }
 
 int cli_volume_kms(struct vol *v, const char *what)

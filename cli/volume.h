@@ -3,6 +3,7 @@
 #define KEYFS_CLI_VOLUME_H
 
 #include <limits.h>
+#include <stdbool.h>
 
 #include "keyfs/kms.h"
 #include "keyfs/voldesc.h"
@@ -39,5 +40,15 @@ int cli_volume_open(const char *arg, const struct cli_kms_args *a, const char *w
 int cli_volume_kms(struct vol *v, const char *what);
 
 void cli_volume_close(struct vol *v);
+
+/* cli_volume_open without the trust check (keyfsctl trust --resolve-key checks the record itself). */
+int cli_volume_open_untrusted(const char *arg, const struct cli_kms_args *a, const char *what, struct vol *ret);
+
+/* Does key_id name a key by alias? Volumes made before init resolved the key recorded the alias
+ * given (Key Protect; a local key id is always its uuid): not a uuid, not a CRN. */
+bool cli_key_id_is_alias(const char *key_id);
+
+/* One stderr line for such a volume: which command records the key's uuid instead. */
+void cli_key_id_hint(const char *backing, const char *key_id);
 
 #endif

@@ -1370,8 +1370,7 @@ static void read_tunables(struct kp_tunables *t)
 
 int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *ret, struct kms_err *err)
 {
-	/* The id recorded at init, when there is one: an alias moved since cannot redirect the volume. */
-	const char *key = cfg->key_id[0] ? cfg->key_id : cfg->key;
+	const char *key = cfg->key[0] ? cfg->key : cfg->key_id;
 	char crn_instance[64] = "", region[64] = "", endpoint[600];
 	struct http_settings hs;
 	struct kp *kp;
@@ -1407,6 +1406,16 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 		kms_err_set(err, "key protect: '%s' is neither a key id, an alias nor a key CRN", key);
 		r = -EINVAL;
 		goto fail;
+	}
+	/* The id recorded at init names the key (a CRN still gives the instance): an alias moved
+	 * since cannot redirect the volume. */
+	if (cfg->key_id[0] && key != cfg->key_id) {
+		if (!ident_ok(cfg->key_id, 128)) {
+			kms_err_set(err, "key protect: key id '%s' is not a key id", cfg->key_id);
+			r = -EINVAL;
+			goto fail;
+		}
+		snprintf(kp->key_id, sizeof(kp->key_id), "%s", cfg->key_id);
 	}
 	if (cfg->instance[0] && crn && strcmp(cfg->instance, crn_instance) != 0) {
 		kms_err_set(err, "key protect: instance '%s' is not the instance '%s' of the key CRN", cfg->instance,

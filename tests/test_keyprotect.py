@@ -155,10 +155,10 @@ def test_init_mount_round_trip(emu, tmp_path, kp_env, mount):
     assert vol["ca_file"] == emu.ca_file
     assert stat.S_IMODE(os.stat(os.path.join(backing, ".keyfs")).st_mode) == 0o644
     assert sorted(os.listdir(backing)) == [".keyfs"]
-    # init proved the key: one state read, one wrap, one unwrap, all answered 200.
+    # init resolved the key and proved it: one identity read, one state read, one wrap, one unwrap, all 200.
     kms = emu.requests(kind="kms")
     assert [(e["method"], e["path"].rsplit("/", 1)[-1], e["status"]) for e in kms] == [
-        ("GET", "metadata", 200), ("POST", "wrap", 200), ("POST", "unwrap", 200)]
+        ("GET", "metadata", 200), ("GET", "metadata", 200), ("POST", "wrap", 200), ("POST", "unwrap", 200)]
 
     m = kp_mount(mount, emu, backing, apikey_file)
     data = {"empty": b""}
@@ -443,7 +443,9 @@ def test_init_failure_writes_nothing(emu, tmp_path, kp_env, case, backing_exists
         assert r.returncode == EXIT_KMS
         assert err.startswith("keyfsctl: error: key '%s' not found at %s: " % (key, where)), err
         assert "HTTP 404 KEY_NOT_FOUND_ERR" in err
-        assert "(correlation-id %s)" % cid_of(emu, kind="kms", path="/actions/wrap") in err
+        # Resolving the key's identity is the first call, and the one that finds no key.
+        assert "(correlation-id %s)" % cid_of(emu, kind="kms", path="/metadata") in err
+        assert emu.requests(kind="kms", path="/actions/") == []
     elif case == "suspended-key":
         assert r.returncode == EXIT_LOCKED
         assert err.startswith("keyfsctl: error: key '%s' at %s is suspended: enable it" % (key, where)), err

@@ -51,6 +51,7 @@ class KeyProtect:
             f.write(APIKEY + "\n")
         self.status_keys = (emu.kid,)   # what "key" in status may say: the id (init was given the id)
         self.header_key = emu.kid       # what file headers record
+        self.crn = "crn:v1:bluemix:public:kms:local:a/kpemu:%s:key:%s" % (emu.instance, emu.kid)
 
     def volume(self, name="backing"):
         backing = str(self.tmp_path / name)
@@ -86,6 +87,7 @@ class Local:
         self.created = False
         self.status_keys = ()
         self.header_key = None
+        self.crn = None                 # a local key has no CRN
 
     def volume(self, name="backing"):
         backing = str(self.tmp_path / name)
@@ -208,6 +210,14 @@ def check_status(doc, m, backend, state, reason, key_state=None, grace=300):
     assert doc["mountpoint"] == os.path.realpath(m.mnt), doc
 
 
+def desc_volume(backing):
+    """The volume uuid its .keyfs records."""
+    for line in read_file(os.path.join(backing, ".keyfs")).decode().splitlines():
+        if line.startswith("volume="):
+            return line.split("=", 1)[1]
+    raise AssertionError("no volume= in %s/.keyfs" % backing)
+
+
 def check_status_cli(m, backend, state, reason, key_state, grace):
     """keyfsctl status, --json and human, with their exit codes."""
     rc, doc = ctl_status(m.mnt)
@@ -219,7 +229,16 @@ def check_status_cli(m, backend, state, reason, key_state, grace):
     names = {0: "pre-active", 1: "active", 2: "suspended", 3: "deactivated", 5: "destroyed"}
     assert lines[0] == ("state: %s (%s)" % (state, reason) if reason else "state: %s" % state), lines
     assert lines[1] == "key: %s" % doc["key"], lines
-    assert lines[2] == "key state: %d (%s)" % (doc["key_state"], names[doc["key_state"]]), lines
+    # The key's uuid when the volume named it otherwise, its CRN (Key Protect), the volume uuid.
+    ident = ["key id: %s" % backend.header_key] if doc["key"] != backend.header_key else []
+    if backend.crn:
+        ident.append("key crn: %s" % backend.crn)
+    ident.append("volume: %s" % doc["volume"])
+    assert doc["key_id"] == backend.header_key and doc["key_crn"] == backend.crn, doc
+    assert lines[2:2 + len(ident)] == ident, lines
+    lines = lines[:2] + lines[2 + len(ident):]
+    # The state by name only: the number is in --json.
+    assert lines[2] == "key state: %s" % names[doc["key_state"]], lines
     assert re.fullmatch("last poll: " + RFC3339, lines[3]), lines      # a poll may fall between the two calls
     assert lines[4:] == ["poll: %d s" % POLL, "grace: %d s" % grace, "backing: %s" % doc["backing"],
                          "mountpoint: %s" % doc["mountpoint"]], lines
@@ -805,7 +824,13 @@ def test_manual_lock_and_unlock(volume, keystore, mount, tmp_path):
         r = ctl("status", path)
         assert r.returncode == EXIT_MOUNT and r.stdout == "", (path, r)
         assert r.stderr == "keyfsctl: error: '%s' %s\n" % (path, words), r.stderr
+    # Without a path, status lists every mount of the host (tests/test_audit.py); lock still needs one.
     r = ctl("status")
+    assert [l.split() for l in r.stdout.splitlines() if l.endswith(" " + m.mnt)] == [
+        ["unlocked", "-", desc_volume(m.backing), m.mnt]], r
+    r = ctl("lock")
+    assert r.returncode == EXIT_USAGE, r
+    r = ctl("status", m.mnt, m.mnt)
     assert r.returncode == EXIT_USAGE, r
     r = ctl("lock", m.mnt, "--json")
     assert r.returncode == EXIT_USAGE, r

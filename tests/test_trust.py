@@ -172,9 +172,11 @@ def test_volume_from_elsewhere_needs_keyfsctl_trust(real, tmp_path, trust_dir, m
              "  instance      %s\n"
              "  key           %s\n"
              "  key_id        %s\n"
+             "  key_crn       %s\n"
              "Trusting it lets keyfs, fsck and rewrap send this volume's file keys and this host's API key there.\n"
              "Trust it only if you know this is where the volume's key lives.\n"
-             % (backing, uuid, real.url, real.url, real.ca_file, real.instance, real.kid, real.kid))
+             % (backing, uuid, real.url, real.url, real.ca_file, real.instance, real.kid, real.kid,
+                "crn:v1:bluemix:public:kms:local:a/kpemu:%s:key:%s" % (real.instance, real.kid)))
     # Without a terminal to ask on, --yes is required; nothing is recorded.
     r = run([KEYFSCTL, "trust", backing])
     assert r.returncode == EXIT_USAGE

@@ -323,6 +323,42 @@ void vol_lock_owner(int lock_fd)
 	}
 }
 
+/*
+ * key= of a stated location is an alias (or the volume recorded one): the service says, once,
+ * which key it names now. The same key as the description's key_id: every later call names that
+ * id (the alias may move during the mount). Another key (the alias moved): refused, as any other
+ * key would be. Returns 0 (v->kms reopened, or left for the caller's check) or an exit code.
+ */
+static int stated_alias(struct vol *v, struct kms_config *cfg)
+{
+	struct kms_err err = { .msg = "" };
+	struct kms_key_info info;
+	char a[SHOWN_MAX];
+	int r;
+
+	r = kms_key_info(v->kms, &info, &err);
+	if (r < 0) {
+		log_err("volume '%s': key '%s' the mount options state cannot be resolved: %s", v->backing, v->vol.key,
+			err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+	if (strcmp(info.id, v->vol.key_id) != 0) {
+		log_err("volume '%s': its %s says key_id %s but key '%s' the mount options state is key '%s' now: refusing it",
+			v->backing, VOLDESC_NAME, shown(v->vol.key_id, a), v->vol.key, info.id);
+		audit_refused(v, "trust_mismatch", "key_id");
+		return KEYFS_EXIT_UNTRUSTED;
+	}
+	kms_free(v->kms);
+	v->kms = NULL;
+	cfg->key_id = v->vol.key_id;
+	r = kms_open(cfg, &v->kms, &err);
+	if (r < 0) {
+		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
+		return KEYFS_EXIT_KMS;
+	}
+	return 0;
+}
+
 int vol_kms_open(struct vol *v, const char *what)
 {
 	struct kms_config cfg;
@@ -353,6 +389,12 @@ int vol_kms_open(struct vol *v, const char *what)
 	if (r < 0) {
 		log_err("%s", err.msg[0] ? err.msg : strerror(-r));
 		return KEYFS_EXIT_KMS;
+	}
+	if (v->stated && strcmp(kms_key_id(v->kms), v->vol.key_id) != 0 &&
+	    strcmp(v->vol.kms, VOLDESC_KMS_KEYPROTECT) == 0) {
+		r = stated_alias(v, &cfg);
+		if (r)
+			return r;
 	}
 	if (v->stated && strcmp(kms_key_id(v->kms), v->vol.key_id) != 0) {
 		log_err("volume '%s': its %s says key_id %s but key '%s' of the key service the mount options state has id '%s': refusing it",
