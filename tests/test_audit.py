@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from helpers import (APIKEY, EXIT_OK, KEYFSCTL, inspect_json, keyfsctl, run, secret_file, wait_for, write_file,
-                     read_file)
+from helpers import (APIKEY, EXIT_OK, FUSERMOUNT, KEYFS, KEYFSCTL, inspect_json, is_mounted, keyfsctl, run,
+                     secret_file, wait_for, write_file, read_file)
 
 AUDIT_LINE = re.compile(r"^keyfs(?:ctl)?: audit: (\w+)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$")
 FIELD = re.compile(r" (\w+)=(\"(?:[^\"\\]|\\.)*\"|\S+)")
@@ -271,3 +271,276 @@ def test_key_state_prints_its_name_only(mount):
     out = keyfsctl("status", m.mnt).stdout
     assert "key state: active\n" in out and "key state: 1" not in out
     assert json.loads(keyfsctl("status", "--json", m.mnt).stdout)["key_state"] == 1
+
+
+# ---- volumes that named their key by alias: conversion, the hint, a stated alias ----
+
+def crn_of(emu, kid):
+    return "crn:v1:bluemix:public:kms:local:a/kpemu:%s:key:%s" % (emu.instance, kid)
+
+
+def set_fields(path, **fields):
+    """Rewrite name=value lines of a .keyfs or a trust record (None: drop the line)."""
+    lines, seen = [], set()
+    for line in read_file(path).decode().splitlines():
+        k = line.split("=", 1)[0]
+        if k in fields:
+            seen.add(k)
+            if fields[k] is not None:
+                lines.append("%s=%s" % (k, fields[k]))
+        else:
+            lines.append(line)
+    lines += ["%s=%s" % (k, v) for k, v in fields.items() if k not in seen and v is not None]
+    mode = os.stat(path).st_mode & 0o777
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, mode)
+
+
+def old_alias_volume(emu, tmp_path, alias):
+    """A volume as keyfs made it before init resolved the key: key_id is the alias, no key_crn,
+    in the description and in the host's trust record alike."""
+    apikey = secret_file(tmp_path / "secrets", "apikey", APIKEY)
+    emu.create_alias(emu.kid, alias)
+    backing = str(tmp_path / "b")
+    assert kp_init(emu, backing, apikey, alias).returncode == EXIT_OK
+    record = os.path.join(os.environ["KEYFS_TRUST_DIR"], desc(backing)["volume"])
+    for path in (os.path.join(backing, ".keyfs"), record):
+        set_fields(path, key_id=alias, key_crn=None)
+    return backing, apikey, record
+
+
+def hint(backing, alias):
+    return ("keyfsctl: hint: volume '%s' names its key by the alias '%s' (moving the alias would move the volume): "
+            "'keyfsctl trust --resolve-key %s' records the key's uuid instead\n" % (backing, alias, backing))
+
+
+@pytest.mark.fuse
+def test_resolve_key_converts_a_volume_that_named_its_key_by_alias(emu, mount, tmp_path):
+    backing, apikey, record = old_alias_volume(emu, tmp_path, "old-root")
+    m = mount(backing=backing, opts=["apikey_file=" + apikey])
+    write_file(m.path("f"), b"written by alias")
+    assert inspect_json(os.path.join(backing, "f"))[0]["key"] == "old-root"
+    # status, inspect -r and fsck say how to convert it.
+    r = run([KEYFSCTL, "status", m.mnt])
+    assert r.returncode == EXIT_OK and r.stderr == hint(backing, "old-root"), r
+    assert "key: old-root\n" in r.stdout and "key id:" not in r.stdout
+    # Mounted: the conversion would race the daemon's lock on .keyfs.
+    r = run([KEYFSCTL, "trust", "--resolve-key", "--apikey-file", apikey, backing, "--yes"])
+    assert r.returncode == 5 and "already mounted" in r.stderr, r
+    m.umount()
+    r = run([KEYFSCTL, "inspect", "-r", backing])
+    assert r.returncode == EXIT_OK and r.stderr == hint(backing, "old-root"), r
+    assert ("backing: %s\nvolume: %s\nkey alias: old-root\nkey uuid: (not recorded)\nfiles: 1 (0 empty)\n"
+            % (backing, desc(backing)["volume"])) in r.stdout, r.stdout
+    r = run([KEYFSCTL, "fsck", backing, "--apikey-file", apikey])
+    assert r.returncode == EXIT_OK and r.stderr.startswith(hint(backing, "old-root")), r
+
+    vol = desc(backing)["volume"]
+    crn = crn_of(emu, emu.kid)
+    shown = ("volume '%s' (uuid %s) names key 'old-root'; the key service resolves it now:\n"
+             "  key_id   old-root -> %s\n"
+             "  key_crn  (none) -> %s\n"
+             "Recording it binds the volume to this key: moving the alias 'old-root' no longer moves the volume.\n"
+             "Record it only if this is the key the volume's files are wrapped with ('keyfsctl fsck' checks).\n"
+             % (backing, vol, emu.kid, crn))
+    # Without a terminal, --yes is required and nothing changes.
+    before = (read_file(os.path.join(backing, ".keyfs")), read_file(record))
+    r = run([KEYFSCTL, "trust", "--resolve-key", "--apikey-file", apikey, backing])
+    assert r.returncode == 2 and r.stdout == shown, r
+    assert (read_file(os.path.join(backing, ".keyfs")), read_file(record)) == before
+    emu.clear_log()
+    r = run([KEYFSCTL, "trust", "--resolve-key", "--apikey-file", apikey, backing, "--yes"])
+    assert r.returncode == EXIT_OK, r
+    assert r.stdout == shown + "recorded: key_id %s in '%s/.keyfs' and '%s'\n" % (emu.kid, backing, record)
+    # The alias was resolved once, at the trusted service: one identity read (plus the state read).
+    assert [e["path"] for e in emu.requests(kind="kms", path="/metadata")] == [
+        "/api/v2/keys/old-root/metadata", "/api/v2/keys/old-root/metadata"]
+    d = desc(backing)
+    assert (d["key"], d["key_id"], d["key_crn"]) == ("old-root", emu.kid, crn)
+    rec = read_file(record).decode()
+    assert "key=old-root\n" in rec and "key_id=%s\n" % emu.kid in rec and "key_crn=%s\n" % crn in rec
+    assert stat_mode(os.path.join(backing, ".keyfs")) == 0o644
+    assert not [n for n in os.listdir(backing) if n not in (".keyfs", "f")]      # no temporary left
+    # Once is enough; no hint any more.
+    r = run([KEYFSCTL, "trust", "--resolve-key", "--apikey-file", apikey, backing])
+    assert r.returncode == EXIT_OK and r.stdout == (
+        "volume '%s' (uuid %s) records its key's uuid already: key_id %s\n" % (backing, vol, emu.kid)), r
+    r = run([KEYFSCTL, "inspect", "-r", "--json", backing])
+    assert r.returncode == EXIT_OK and r.stderr == "", r
+    assert json.loads(r.stdout)["volumes"] == [{"backing": backing, "volume": vol, "kms": "keyprotect",
+                                                "key": "old-root", "key_alias": "old-root",
+                                                "key_uuid": emu.kid, "key_crn": crn}]
+
+    # The alias moves: the converted volume keeps its key, old files and new.
+    emu.move_alias("old-root", emu.create_key("other-root"))
+    emu.clear_log()
+    m.start()
+    assert read_file(m.path("f")) == b"written by alias"
+    write_file(m.path("g"), b"written by uuid")
+    r = run([KEYFSCTL, "status", m.mnt])
+    assert r.stderr == "" and "key id: %s\nkey crn: %s\n" % (emu.kid, crn) in r.stdout, r
+    m.umount()
+    assert inspect_json(os.path.join(backing, "g"))[0]["key"] == emu.kid
+    paths = [e["path"] for e in emu.requests(kind="kms")]
+    assert paths and all(p.startswith("/api/v2/keys/%s/" % emu.kid) for p in paths), paths
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_resolve_key_refuses_what_the_host_does_not_trust(emu, tmp_path, keystore):
+    backing, apikey, record = old_alias_volume(emu, tmp_path, "old-root")
+    # The description names another alias than the host's record: nothing resolved, nothing asked.
+    set_fields(os.path.join(backing, ".keyfs"), key_id="evil-root")
+    emu.clear_log()
+    r = run([KEYFSCTL, "trust", "--resolve-key", "--apikey-file", apikey, backing, "--yes"])
+    assert r.returncode == 11, r
+    assert r.stderr == ("keyfsctl: error: volume '%s': its .keyfs says key_id 'evil-root' but this host trusts "
+                        "'old-root' ('%s'), which is key %s: nothing resolved\n" % (backing, record, emu.kid)), r
+    assert "key_id=evil-root\n" in read_file(os.path.join(backing, ".keyfs")).decode()
+    # No record at all: trust it first.
+    os.unlink(record)
+    r = run([KEYFSCTL, "trust", "--resolve-key", "--apikey-file", apikey, backing, "--yes"])
+    assert r.returncode == 11 and r.stderr == (
+        "keyfsctl: error: volume '%s' (uuid %s) is not trusted on this host: run 'keyfsctl trust %s' first\n"
+        % (backing, desc(backing)["volume"], backing)), r
+    # A local volume has nothing to resolve.
+    local = str(tmp_path / "local")
+    keyfsctl("init", local, "--kms", "local", "--keystore", keystore, "--key", "k", "--create-key")
+    r = run([KEYFSCTL, "trust", "--resolve-key", local])
+    assert r.returncode == EXIT_OK and r.stdout == (
+        "volume '%s' (uuid %s) uses a local key: its key_id is the key's uuid already; nothing to resolve\n"
+        % (local, desc(local)["volume"])), r
+
+
+def stated(emu, apikey, alias):
+    return ["kms=keyprotect", "key=" + alias, "endpoint=" + emu.url, "instance=" + emu.instance,
+            "iam_endpoint=" + emu.url, "ca_file=" + emu.ca_file, "apikey_file=" + apikey]
+
+
+@pytest.mark.fuse
+def test_stated_alias_is_resolved_at_mount(emu, mount, tmp_path):
+    """-o key=ALIAS of a volume made with that alias: resolved once; the volume's uuid names the key
+    from then on; an alias moved to another key is refused."""
+    apikey = secret_file(tmp_path / "secrets", "apikey", APIKEY)
+    emu.create_alias(emu.kid, "prod-root")
+    backing = str(tmp_path / "b")
+    assert kp_init(emu, backing, apikey, "prod-root").returncode == EXIT_OK
+    os.unlink(os.path.join(os.environ["KEYFS_TRUST_DIR"], desc(backing)["volume"]))
+    emu.clear_log()
+    m = mount(backing=backing, opts=stated(emu, apikey, "prod-root"))
+    write_file(m.path("f"), b"stated alias")
+    m.umount()
+    assert inspect_json(os.path.join(backing, "f"))[0]["key"] == emu.kid
+    # One call names the alias (the resolution); every other names the uuid.
+    paths = [e["path"] for e in emu.requests(kind="kms")]
+    assert paths[0] == "/api/v2/keys/prod-root/metadata", paths
+    assert all(p.startswith("/api/v2/keys/%s/" % emu.kid) for p in paths[1:]), paths
+
+    other = emu.create_key("other-root")
+    emu.move_alias("prod-root", other)
+    mnt = str(tmp_path / "mnt2")
+    os.mkdir(mnt)
+    r = run([KEYFS, backing, mnt, "-o", ",".join(stated(emu, apikey, "prod-root"))])
+    if is_mounted(mnt):
+        subprocess.run([FUSERMOUNT, "-u", mnt], stdin=subprocess.DEVNULL, capture_output=True)
+        pytest.fail("keyfs mounted a volume whose stated alias moved:\n%s" % r.stderr, pytrace=False)
+    assert r.returncode == 11, r
+    assert ("keyfs: error: volume '%s': its .keyfs says key_id '%s' but key 'prod-root' the mount options state "
+            "is key '%s' now: refusing it" % (backing, emu.kid, other)) in r.stderr.splitlines(), r.stderr
+    [rf] = of_kind(r.stderr, "refused")
+    assert rf["reason"] == "trust_mismatch" and rf["key_id"] == emu.kid
+
+
+# ---- the FUSE threads never wait for audit I/O ----
+
+def ctl_request(mnt, request):
+    """One request on the mount's control socket (include/keyfs/control.h): the status object."""
+    d = "/run/keyfs" if os.geteuid() == 0 else "/run/user/%d/keyfs" % os.geteuid()
+    h = 0xcbf29ce484222325
+    for b in os.path.realpath(mnt).encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xffffffffffffffff
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(60)
+        s.connect("%s/%016x.sock" % (d, h))
+        s.sendall(request.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(8192)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+STORM = 50
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("sink", ["full", "drained"])
+def test_a_journal_that_takes_nothing_costs_the_mount_nothing(tmp_path, keystore, mount, monkeypatch, sink):
+    """The journal socket is full (nobody reads it): a lock/unlock storm with I/O in between goes on,
+    and every event is dropped and counted. Drained, every event arrives and none is dropped."""
+    import threading
+    import time
+
+    path = str(tmp_path / "journal.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    received, stop = [], threading.Event()
+    try:
+        if sink == "full":
+            # Fill its queue: then a sender that does not wait gets EAGAIN at once.
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            filler.setblocking(False)
+            try:
+                while True:
+                    filler.sendto(b"x", path)
+            except BlockingIOError:
+                pass
+            filler.close()
+        else:
+            def drain():
+                sock.settimeout(0.05)
+                while not stop.is_set():
+                    try:
+                        received.append(sock.recv(65536).decode())
+                    except socket.timeout:
+                        pass
+            reader = threading.Thread(target=drain)
+            reader.start()
+        monkeypatch.setenv("KEYFS_AUDIT", "journal")
+        monkeypatch.setenv("KEYFS_AUDIT_SOCKET", path)
+        backing = str(tmp_path / "b")
+        keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "k", "--create-key")
+        m = mount(backing=backing)
+        write_file(m.path("f"), b"0")
+        dropped0 = ctl_request(m.mnt, "status")["audit_dropped"]
+        t0 = time.monotonic()
+        for i in range(STORM):
+            assert ctl_request(m.mnt, "lock")["state"] == "locked"
+            assert ctl_request(m.mnt, "unlock")["state"] == "unlocked"
+            write_file(m.path("f"), b"%d" % i * 1000)
+            assert read_file(m.path("f")) == b"%d" % i * 1000
+        elapsed = time.monotonic() - t0
+        st = ctl_request(m.mnt, "status")
+        print("\naudit sink %s: %d lock/unlock cycles with a write and a read each in %.3f s (%.1f ms a cycle); "
+              "dropped %d" % (sink, STORM, elapsed, elapsed * 1000 / STORM, st["audit_dropped"] - dropped0))
+        # Four events a cycle: manual_lock, lock, manual_unlock, unlock.
+        if sink == "full":
+            assert st["audit_dropped"] - dropped0 == 4 * STORM, st
+        else:
+            assert st["audit_dropped"] == 0, st
+            wait_for(lambda: sum("KEYFS_EVENT=manual_unlock\n" in d for d in received) == STORM, timeout=10,
+                     what="every manual_unlock event")
+            assert sum("KEYFS_EVENT=lock\n" in d for d in received) == STORM
+        m.umount()
+        # The first drop is logged, once; the rest are counted only.
+        assert m.stderr().count("audit: an event was dropped") == (1 if sink == "full" else 0), m.stderr()
+    finally:
+        stop.set()
+        if sink == "drained":
+            reader.join()
+        sock.close()
