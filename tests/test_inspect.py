@@ -103,6 +103,13 @@ def test_tree_from_backing_and_mount(mnt, keystore):
         assert via_mount[name] == p, name
 
 
+def volume_uuid(backing):
+    for line in open(os.path.join(backing, ".keyfs")).read().splitlines():
+        if line.startswith("volume="):
+            return line[len("volume="):]
+    raise AssertionError("no volume= in .keyfs")
+
+
 def test_tree_text_summary(mnt, keystore):
     make_tree(mnt)
     _, key = key_show(keystore, "test")
@@ -113,6 +120,9 @@ def test_tree_text_summary(mnt, keystore):
     assert r.stdout == (
         "backing: %s\n"
         "mount: %s (unlocked)\n"
+        "volume: %s\n"
+        "key name: test\n"
+        "key uuid: %s\n"
         "files: 7 (2 empty)\n"
         "plaintext bytes: %d (18.7 KiB)\n"
         "backing bytes: %d\n"
@@ -123,7 +133,8 @@ def test_tree_text_summary(mnt, keystore):
         "  %s version 1: 6 files\n"
         "unreadable headers: 1\n"
         "  %s/d/odd.bin %s\n"
-        "not visited: 0\n" % (mnt.backing, mnt.mnt, plain, backing, key["id"], mnt.mnt, NO_HEADER))
+        "not visited: 0\n" % (mnt.backing, mnt.mnt, volume_uuid(mnt.backing), key["id"], plain, backing, key["id"],
+                               mnt.mnt, NO_HEADER))
     assert ".keyfs" not in r.stdout.replace("a/.keyfs", "")
 
 
