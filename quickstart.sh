@@ -13,7 +13,7 @@ EOF
 
 BUILD_PKGS=(build-essential meson ninja-build pkg-config libfuse3-dev fuse3 libsodium-dev
 	libcurl4-openssl-dev libcjson-dev libssl-dev)
-TEST_PKGS=(python3-pytest attr rsync sqlite3 git openssl systemd man-db groff-base gdb)
+TEST_PKGS=(python3-pytest attr rsync sqlite3 git openssl systemd man-db groff-base gdb fio)
 BENCH_PKGS=(gocryptfs securefs fio)
 
 cd "$(dirname "$(readlink -f "$0")")"

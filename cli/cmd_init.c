@@ -25,7 +25,7 @@
 
 enum {
 	OPT_KMS = CLI_OPT_BASE, OPT_KEYSTORE, OPT_KEY, OPT_CREATE_KEY, OPT_ENDPOINT, OPT_INSTANCE, OPT_IAM_ENDPOINT,
-	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_HELP,
+	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_HELP, OPT_SHARED,
 };
 
 static const struct option init_options[] = {
@@ -39,6 +39,7 @@ static const struct option init_options[] = {
 	{ "apikey-file", required_argument, NULL, OPT_APIKEY_FILE },
 	{ "ca-file", required_argument, NULL, OPT_CA_FILE },
 	{ "help", no_argument, NULL, OPT_HELP },
+	{ "shared", no_argument, NULL, OPT_SHARED },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -55,6 +56,7 @@ struct init_args {
 	const char *iam_endpoint;
 	const char *apikey_file;
 	const char *ca_file;
+	bool shared;                    /* --shared: several hosts mount it (docs/LOCKING.md) */
 };
 
 /* BACKING must be missing or an empty dir. Returns 0 (ret_missing tells which) or an exit code. */
@@ -554,6 +556,7 @@ int cmd_init(int argc, char **argv)
 		case OPT_IAM_ENDPOINT: a.iam_endpoint = optarg; break;
 		case OPT_APIKEY_FILE: a.apikey_file = optarg; break;
 		case OPT_CA_FILE: a.ca_file = optarg; break;
+		case OPT_SHARED: a.shared = true; break;
 		case 'h':
 		case OPT_HELP:
 			cli_print_usage(stdout, "init");
@@ -578,6 +581,8 @@ int cmd_init(int argc, char **argv)
 	memset(&vol, 0, sizeof(vol));
 	memset(&cfg, 0, sizeof(cfg));
 	vol.format = VOLDESC_FORMAT;
+	if (a.shared)
+		strcpy(vol.shared, "1");
 	if (!kp) {
 		const char *kp_only = a.endpoint ? "--endpoint" : a.instance ? "--instance"
 				      : a.iam_endpoint ? "--iam-endpoint" : a.apikey_file ? "--apikey-file"

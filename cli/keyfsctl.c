@@ -23,8 +23,8 @@
 static int cmd_help(int argc, char **argv);
 
 static const struct cli_cmd commands[] = {
-	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key]",
-	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F]",
+	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key] [--shared]",
+	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F] [--shared]",
 	  "make an empty or missing dir a keyfs volume bound to a key; records its key service\n"
 	  "            as trusted on this host" },
 	{ "trust", cmd_trust, "BACKING [--yes]", "--forget BACKING|UUID | --resolve-key [--apikey-file F] [--ca-file F] BACKING [--yes]",

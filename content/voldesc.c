@@ -17,6 +17,7 @@ struct field {
 static const struct field fields[] = {
 	FIELD(volume), FIELD(kms), FIELD(key), FIELD(key_id), FIELD(key_crn), FIELD(keystore),
 	FIELD(endpoint), FIELD(instance), FIELD(iam_endpoint), FIELD(ca_file), FIELD(created),
+	FIELD(shared),
 };
 
 static int check(const struct voldesc *v, char *err, size_t errlen)
@@ -27,6 +28,10 @@ static int check(const struct voldesc *v, char *err, size_t errlen)
 	}
 	if (!util_uuid_valid(v->volume)) {
 		snprintf(err, errlen, "'volume' must be a lower-case uuid");
+		return -EINVAL;
+	}
+	if (v->shared[0] && strcmp(v->shared, "1") != 0) {
+		snprintf(err, errlen, "'shared' must be 1 (or left out)");
 		return -EINVAL;
 	}
 	if (!v->key[0] || !v->key_id[0]) {

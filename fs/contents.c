@@ -17,6 +17,7 @@
 #include "fs.h"
 #include "keystate.h"
 #include "ops.h"
+#include "shared.h"
 
 /* Open flags a user may pass on to the backing file; the rest is ours to decide (see file_open). */
 #define PASSED_OPEN_FLAGS (O_SYNC | O_DSYNC | O_NOATIME)
@@ -110,9 +111,10 @@ static int contents_enter(struct keyfs *fs, struct kfs_inode *i, enum contents_o
 
 	if (r < 0)
 		return r;
-	if (g->lock == LOCK_SHARED)
+	/* A shared mount's byte-range locks need the content lock alone (shared.h). */
+	if (g->lock == LOCK_SHARED && !fs->shared)
 		pthread_rwlock_rdlock(&i->content);
-	else if (g->lock == LOCK_EXCLUSIVE)
+	else if (g->lock != LOCK_NONE)
 		pthread_rwlock_wrlock(&i->content);
 	*cf = (struct content_file){ .fd = fd };
 	if (g->keys == KEYS_OR_NEW)
@@ -155,10 +157,15 @@ static void file_free(struct keyfs *fs, struct kfs_file *f)
 }
 
 /* The handle of an open file, as the reply to an open or a create gives it. */
-static struct fuse_file_info *file_info(struct fuse_file_info *fi, struct kfs_file *f)
+static struct fuse_file_info *file_info(const struct keyfs *fs, struct fuse_file_info *fi, struct kfs_file *f)
 {
 	fi->fh = (uintptr_t)f;
-	fi->keep_cache = 1;
+	/* Shared: another host may have changed the file since the pages were cached. */
+	fi->keep_cache = !fs->shared;
+	/* Shared: the kernel cuts a write() at a page it has not cached into several requests,
+	 * and each piece of an append would land at the end of its own; direct I/O sends it
+	 * whole (up to max_write), so an append stays in one piece across hosts. */
+	fi->direct_io = fs->shared && f->append;
 	fi->noflush = 1;
 	return fi;
 }
@@ -176,7 +183,11 @@ static int file_truncate(struct keyfs *fs, struct kfs_inode *i, int fd, uint64_t
 
 	if (r < 0)
 		return r;
-	r = cf.keys || size ? content_truncate(&cf, size) : filekeys_drop_header(fs, i, fd);
+	r = shared_all_begin(fs, fd);
+	if (r == 0) {
+		r = cf.keys || size ? content_truncate(&cf, size) : filekeys_drop_header(fs, i, fd);
+		shared_end(fs, fd);
+	}
 	contents_leave(i, op);
 	return r;
 }
@@ -369,7 +380,7 @@ void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 	if (r < 0)
 		fuse_reply_err(req, -r);
-	else if (fuse_reply_open(req, file_info(fi, f)) == -ENOENT)
+	else if (fuse_reply_open(req, file_info(fs_of(req), fi, f)) == -ENOENT)
 		file_free(fs_of(req), f);
 }
 
@@ -412,7 +423,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 
 	if (r < 0) {
 		fuse_reply_err(req, -r);
-	} else if (fuse_reply_create(req, &e, file_info(fi, f)) == -ENOENT) {
+	} else if (fuse_reply_create(req, &e, file_info(fs_of(req), fi, f)) == -ENOENT) {
 		file_free(fs_of(req), f);
 		inode_unref(&fs_of(req)->table, inode_of(req, e.ino), 1);
 	}
@@ -435,8 +446,10 @@ static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_
 	buf = malloc(size ? size : 1);
 	if (!buf)
 		n = -ENOMEM;
-	else if (cf.keys)
+	else if (cf.keys && (n = shared_read_begin(fs, f->fd, (uint64_t)off, size)) == 0) {
 		n = content_read(&cf, buf, size, (uint64_t)off);
+		shared_end(fs, f->fd);
+	}
 	contents_leave(i, C_READ);
 	if (n == -EIO) {
 		char label[64];
@@ -480,10 +493,11 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 
 	if (n < 0)
 		return n;
-	if (f->append)
-		n = content_size(f->fd, &pos);
-	if (n == 0)
+	n = shared_write_begin(fs, f->fd, f->append, size, &pos);
+	if (n == 0) {
 		n = content_write(&cf, buf, size, pos);
+		shared_end(fs, f->fd);
+	}
 	contents_leave(i, C_WRITE);
 	if (n >= 0 && killpriv_wanted()) {
 		char proc[OPS_PROC_PATH_SIZE];
@@ -549,7 +563,11 @@ static int file_fallocate(struct keyfs *fs, struct kfs_file *f, int mode, off_t 
 	r = contents_enter(fs, f->inode, op, f->fd, &cf);
 	if (r < 0)
 		return r;
-	r = content_fallocate(&cf, mode, (uint64_t)off, (uint64_t)len);
+	r = shared_all_begin(fs, f->fd);
+	if (r == 0) {
+		r = content_fallocate(&cf, mode, (uint64_t)off, (uint64_t)len);
+		shared_end(fs, f->fd);
+	}
 	contents_leave(f->inode, op);
 	return r;
 }

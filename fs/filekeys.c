@@ -62,13 +62,33 @@ static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
 	memcpy(cf->file_id, inode->file_id, FMT_FILE_ID_SIZE);
 }
 
+/* The header of fd changed since it was read (another daemon of a shared volume, or keyfsctl
+ * rewrap, stored a re-wrapped one): follow it when it still holds our DEK, i.e. a slot
+ * authenticates with the keys we have. Returns false when none does: the file has a new DEK
+ * (its header was dropped and made again elsewhere) and our keys must not be used. */
+static bool header_follow(struct kfs_inode *inode, int fd, const struct fmt_keys *keys)
+{
+	struct content_headers hs;
+
+	if (content_headers_read(fd, &hs) < 0)
+		return false;
+	for (unsigned k = 0; k < hs.count; k++) {
+		if (fmt_header_verify(hs.raw[k], keys) == 0) {
+			inode->header_slot = hs.slot[k];
+			inode->header_generation = hs.hdr[k].generation;
+			return true;
+		}
+	}
+	return false;
+}
+
 /* Store a DEK the service re-wrapped with a newer key version (vol_keys_store: the other slot,
  * the next generation, then the old slot cleared, under the header lock and only while the
  * header that authenticated is still there: 'keyfsctl rewrap' may have stored a newer one).
  * Best effort: the old blob keeps unwrapping while the service keeps that key version.
  * Called with keys_lock held, the header epoch checked and inode->header_slot the slot that
- * authenticated. */
-static void header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const struct loaded *ld)
+ * authenticated. Returns false when the header changed meanwhile to one our keys do not open. */
+static bool header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const struct loaded *ld)
 {
 	const struct kms_wrapped *w = &ld->rewrapped;
 	struct vol_stored st;
@@ -89,22 +109,27 @@ static void header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const stru
 	if (fd < 0)
 		goto fail;
 	r = vol_keys_store(fd, inode->header_slot, &ld->hdr, ld->raw, w, ld->keys, false, &st);
-	close(fd);
 	if (r == VOL_STORE_CHANGED) {
-		log_debug("%s: header changed since it was read: not storing the re-wrapped key", label);
-		return;
+		bool same = header_follow(inode, fd, ld->keys);
+
+		close(fd);
+		log_debug("%s: header changed since it was read: not storing the re-wrapped key%s", label,
+			  same ? "" : "; it holds another key now, loading it");
+		return same;
 	}
+	close(fd);
 fail:
 	if (r < 0) {
 		log_warn("%s: cannot store the re-wrapped key (version '%s'): %s", label, w->key_version,
 			 strerror(-r));
-		return;
+		return true;
 	}
 	inode->header_slot = st.slot;
 	inode->header_generation = st.generation;
 	inode->header_epoch++;
 	log_info("%s: key re-wrapped with key version '%s'", label, w->key_version);
 	keystate_note_rotation(fs->ks, w->key_version);
+	return true;
 }
 
 /* Why the slots tried did not open, as the log says it. A quiet caller (a prefetch) logs only
@@ -242,8 +267,8 @@ static bool install(struct keyfs *fs, struct kfs_inode *inode, uint64_t epoch, s
 	inode->header_slot = ld->slot;
 	inode->header_generation = ld->generation;
 	memcpy(inode->file_id, ld->file_id, FMT_FILE_ID_SIZE);
-	if (ld->was_rewrapped)
-		header_rewrite(fs, inode, ld);
+	if (ld->was_rewrapped && !header_rewrite(fs, inode, ld))
+		return false;
 	inode->keys = ld->keys;
 	ld->keys = NULL;
 	return true;
@@ -288,6 +313,9 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 		 * so nothing else writes this file meanwhile; a prefetch sees keys_loading and skips. */
 		if (r == 0 && !ld.keys && create)
 			r = keys_create(fs, label, fd, &ld);
+		/* Another daemon of a shared volume gave it a header first: use that one. */
+		if (r == -EEXIST)
+			r = keys_load(fs, label, fd, false, &ld);
 		/* The KMS says the key is unusable or access is denied: the mount finds out now. */
 		keystate_poke(fs->ks, r);
 		/* Locked meanwhile (a call under way is interrupted then): answer as the lock does. */

@@ -39,6 +39,7 @@ struct keyfs {
 	bool debug;
 	bool writeback;                 /* -o writeback asked; */
 	bool writeback_on;              /* ... and the kernel agreed (set by init, before any request) */
+	bool shared;                    /* a shared volume: other daemons may mount it (shared.h) */
 	struct fuse_session *se;
 	struct dekpool *pool;           /* keys for new files; always set (capacity 0: none ready ahead) */
 	struct prefetch *prefetch;      /* NULL: no unwrapping ahead after a readdir */

@@ -407,8 +407,8 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 		daemon_report(report_fd, KEYFS_EXIT_OK);
 		daemon_detach();
 	}
-	log_info("'%s' mounted on '%s' (volume %s, key '%s'%s)", fs->backing, fs->mountpoint, fs->vol.volume,
-		 fs->vol.key, keystate_locked(fs->ks) ? ", locked" : "");
+	log_info("'%s' mounted on '%s' (volume %s, key '%s'%s%s)", fs->backing, fs->mountpoint, fs->vol.volume,
+		 fs->vol.key, fs->shared ? ", shared" : "", keystate_locked(fs->ks) ? ", locked" : "");
 	/* Audit events leave from a thread of their own: never a FUSE request thread's wait. */
 	if (audit_start() < 0)
 		log_warn("audit: no thread of its own: events are sent inline");
@@ -472,8 +472,10 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 
 	/* The description, checked against the host's trust before anything else is read. */
 	code = vol_open(o->backing, &host, VOL_DAEMON, &v);
+	/* Shared when the volume says so, unless the mount says otherwise (docs/LOCKING.md). */
+	fs->shared = o->shared >= 0 ? o->shared == 1 : strcmp(v.vol.shared, "1") == 0;
 	if (code == 0)
-		code = vol_lock(&v);
+		code = vol_lock(&v, fs->shared);
 	if (code) {
 		vol_close(&v);
 		return code;
@@ -504,12 +506,16 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 		keyslab_destroy(&fs->slab);
 		return KEYFS_EXIT_FAILURE;
 	}
-	/* One mount per volume: nothing but keyfs changes what it serves (docs/man/keyfs.8). */
-	fs->timeout = 86400.0;
+	/* One mount per volume: nothing but keyfs changes what it serves (docs/man/keyfs.8). A
+	 * shared volume changes under us: the timeout bounds how late we show it. */
+	fs->timeout = fs->shared ? (double)o->shared_timeout : 86400.0;
 	fs->as_root = geteuid() == 0;
 	raise_nofile_limit();
 	fs->debug = o->debug;
-	fs->writeback = o->writeback;
+	/* Shared: the kernel must not own sizes or hold writes another host should see. */
+	fs->writeback = o->writeback && !fs->shared;
+	if (o->writeback && fs->shared)
+		log_info("shared volume: the writeback cache stays off");
 
 	if (!o->foreground) {
 		report_fd = daemon_fork();

@@ -19,6 +19,10 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 		conn->want |= FUSE_CAP_WRITEBACK_CACHE;
 		fs->writeback_on = true;
 	}
+	/* Shared: pages of a file go when a refreshed size or mtime shows another host changed it
+	 * (libfuse asks for this by default; a shared mount depends on it). */
+	if (fs->shared && (conn->capable & FUSE_CAP_AUTO_INVAL_DATA))
+		conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
 	if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
 		conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
 	/* Names go through *at() calls on per-inode fds and a locked table: lookups and readdirs in

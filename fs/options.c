@@ -70,6 +70,11 @@ void options_help(FILE *f)
 	      "                      Key Protect, 0 for the local keystore)\n"
 	      "  -o prefetch=N       after a directory listing, unwrap ahead the keys of up to N\n"
 	      "                      of its files (0-1024; default 64 for Key Protect, 0 local)\n"
+	      "  -o shared           mount a volume other hosts mount too (every mount of it shared;\n"
+	      "                      the default for a volume made with 'keyfsctl init --shared');\n"
+	      "                      -o noshared: mount it alone\n"
+	      "  -o shared_timeout=SEC  shared: another host's changes show within SEC s (0-3600;\n"
+	      "                      default 1)\n"
 	      "  -o nonempty         allow a non-empty mountpoint\n"
 	      "  -o writeback        let the kernel cache writes (experimental, see keyfs(8));\n"
 	      "                      -o nowriteback (the default): every write reaches keyfs\n"
@@ -205,6 +210,12 @@ static int one_option(struct keyfs_options *o, const char *opt)
 		o->nonempty = true;
 		return 0;
 	}
+	if (strcmp(opt, "shared") == 0 || strcmp(opt, "noshared") == 0) {
+		o->shared = opt[0] == 's';
+		return 0;
+	}
+	if (strncmp(opt, "shared_timeout=", 15) == 0)
+		return set_count(&o->shared_timeout, "shared_timeout", opt + 15, OPTIONS_SHARED_TIMEOUT_MAX);
 	if (strcmp(opt, "writeback") == 0 || strcmp(opt, "nowriteback") == 0) {
 		o->writeback = opt[0] == 'w';
 		return 0;
@@ -251,6 +262,8 @@ int options_parse(int argc, char *argv[], struct keyfs_options *ret)
 
 	memset(&o, 0, sizeof(o));
 	o.dek_pool = o.prefetch = -1;
+	o.shared = -1;
+	o.shared_timeout = OPTIONS_SHARED_TIMEOUT_DEFAULT;
 	o.poll = KS_POLL_DEFAULT;
 	o.grace = KS_GRACE_DEFAULT;
 	for (int k = 1; k < argc; k++) {

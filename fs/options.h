@@ -6,6 +6,9 @@
 #include <stdio.h>
 
 #define OPTIONS_FUSE_MAX 4096
+/* A shared mount's entry and attribute timeout: how late another host's change may be seen. */
+#define OPTIONS_SHARED_TIMEOUT_DEFAULT 1
+#define OPTIONS_SHARED_TIMEOUT_MAX 3600
 
 struct keyfs_options {
 	const char *backing;            /* as given */
@@ -14,6 +17,8 @@ struct keyfs_options {
 	bool debug;                     /* -d */
 	bool nonempty;                  /* -o nonempty */
 	bool writeback;                 /* -o writeback (-o nowriteback: off, the default) */
+	int shared;                     /* -o shared 1, -o noshared 0; -1: as the volume says */
+	int shared_timeout;             /* -o shared_timeout=SEC, 0..OPTIONS_SHARED_TIMEOUT_MAX */
 	bool help;                      /* --help */
 	bool version;                   /* --version */
 	char *keystore;                 /* -o keystore=DIR, absolute; malloc'd or NULL */

@@ -275,7 +275,7 @@ def test_one_mount_per_volume(mount, volume, tmp_path):
         r = run([KEYFS, volume, other, *extra], timeout=20)
         assert r.returncode == 5, r
         assert r.stderr == ("keyfs: error: volume '%s' is already mounted by another keyfs (see 'findmnt -t "
-                            "fuse.keyfs'): one mount per volume\n" % volume)
+                            "fuse.keyfs'): one mount per volume unless every mount is shared (-o shared)\n" % volume)
         assert not is_mounted(other)
     m.umount()
     # Once the first is gone, the volume mounts anywhere again.

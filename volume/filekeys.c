@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <sodium.h>
 
@@ -168,7 +169,16 @@ int vol_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE])
 	int r = vol_header_lock(fd, false, &locked);
 
 	if (r == 0) {
-		r = content_header_init(fd, raw);
+		struct stat st;
+
+		/* Another daemon of a shared volume may have given the file its header since the
+		 * caller found it empty: that header stays, and the caller loads it. */
+		if (fstat(fd, &st) < 0)
+			r = -errno;
+		else if (st.st_size != 0)
+			r = -EEXIST;
+		else
+			r = content_header_init(fd, raw);
 		vol_header_unlock(fd, locked);
 	}
 	return r;

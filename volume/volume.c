@@ -12,6 +12,7 @@
 
 #include "keyfs/audit.h"
 #include "keyfs/exitcode.h"
+#include "keyfs/lockspace.h"
 #include "keyfs/log.h"
 #include "keyfs/util.h"
 #include "keyfs/volkeys.h"
@@ -236,7 +237,7 @@ static long ms_since(const struct timespec *t0)
  * holders are not reported by F_GETLK), if it is a keyfs. Returns the pid or 0. */
 static pid_t lock_holder(int fd)
 {
-	struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET };
+	struct flock fl = { .l_type = F_WRLCK, .l_whence = SEEK_SET, .l_len = (off_t)LOCKSPACE_BASE };
 	char path[64], *comm = NULL;
 	size_t len;
 	pid_t pid = 0;
@@ -252,43 +253,111 @@ static pid_t lock_holder(int fd)
 	return pid;
 }
 
+/* What holds a volume another mount wants. */
+enum holder { HELD_NONE, HELD_EXCLUSIVE, HELD_SHARED };
+
 /*
- * One daemon per volume: two would each cache keys and rewrite partial chunks of the same
- * files without knowing of the other, and lose writes. The lock on the volume description
- * lives as long as the daemon (its fd is inherited when it goes to the background) and goes
- * with it, a crash included. keyfsctl fsck and rewrap do not take it: they run beside a mount.
+ * The mode lock: an OFD lock on one byte of .keyfs (LOCKSPACE_MODE), exclusive for an exclusive
+ * mount, shared for a shared one. An OFD lock, not a flock: flock reaches other hosts only on
+ * some filesystems (NFS emulates it with byte-range locks, Lustre needs -o flock, a local mount
+ * never), while the byte-range locks a shared volume needs for its data must cross hosts
+ * anyway; a backing filesystem good enough for sharing excludes the wrong kind of mount too.
+ * Returns 0 (held, or not available to an exclusive mount: see vol_lock), -EWOULDBLOCK with
+ * *ret the holder's kind, or -errno.
+ */
+static int mode_lock(int fd, bool shared, bool writable, enum holder *ret)
+{
+	struct flock fl = {
+		.l_type = shared ? F_RDLCK : F_WRLCK, .l_whence = SEEK_SET,
+		.l_start = (off_t)LOCKSPACE_MODE, .l_len = 1,
+	};
+	int err;
+
+	if (!shared && !writable)
+		return 0;
+	if (fcntl(fd, F_OFD_SETLK, &fl) == 0)
+		return 0;
+	err = errno;
+	if (err != EAGAIN && err != EACCES)
+		return shared ? -err : 0;
+	fl.l_type = F_WRLCK;
+	*ret = fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type == F_RDLCK ? HELD_SHARED : HELD_EXCLUSIVE;
+	return -EWOULDBLOCK;
+}
+
+/* Both locks of vol_lock, or neither. Returns 0, -EWOULDBLOCK (*ret says by what), -errno. */
+static int mount_lock(int fd, bool shared, bool writable, enum holder *ret)
+{
+	int r;
+
+	*ret = HELD_EXCLUSIVE;
+	/* The flock keeps two exclusive mounts of one host apart whatever the backing filesystem
+	 * offers, and makes 'umount && mount' wait for the previous daemon, as it always did. */
+	if (!shared && flock(fd, LOCK_EX | LOCK_NB) < 0)
+		return errno == EWOULDBLOCK ? -EWOULDBLOCK : -errno;
+	r = mode_lock(fd, shared, writable, ret);
+	if (r < 0 && !shared)
+		flock(fd, LOCK_UN);
+	return r;
+}
+
+/*
+ * One daemon per volume, unless it is shared: two exclusive ones would each cache keys and
+ * rewrite partial chunks of the same files without knowing of the other, and lose writes.
+ * Shared mounts (docs/LOCKING.md, "Shared volumes") coordinate through byte-range locks
+ * instead, and an exclusive mount and shared ones exclude each other through the mode lock.
+ * The locks on the volume description live as long as the daemon (its fd is inherited when it
+ * goes to the background) and go with it, a crash included. keyfsctl fsck and rewrap do not
+ * take them: they run beside a mount.
  *
  * A daemon holds the lock a little after its unmount, while it stops. A lock held while the
  * volume is mounted nowhere is such a daemon (or one starting): 'umount && mount' waits for it,
- * for a bounded time, instead of failing; a volume mounted and live is refused at once.
+ * for a bounded time, instead of failing; a volume mounted and live is refused at once. A
+ * holder on another host looks the same from here: refused after the wait.
  */
-int vol_lock(struct vol *v)
+int vol_lock(struct vol *v, bool shared)
 {
-	int fd = openat(v->root_fd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	int fd = openat(v->root_fd, VOLDESC_NAME, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+	bool writable = fd >= 0;
 	struct timespec t0;
+	enum holder held = HELD_NONE;
 	pid_t holder = 0;
 	char who[64] = "";
 	bool waited = false;
+	int r;
 
+	/* Read-only is enough for a flock and a shared lock; an exclusive mount that cannot write
+	 * .keyfs keeps shared mounts of other hosts out only through the flock. */
+	if (fd < 0 && (errno == EACCES || errno == EROFS || errno == EPERM))
+		fd = openat(v->root_fd, VOLDESC_NAME, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0) {
 		log_err("volume description '%s/%s': %s", v->backing, VOLDESC_NAME, strerror(errno));
 		return KEYFS_EXIT_CONFIG;
 	}
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	while (flock(fd, LOCK_EX | LOCK_NB) < 0) {
-		int err = errno;
-
-		if (err == EINTR)
+	while ((r = mount_lock(fd, shared, writable, &held)) < 0) {
+		if (r == -EINTR)
 			continue;
-		if (err != EWOULDBLOCK) {
+		if (r != -EWOULDBLOCK) {
 			close(fd);
-			log_err("volume description '%s/%s': cannot lock it: %s", v->backing, VOLDESC_NAME, strerror(err));
+			if (shared)
+				log_err("volume description '%s/%s': cannot take a byte-range lock on it: %s: a shared mount needs a backing filesystem with OFD byte-range locks (NFSv4, CephFS, a local filesystem)",
+					v->backing, VOLDESC_NAME, strerror(-r));
+			else
+				log_err("volume description '%s/%s': cannot lock it: %s", v->backing, VOLDESC_NAME, strerror(-r));
 			return KEYFS_EXIT_CONFIG;
 		}
 		if (util_mounted_from(KEYFS_FSTYPE, v->backing) == 1) {
 			close(fd);
-			log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t " KEYFS_FSTYPE "'): one mount per volume",
-				v->backing);
+			if (shared)
+				log_err("volume '%s' is mounted exclusively by another keyfs (see 'findmnt -t " KEYFS_FSTYPE "'): mount every mount of it with -o shared, or none",
+					v->backing);
+			else if (held == HELD_SHARED)
+				log_err("volume '%s' is mounted shared by another keyfs (see 'findmnt -t " KEYFS_FSTYPE "'): an exclusive mount needs it alone; mount this one with -o shared too",
+					v->backing);
+			else
+				log_err("volume '%s' is already mounted by another keyfs (see 'findmnt -t " KEYFS_FSTYPE "'): one mount per volume unless every mount is shared (-o shared)",
+					v->backing);
 			return KEYFS_EXIT_MOUNT;
 		}
 		if (!holder)
@@ -297,8 +366,9 @@ int vol_lock(struct vol *v)
 			snprintf(who, sizeof(who), " (pid %ld)", (long)holder);
 		if (ms_since(&t0) >= LOCK_WAIT_MS) {
 			close(fd);
-			log_err("volume '%s' is still held by another keyfs%s although it is mounted nowhere here: waited %d s for it to exit; it may still serve files opened before a lazy unmount, or be mounted in another mount namespace",
-				v->backing, who, LOCK_WAIT_MS / 1000);
+			log_err("volume '%s' is still held by another keyfs%s although it is mounted nowhere here: waited %d s for it to exit; it may still serve files opened before a lazy unmount, be mounted in another mount namespace, or be mounted%s on another host",
+				v->backing, who, LOCK_WAIT_MS / 1000,
+				shared ? " exclusively" : held == HELD_SHARED ? " shared (then mount this one with -o shared too)" : "");
 			return KEYFS_EXIT_MOUNT;
 		}
 		waited = true;
@@ -314,7 +384,8 @@ int vol_lock(struct vol *v)
 
 void vol_lock_owner(int lock_fd)
 {
-	struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET };
+	/* Below the lock space: a record lock and an OFD lock conflict even in one process. */
+	struct flock fl = { .l_type = F_RDLCK, .l_whence = SEEK_SET, .l_len = (off_t)LOCKSPACE_BASE };
 
 	/* A record lock names its process (a flock does not): only for messages, so best effort.
 	 * flock and record locks do not interact on Linux. */

@@ -27,6 +27,7 @@
  *   ca_file=<absolute path>       keyprotect only, optional: CA bundle the service's certificate
  *                                 chains to (a private CA); the mount's -o ca_file= overrides it
  *   created=<RFC 3339 UTC>
+ *   shared=1                      optional: every mount is shared (keyfsctl init --shared)
  * Unknown names are an error (a newer format), so nothing is silently ignored.
  */
 struct voldesc {
@@ -42,6 +43,7 @@ struct voldesc {
 	char iam_endpoint[512];
 	char ca_file[PATH_MAX];
 	char created[32];
+	char shared[2];                 /* "1": mounts are shared unless -o noshared; else "" */
 };
 
 /* Parse len bytes of text. On failure returns -EINVAL (or -EPROTONOSUPPORT for a newer format)

@@ -50,7 +50,7 @@ struct vol {
 	int root_fd;                    /* O_PATH (VOL_DAEMON) or O_RDONLY, O_DIRECTORY */
 	struct stat root_st;
 	struct voldesc vol;             /* the description, agreeing with the host */
-	int lock_fd;                    /* after vol_lock: the flock'd .keyfs; else -1 */
+	int lock_fd;                    /* after vol_lock: the locked .keyfs; else -1 */
 	struct kms *kms;                /* after vol_kms_open */
 	int key_state;                  /* enum kms_key_state, after vol_kms_open */
 	/* private */
@@ -69,11 +69,14 @@ struct vol {
  */
 int vol_open(const char *arg, const struct vol_host *h, unsigned flags, struct vol *ret);
 
-/* One daemon per volume: flock .keyfs, held until vol_close (or the holder of lock_fd closes
- * it). Held by a daemon whose volume is mounted nowhere (one exiting after its unmount), it is
- * waited for, up to 10 s, with an info line saying how long. Returns 0 or an exit code: 5
- * mounted and live elsewhere, or still held after the wait; 3 cannot lock. */
-int vol_lock(struct vol *v);
+/* One daemon per volume, or shared mounts only: flock .keyfs (exclusive) and an OFD lock on its
+ * mode byte (include/keyfs/lockspace.h: exclusive or shared), held until vol_close (or the
+ * holder of lock_fd closes it). Held by a daemon whose volume is mounted nowhere here (one
+ * exiting after its unmount, or a mount on another host), it is waited for, up to 10 s, with an
+ * info line saying how long. Returns 0 or an exit code: 5 mounted and live elsewhere (an
+ * exclusive mount: by any mount; a shared one: by an exclusive one), or still held after the
+ * wait; 3 cannot lock (a shared mount: no OFD locks on the backing filesystem). */
+int vol_lock(struct vol *v, bool shared);
 
 /* Mark the lock with the calling process, so that a mount waiting for it can name it: vol_lock
  * does this; a daemon calls it again after it forks to the background. */
