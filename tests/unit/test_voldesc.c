@@ -1,5 +1,6 @@
 /* test_voldesc.c: the volume description parser is strict and round-trips */
 #include <errno.h>
+#include <stdio.h>
 
 #include "check.h"
 #include "keyfs/voldesc.h"
@@ -89,6 +90,25 @@ int main(void)
 			       "key_id=b\nendpoint=https://h\ninstance=x\nca_file=/a\nca_file=/b\n", &v), -EINVAL);
 		CHECK_EQ(parse("format=1\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=local\nkey=a\nkey_id=b\n"
 			       "keystore=/k\nca_file=/etc/keyfs/ca.pem\n", &v), -EINVAL);
+	}
+	/* shared: optional, 1 only, and it round-trips; without it nothing is written. */
+	{
+		char text[sizeof(good) + 16];
+
+		snprintf(text, sizeof(text), "%sshared=1\n", good);
+		CHECK_EQ(parse(text, &v), 0);
+		CHECK(strcmp(v.shared, "1") == 0);
+		n = voldesc_format(&v, buf, sizeof(buf));
+		CHECK(n > 0 && strstr(buf, "\nshared=1\n") != NULL);
+		CHECK_EQ(voldesc_parse(buf, (size_t)n, &w, err, sizeof(err)), 0);
+		CHECK_MEM(&v, &w, sizeof(v));
+		snprintf(text, sizeof(text), "%sshared=0\n", good);
+		CHECK_EQ(voldesc_parse(text, strlen(text), &v, err, sizeof(err)), -EINVAL);
+		CHECK(strstr(err, "'shared' must be 1") != NULL);
+		CHECK_EQ(parse(good, &v), 0);
+		CHECK_EQ(v.shared[0], 0);
+		n = voldesc_format(&v, buf, sizeof(buf));
+		CHECK(n > 0 && strstr(buf, "shared") == NULL);
 	}
 	{
 		char big[1000] = "format=1\ninstance=";
