@@ -226,7 +226,7 @@ static int resolve_key(const char *arg, const struct cli_kms_args *ka, bool yes)
 	/* The name asked about is the host's; a mount of the volume now would race the rewrite. */
 	memcpy(v.vol.key_id, rec.key_id, sizeof(v.vol.key_id));
 	memcpy(v.vol.key_crn, rec.key_crn, sizeof(v.vol.key_crn));
-	rc = vol_lock(&v);
+	rc = vol_lock(&v, false);
 	if (rc == 0)
 		rc = vol_kms_open(&v, "trust");
 	if (rc)
