@@ -371,6 +371,16 @@ int contents_attr_for_write(struct keyfs *fs)
 	return fs->writeback_on ? contents_allowed(fs, C_OPEN) : 0;
 }
 
+double contents_attr_timeout(struct keyfs *fs, mode_t type)
+{
+	/* With the writeback cache a write() asks for the attributes only when they are stale.
+	 * While locked, none the kernel learns (a stat, a listing) may stay valid: 0 keeps every
+	 * later write() asking, through its descriptor, and so failing. */
+	if (fs->writeback_on && S_ISREG(type) && keystate_locked(fs->ks))
+		return 0;
+	return fs->timeout;
+}
+
 /* ---- handlers ---- */
 
 void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -499,6 +509,9 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 		shared_end(fs, f->fd);
 	}
 	contents_leave(i, C_WRITE);
+	/* Accepted while a lock is under way: a dirty page written back with the keys. */
+	if (n >= 0 && keystate_locked(fs->ks))
+		atomic_fetch_add(&fs->lock_writes, 1);
 	if (n >= 0 && killpriv_wanted()) {
 		char proc[OPS_PROC_PATH_SIZE];
 		int r;
@@ -516,9 +529,17 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 
 void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi)
 {
-	ssize_t n = file_write(fs_of(req), file_of(fi), buf, size, off);
+	struct keyfs *fs = fs_of(req);
+	ssize_t n = file_write(fs, file_of(fi), buf, size, off);
 
 	(void)ino;
+	/* A page written back from the cache (not a write() waiting for its answer) that a lock
+	 * refuses is data lost: the kernel reports this errno at fsync, msync and close, where
+	 * EIO is what a program expects to learn that from. */
+	if (fi->writepage && (n == -ENOKEY || n == -EKEYREVOKED) && keystate_locked(fs->ks)) {
+		atomic_fetch_add(&fs->lock_refused, 1);
+		n = -EIO;
+	}
 	if (n < 0)
 		fuse_reply_err(req, (int)-n);
 	else

@@ -6,6 +6,7 @@
 #define FUSE_USE_VERSION 314
 
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #include <fuse_lowlevel.h>
@@ -24,7 +25,7 @@ struct prefetch;
 /*
  * The one daemon context, passed to libfuse as session userdata. Everything in it is written
  * before the session starts and read-only afterwards, except the inode table and the key slab,
- * which lock themselves.
+ * which lock themselves, and the atomic counters.
  */
 struct keyfs {
 	struct voldesc vol;
@@ -40,6 +41,10 @@ struct keyfs {
 	bool writeback;                 /* -o writeback asked; */
 	bool writeback_on;              /* ... and the kernel agreed (set by init, before any request) */
 	bool shared;                    /* a shared volume: other daemons may mount it (shared.h) */
+	/* Counted by contents.c, read by a lock (lockdown.c): WRITE requests accepted while it is
+	 * carried out (dirty pages written back), and page write-backs refused once writes are. */
+	_Atomic unsigned long lock_writes;
+	_Atomic unsigned long lock_refused;
 	struct fuse_session *se;
 	struct dekpool *pool;           /* keys for new files; always set (capacity 0: none ready ahead) */
 	struct prefetch *prefetch;      /* NULL: no unwrapping ahead after a readdir */

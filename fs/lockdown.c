@@ -1,9 +1,12 @@
 /* lockdown.c: steps 2 to 4 of a lock (docs/LOCKING.md): drop cached plaintext, wipe every key */
 #include <errno.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "keyfs/log.h"
 
+#include "bgthread.h"
 #include "dekpool.h"
 #include "filekeys.h"
 #include "fs.h"
@@ -11,14 +14,53 @@
 #include "lockdown.h"
 #include "prefetch.h"
 
-static void invalidate(struct keyfs *fs, struct kfs_inode **inodes, size_t n)
+/* The write-back passes of step 2 repeat while dirty pages keep coming back as writes, for
+ * this long at most (the lock itself must stay well under 1 s). */
+#define SETTLE_MS 250
+#define SETTLE_PASSES 16
+
+/* One pass: the kernel drops the attributes of each inode, then writes back its dirty pages
+ * (they come back as WRITE requests, served by the other threads) and drops every page. */
+static void invalidate(struct keyfs *fs, struct kfs_inode **inodes, size_t n, bool regular_only)
 {
 	for (size_t i = 0; i < n; i++) {
-		int r = fuse_lowlevel_notify_inval_inode(fs->se, inode_node_id(inodes[i]), 0, 0);
+		int r;
 
+		if (regular_only && !S_ISREG(inodes[i]->type))
+			continue;
+		r = fuse_lowlevel_notify_inval_inode(fs->se, inode_node_id(inodes[i]), 0, 0);
 		if (r < 0 && r != -ENOENT)
 			log_warn("lock: cache invalidation of an inode failed: %s", strerror(-r));
 	}
+}
+
+/*
+ * Step 2 (docs/LOCKING.md): write back and drop every cached page while writes are accepted.
+ * A write() that passed the kernel's attribute check before the first pass dropped its inode's
+ * attributes may dirty a page after that pass went by; the next pass writes it back. So passes
+ * repeat while the previous one saw writes, SETTLE_MS at most. Returns the number of passes;
+ * *late counts the pages written back by the passes after the first.
+ */
+static unsigned write_back(struct keyfs *fs, struct kfs_inode **inodes, size_t n, unsigned long *late)
+{
+	struct timespec deadline = bgthread_deadline(SETTLE_MS);
+	unsigned long before = atomic_load(&fs->lock_writes), after;
+	unsigned passes = 1;
+
+	invalidate(fs, inodes, n, false);
+	after = atomic_load(&fs->lock_writes);
+	*late = 0;
+	/* Without the writeback cache only shared writable mappings make dirty pages, and a
+	 * write() never passes a check it could race with: one pass is all there is. */
+	while (fs->writeback_on && after != before && passes < SETTLE_PASSES &&
+	       !bgthread_reached(&deadline)) {
+		before = after;
+		invalidate(fs, inodes, n, true);
+		passes++;
+		after = atomic_load(&fs->lock_writes);
+		*late += after - before;
+	}
+	return passes;
 }
 
 /* Called by the lock thread, never by a request handler: invalidations from a handler can
@@ -29,16 +71,19 @@ static void lockdown(void *ctx, struct keystate *ks)
 	struct keyfs *fs = ctx;
 	struct kfs_inode **inodes = NULL;
 	size_t n = 0, wiped = 0, pooled;
+	unsigned long written = atomic_load(&fs->lock_writes), refused = atomic_load(&fs->lock_refused), late;
+	unsigned passes;
 
 	pooled = dekpool_drain(fs->pool);
 	dekpool_pause(fs->pool, true);
 	if (fs->prefetch)
 		prefetch_clear(fs->prefetch);
 	/* Every inode the kernel knows: it may have pages cached or mapped, however it was opened.
-	 * Dirty pages of shared mappings come back as writes, still accepted while locking. */
+	 * Dirty pages (cached writes, shared mappings) come back as writes, still accepted. */
 	n = inode_table_snapshot(&fs->table, &inodes);
-	invalidate(fs, inodes, n);
+	passes = write_back(fs, inodes, n, &late);
 	keystate_refuse_writes(ks);
+	written = atomic_load(&fs->lock_writes) - written;
 	/* Exclusive content lock: a read or write still running with the keys finishes first. */
 	for (size_t i = 0; i < n; i++) {
 		pthread_rwlock_wrlock(&inodes[i]->content);
@@ -46,16 +91,39 @@ static void lockdown(void *ctx, struct keystate *ks)
 		pthread_rwlock_unlock(&inodes[i]->content);
 	}
 	/* A read that passed its check just before locking began may have filled pages after the
-	 * first pass; it has finished now (content locks), and no read succeeds any more. */
-	invalidate(fs, inodes, n);
+	 * first pass; it has finished now (content locks), and no read succeeds any more. A page
+	 * dirtied after the last write-back pass is refused here: its writer gets EIO at fsync,
+	 * msync or close. */
+	invalidate(fs, inodes, n, false);
+	refused = atomic_load(&fs->lock_refused) - refused;
 	inode_table_release(&fs->table, inodes, n);
-	log_info("lock: caches of %zu files invalidated, %zu file keys and %zu pooled keys wiped", n, wiped, pooled);
+	log_info("lock: caches of %zu files invalidated in %u write-back passes (%lu writes, %lu of them after "
+		 "the first pass), %zu file keys and %zu pooled keys wiped", n, passes, written, late, wiped, pooled);
+	if (refused)
+		log_warn("lock: %lu cached writes made after the write-back were refused; their writers get EIO "
+			 "at fsync or close", refused);
 }
 
 static void unlocked(void *ctx)
 {
 	struct keyfs *fs = ctx;
 
+	/* Still locked: a page that a write() stalled across the lock dirtied after the last pass
+	 * was refused when written back (EIO to its writer), but the kernel keeps it cached. Drop
+	 * it before reads are served again, or they would show data that never reached the file;
+	 * a page still dirty is refused now, and dropped too. */
+	if (fs->writeback_on) {
+		struct kfs_inode **inodes = NULL;
+		size_t n = inode_table_snapshot(&fs->table, &inodes);
+		unsigned long refused = atomic_load(&fs->lock_refused);
+
+		invalidate(fs, inodes, n, true);
+		inode_table_release(&fs->table, inodes, n);
+		refused = atomic_load(&fs->lock_refused) - refused;
+		if (refused)
+			log_warn("unlock: %lu cached writes made while locked were refused; their writers get EIO "
+				 "at fsync or close", refused);
+	}
 	dekpool_pause(fs->pool, false);
 }
 

@@ -31,13 +31,13 @@ int ops_adopt(struct keyfs *fs, int fd, struct kfs_inode *dir, const char *name,
 	int r;
 
 	memset(e, 0, sizeof(*e));
-	e->attr_timeout = fs->timeout;
 	e->entry_timeout = fs->timeout;
 	if (fstatat(fd, "", &e->attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) {
 		r = -errno;
 		close(fd);
 		return r;
 	}
+	e->attr_timeout = contents_attr_timeout(fs, e->attr.st_mode);
 	r = inode_get(&fs->table, fd, &e->attr, dir, name, &i);
 	if (r < 0)
 		return r;
@@ -80,7 +80,7 @@ static void reply_attr_of(fuse_req_t req, struct kfs_inode *i)
 	if (r < 0)
 		fuse_reply_err(req, -r);
 	else
-		fuse_reply_attr(req, &st, fs_of(req)->timeout);
+		fuse_reply_attr(req, &st, contents_attr_timeout(fs_of(req), i->type));
 }
 
 /* Reply to a request that made a node: its entry, or the error. */
@@ -420,7 +420,7 @@ static int do_link(fuse_req_t req, struct kfs_inode *i, fuse_ino_t newparent, co
 	if (is_reserved(newparent, newname))
 		return -EPERM;
 	memset(e, 0, sizeof(*e));
-	e->attr_timeout = fs->timeout;
+	e->attr_timeout = contents_attr_timeout(fs, i->type);
 	e->entry_timeout = fs->timeout;
 	fd = fd_of(fs, i);
 	if (fd < 0)

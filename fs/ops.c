@@ -6,15 +6,17 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
 	struct keyfs *fs = userdata;
 
-	/* Every byte is transformed, so splice gains nothing; the writeback cache would let the
-	 * kernel own O_APPEND and sizes, and send reads on write-only files. Kill-priv is handled
-	 * as version 2 (killpriv.c: libfuse 3.14 cannot ask for it), not as version 1, which
-	 * would leave the GETXATTR before every write and move chown's suid clearing to us. */
+	/* Every byte is transformed, so splice gains nothing; the writeback cache is asked for
+	 * below, unless -o nowriteback. Kill-priv is handled as version 2 (killpriv.c: libfuse
+	 * 3.14 cannot ask for it), not as version 1, which would leave the GETXATTR before every
+	 * write and move chown's suid clearing to us. */
 	conn->want &= ~(unsigned)(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
 				  FUSE_CAP_SPLICE_MOVE | FUSE_CAP_HANDLE_KILLPRIV);
-	/* -o writeback: the kernel keeps dirty pages and i_size, merges small writes, handles
-	 * O_APPEND itself (contents.c then writes at the offsets it sends) and may read through a
-	 * write-only handle; a lock writes the dirty pages back before it refuses writes. */
+	/* The writeback cache (the default): the kernel keeps dirty pages and i_size, merges small
+	 * writes, handles O_APPEND itself (contents.c then writes at the offsets it sends) and may
+	 * read through a write-only handle. A lock writes the dirty pages back before it refuses
+	 * writes (lockdown.c), and while locked a write() must ask for attributes first, which is
+	 * refused (contents_attr_for_write, contents_attr_timeout). */
 	if (fs->writeback && (conn->capable & FUSE_CAP_WRITEBACK_CACHE)) {
 		conn->want |= FUSE_CAP_WRITEBACK_CACHE;
 		fs->writeback_on = true;

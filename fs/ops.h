@@ -119,6 +119,9 @@ int contents_truncate(struct keyfs *fs, struct kfs_inode *i, const char *proc, o
  * errno of the key state from the start of a lock.
  */
 int contents_attr_for_write(struct keyfs *fs);
+/* The attribute timeout of a node of this type (S_IFMT bits): 0 for regular files while a lock
+ * is in force with the writeback cache, else the mount's. */
+double contents_attr_timeout(struct keyfs *fs, mode_t type);
 
 /* The handlers, for the table in ops.c. */
 

@@ -76,8 +76,8 @@ void options_help(FILE *f)
 	      "  -o shared_timeout=SEC  shared: another host's changes show within SEC s (0-3600;\n"
 	      "                      default 1)\n"
 	      "  -o nonempty         allow a non-empty mountpoint\n"
-	      "  -o writeback        let the kernel cache writes (experimental, see keyfs(8));\n"
-	      "                      -o nowriteback (the default): every write reaches keyfs\n"
+	      "  -o nowriteback      every write reaches keyfs at once; the default, -o writeback,\n"
+	      "                      lets the kernel cache writes (a lock writes them back, keyfs(8))\n"
 	      "  -o allow_other      let every user in (the kernel always checks permissions:\n"
 	      "                      default_permissions is implied)\n"
 	      "\n"
@@ -266,6 +266,7 @@ int options_parse(int argc, char *argv[], struct keyfs_options *ret)
 	o.shared_timeout = OPTIONS_SHARED_TIMEOUT_DEFAULT;
 	o.poll = KS_POLL_DEFAULT;
 	o.grace = KS_GRACE_DEFAULT;
+	o.writeback = true;
 	for (int k = 1; k < argc; k++) {
 		const char *a = argv[k];
 

@@ -16,7 +16,7 @@ struct keyfs_options {
 	bool foreground;                /* -f, also implied by -d */
 	bool debug;                     /* -d */
 	bool nonempty;                  /* -o nonempty */
-	bool writeback;                 /* -o writeback (-o nowriteback: off, the default) */
+	bool writeback;                 /* -o writeback, the default (-o nowriteback: off) */
 	int shared;                     /* -o shared 1, -o noshared 0; -1: as the volume says */
 	int shared_timeout;             /* -o shared_timeout=SEC, 0..OPTIONS_SHARED_TIMEOUT_MAX */
 	bool help;                      /* --help */

@@ -1,16 +1,23 @@
-# test_writeback.py: kill-priv v2 (no GETXATTR before every write) and the -o writeback cache:
-# nothing acknowledged lost across a lock, O_APPEND, write-only handles, exact sizes.
+# test_writeback.py: kill-priv v2 (no GETXATTR before every write) and the writeback cache (the
+# default): nothing acknowledged lost across a lock, O_APPEND, write-only handles, exact sizes.
+import ctypes
 import errno
+import fcntl
+import mmap
 import os
+import platform
+import select
 import stat
+import struct
 import threading
+import time
 
 import pytest
 
-from helpers import KEYFSCTL, keyfsctl, need_root, read_file, run, run_as, write_file
+from helpers import KEYFSCTL, backing_size, keyfsctl, need_root, read_file, run, run_as, write_file
 
 NOBODY = 65534
-MODES = [(), ("writeback",)]
+MODES = [("nowriteback",), ()]
 
 
 def requests(m, opcode):
@@ -65,8 +72,9 @@ def test_write_by_non_owner_drops_suid_and_sgid(world_tmp, mount, opts):
     assert read_file(m.path("w")) == b"datax\n"
 
 
-def test_writeback_option_asks_the_kernel(mount):
-    m = mount(opts=("writeback",), extra_args=["-d"], allow_errors=True)
+@pytest.mark.parametrize("opts", [(), ("writeback",)])
+def test_writeback_option_asks_the_kernel(mount, opts):
+    m = mount(opts=opts, extra_args=["-d"], allow_errors=True)
     fd = os.open(m.path("f"), os.O_CREAT | os.O_WRONLY, 0o644)
     try:
         for k in range(256):
@@ -164,3 +172,201 @@ def test_sizes_exact_after_truncate_and_extend(mount, opts):
     finally:
         os.close(fd)
     assert os.stat(m.path("f")).st_size == 12000
+
+
+def test_nowriteback_sends_every_write(mount):
+    m = mount(opts=("nowriteback",), extra_args=["-d"], allow_errors=True)
+    before = requests(m, "WRITE")
+    fd = os.open(m.path("f"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for k in range(64):
+            os.write(fd, b"y" * 16)
+    finally:
+        os.close(fd)
+    assert requests(m, "WRITE") - before == 64
+    assert read_file(m.path("f")) == b"y" * 1024
+
+
+REC = 32
+
+
+def record(k):
+    return b"%010d:" % k + b"r" * (REC - 12) + b"\n"
+
+
+def write_records_across_lock(m, flags):
+    """A writer thread writes numbered records, noting when each write() returned; the lock is
+    requested mid-stream. Returns (records acknowledged, times, lock sent at, errno the writer
+    stopped on, fsync error or 0, size stat saw while locked)."""
+    fd = os.open(m.path("f"), os.O_CREAT | os.O_WRONLY | flags, 0o644)
+    times, stopped = [], []
+
+    def writer():
+        try:
+            for k in range(1000000):
+                os.write(fd, record(k))
+                times.append(time.monotonic())
+        except OSError as e:
+            stopped.append(e.errno)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(times) < 3000 and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(times) >= 3000, "the writer did not get going"
+        sent = time.monotonic()
+        ctl("lock", m.mnt)
+        t.join(30)
+        assert not t.is_alive(), "writes kept succeeding on a locked mount"
+        locked_size = os.stat(m.path("f")).st_size
+        try:
+            os.fsync(fd)
+            synced = 0
+        except OSError as e:
+            synced = e.errno
+    finally:
+        t.join(30)
+        os.close(fd)
+    return len(times), times, sent, stopped, synced, locked_size
+
+
+@pytest.mark.parametrize("flags", [0, os.O_APPEND], ids=["seq", "append"])
+@pytest.mark.parametrize("opts", MODES)
+def test_records_acknowledged_before_the_lock_survive_it(mount, opts, flags):
+    m = mount(opts=opts)
+    n, times, sent, stopped, synced, locked_size = write_records_across_lock(m, flags)
+    # The writer stopped on the lock's errno, not on anything else.
+    assert stopped == [errno.ENOKEY]
+    # A concurrent write() that returned success is either written or its loss is reported.
+    assert synced in (0, errno.EIO)
+    ctl("unlock", m.mnt)
+    got = read_file(m.path("f"))
+    before = sum(1 for t in times if t < sent)
+    assert before >= 3000
+    assert got[:before * REC] == b"".join(record(k) for k in range(before))
+    if synced == 0:
+        # Nothing lost: every acknowledged record is there, and nothing else; the size the
+        # kernel showed while locked is the backing file's.
+        assert got == b"".join(record(k) for k in range(n))
+        assert locked_size == n * REC
+        assert os.stat(m.bpath("f")).st_size == backing_size(n * REC)
+
+
+@pytest.mark.parametrize("opts", MODES)
+def test_write_after_the_lock_fails_even_after_stat(mount, opts):
+    m = mount(opts=opts)
+    data = os.urandom(6000)
+    fd = os.open(m.path("f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        ctl("lock", m.mnt)
+        # Names and sizes stay readable; what the kernel learns from them must not let a
+        # cached write() skip asking for the attributes through its descriptor.
+        assert os.stat(m.path("f")).st_size == 6000
+        assert os.listdir(m.mnt) == ["f"]
+        assert os.fstat(fd).st_size == 6000
+        for off, chunk in ((8192, b"n" * 4096), (0, b"p" * 4096), (6000, b"a" * 10)):
+            with pytest.raises(OSError) as e:
+                os.pwrite(fd, chunk, off)
+            assert e.value.errno == errno.ENOKEY
+        assert os.stat(m.path("f")).st_size == 6000
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ctl("unlock", m.mnt)
+    assert read_file(m.path("f")) == data
+
+
+@pytest.mark.parametrize("opts", MODES)
+def test_sizes_after_truncating_dirty_pages_and_locking(mount, opts):
+    m = mount(opts=opts)
+    data = os.urandom(10000)
+    fd = os.open(m.path("f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, 3000)
+        os.pwrite(fd, b"X", 5000)
+        os.ftruncate(fd, 7000)
+        assert os.fstat(fd).st_size == 7000
+        ctl("lock", m.mnt)
+        # Written back before the lock: the kernel's size, the plaintext size and the backing
+        # file agree.
+        assert os.stat(m.path("f")).st_size == 7000
+        assert os.stat(m.bpath("f")).st_size == backing_size(7000)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    ctl("unlock", m.mnt)
+    assert read_file(m.path("f")) == data[:3000] + b"\0" * 2000 + b"X" + b"\0" * 1999
+
+
+# ---- a write() the kernel checked before the lock and that dirties its page after it ----
+
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_COPY = 0xC028AA03
+UFFD_EVENT_PAGEFAULT = 0x12
+NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+
+
+def userfault_page():
+    """An anonymous page whose first touch waits for us (userfaultfd): (uffd, address)."""
+    nr = NR_USERFAULTFD.get(platform.machine())
+    if nr is None or os.geteuid() != 0:
+        pytest.skip("userfaultfd for kernel accesses needs root on x86_64 or aarch64")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    uffd = libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK)
+    if uffd < 0:
+        pytest.skip("userfaultfd: %s" % os.strerror(ctypes.get_errno()))
+    fcntl.ioctl(uffd, UFFDIO_API, bytearray(struct.pack("QQQ", 0xAA, 0, 0)), True)
+    addr = libc.mmap(None, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    fcntl.ioctl(uffd, UFFDIO_REGISTER, bytearray(struct.pack("QQQQ", addr, mmap.PAGESIZE, 1, 0)), True)
+    return uffd, addr
+
+
+def test_write_stalled_across_the_lock_is_reported_by_fsync(mount):
+    """The one race no FUSE daemon can close (docs/LOCKING.md): a write() that passed the
+    kernel's attribute check before the lock began and dirties its page after the lock's last
+    write-back pass. Its source buffer faults, and we hold the fault until the lock is done."""
+    assert mmap.PAGESIZE == 4096
+    uffd, addr = userfault_page()
+    m = mount()
+    old = os.urandom(8192)
+    write_file(m.path("f"), old)
+    fd = os.open(m.path("f"), os.O_WRONLY)
+    result = []
+    src = (ctypes.c_char * 4096).from_buffer_copy(b"N" * 4096)
+    t = threading.Thread(target=lambda: result.append(
+        os.pwrite(fd, memoryview((ctypes.c_char * 4096).from_address(addr)).cast("B"), 0)))
+    try:
+        t.start()
+        # The write() waits in the copy from its buffer: past the attribute check, inode locked.
+        ready, _, _ = select.select([uffd], [], [], 30)
+        assert ready, "the write never touched its buffer"
+        msg = os.read(uffd, 32)
+        assert msg[0] == UFFD_EVENT_PAGEFAULT
+        ctl("lock", m.mnt)
+        fcntl.ioctl(uffd, UFFDIO_COPY, bytearray(struct.pack("QQQQq", addr, ctypes.addressof(src), 4096, 0, 0)),
+                    True)
+        t.join(30)
+        # It returned success: its page is dirty now, after the write-back, and the keys are gone.
+        assert result == [4096]
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+        assert os.stat(m.path("f")).st_size == 8192
+    finally:
+        t.join(30)
+        os.close(fd)
+        os.close(uffd)
+    ctl("unlock", m.mnt)
+    # Lost, as fsync said; what was there before is intact.
+    assert read_file(m.path("f")) == old
