@@ -1,6 +1,7 @@
 /* contents.c: the handlers of regular files' bytes, the only ones that need the key, and the gate they pass */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -144,6 +145,8 @@ static int file_new(struct keyfs *fs, int fd, struct kfs_inode *i, int flags, bo
 	 * of pages may also come through any writable handle, an O_APPEND one included. */
 	f->append = (flags & O_APPEND) != 0 && !fs->writeback_on;
 	f->inode = i;
+	if (writable)
+		atomic_fetch_add(&i->writers, 1);
 	*ret = f;
 	return 0;
 }
@@ -151,6 +154,8 @@ static int file_new(struct keyfs *fs, int fd, struct kfs_inode *i, int flags, bo
 /* Close an open file and let its inode's fd go (file_open and regular_new hold it for the file). */
 static void file_free(struct keyfs *fs, struct kfs_file *f)
 {
+	if (f->writable)
+		atomic_fetch_sub(&f->inode->writers, 1);
 	close(f->fd);
 	fd_done(fs, f->inode);
 	free(f);
@@ -607,6 +612,14 @@ static int file_lseek(struct keyfs *fs, struct kfs_file *f, off_t off, int whenc
 
 	if (off < 0)
 		return -ENXIO;
+	/* Holes come from the backing layout, which cached writes have not reached yet: the kernel
+	 * sends no write-back before this request. Have it write back (and drop) the pages from
+	 * off on first, before the content lock their writes need; only while a writable file is
+	 * open can there be any. Safe from a handler: the caller holds the inode lock, which no
+	 * holder of a page lock waits for, and the writes go to other workers. */
+	if ((whence == SEEK_DATA || whence == SEEK_HOLE) && fs->writeback_on && atomic_load(&f->inode->writers) &&
+	    !keystate_locked(fs->ks))
+		fuse_lowlevel_notify_inval_inode(fs->se, node_id(f->inode), off, 0);
 	r = contents_enter(fs, f->inode, C_SEEK, f->fd, &cf);
 	if (r < 0)
 		return r;

@@ -3,6 +3,7 @@
 #define KEYFS_FS_INODE_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -53,6 +54,9 @@ struct kfs_inode {
 	 * across the KMS call (filekeys.c); the others wait on keys_cond or, prefetching, skip. */
 	bool keys_loading;
 	uint64_t header_epoch;          /* keys_lock: bumped whenever the header is made or dropped */
+	/* Open writable files (contents.c). With the writeback cache the kernel may hold dirty
+	 * pages of the inode only while one is open: it writes them back before each release. */
+	_Atomic unsigned writers;
 };
 
 struct inode_table {

@@ -370,3 +370,23 @@ def test_write_stalled_across_the_lock_is_reported_by_fsync(mount):
     ctl("unlock", m.mnt)
     # Lost, as fsync said; what was there before is intact.
     assert read_file(m.path("f")) == old
+
+
+@pytest.mark.parametrize("opts", MODES)
+def test_seek_data_sees_cached_writes_of_another_descriptor(mount, opts):
+    # What a sparse-aware copy (cp, tar) of a file being written relies on: data the kernel
+    # still caches is data, not a hole.
+    m = mount(opts=opts)
+    w = os.open(m.path("f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(w, 1 << 20)
+        os.pwrite(w, b"d" * 100, 512 * 1024 + 10)
+        r = os.open(m.path("f"), os.O_RDONLY)
+        try:
+            assert os.lseek(r, 0, os.SEEK_DATA) == 512 * 1024
+            assert os.lseek(r, 512 * 1024, os.SEEK_HOLE) == 512 * 1024 + 4096
+            assert os.pread(r, 100, 512 * 1024 + 10) == b"d" * 100
+        finally:
+            os.close(r)
+    finally:
+        os.close(w)
