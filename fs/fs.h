@@ -45,6 +45,7 @@ struct keyfs {
 	 * carried out (dirty pages written back), and page write-backs refused once writes are. */
 	_Atomic unsigned long lock_writes;
 	_Atomic unsigned long lock_refused;
+	unsigned long refused_at_lock;  /* lock thread only: lock_refused when the lock began */
 	struct fuse_session *se;
 	struct dekpool *pool;           /* keys for new files; always set (capacity 0: none ready ahead) */
 	struct prefetch *prefetch;      /* NULL: no unwrapping ahead after a readdir */

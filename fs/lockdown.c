@@ -74,6 +74,8 @@ static void lockdown(void *ctx, struct keystate *ks)
 	unsigned long written = atomic_load(&fs->lock_writes), refused = atomic_load(&fs->lock_refused), late;
 	unsigned passes;
 
+	fs->refused_at_lock = refused;
+
 	pooled = dekpool_drain(fs->pool);
 	dekpool_pause(fs->pool, true);
 	if (fs->prefetch)
@@ -110,19 +112,17 @@ static void unlocked(void *ctx)
 
 	/* Still locked: a page that a write() stalled across the lock dirtied after the last pass
 	 * was refused when written back (EIO to its writer), but the kernel keeps it cached. Drop
-	 * it before reads are served again, or they would show data that never reached the file;
-	 * a page still dirty is refused now, and dropped too. */
-	if (fs->writeback_on) {
+	 * such pages before reads are served again, or they would show data that never reached
+	 * the file. Only refusals leave them: without any, the pass is skipped (a page still dirty
+	 * is then written back after the unlock, with the keys). */
+	if (fs->writeback_on && atomic_load(&fs->lock_refused) != fs->refused_at_lock) {
 		struct kfs_inode **inodes = NULL;
 		size_t n = inode_table_snapshot(&fs->table, &inodes);
-		unsigned long refused = atomic_load(&fs->lock_refused);
 
 		invalidate(fs, inodes, n, true);
 		inode_table_release(&fs->table, inodes, n);
-		refused = atomic_load(&fs->lock_refused) - refused;
-		if (refused)
-			log_warn("unlock: %lu cached writes made while locked were refused; their writers get EIO "
-				 "at fsync or close", refused);
+		log_warn("unlock: %lu cached writes made after the lock began were refused; their writers got "
+			 "EIO at fsync or close", atomic_load(&fs->lock_refused) - fs->refused_at_lock);
 	}
 	dekpool_pause(fs->pool, false);
 }
