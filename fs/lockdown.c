@@ -1,4 +1,4 @@
-/* lockdown.c: steps 2 to 4 of a lock (docs/LOCKING.md): drop cached plaintext, wipe every key */
+/* lockdown.c: steps 2 to 5 of a lock (docs/LOCKING.md): write back and drop cached pages, wipe every key */
 #include <errno.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -19,43 +19,55 @@
 #define SETTLE_MS 250
 #define SETTLE_PASSES 16
 
+enum pass { PASS_ALL, PASS_REGULAR, PASS_WRITERS };
+
 /* One pass: the kernel drops the attributes of each inode, then writes back its dirty pages
- * (they come back as WRITE requests, served by the other threads) and drops every page. */
-static void invalidate(struct keyfs *fs, struct kfs_inode **inodes, size_t n, bool regular_only)
+ * (they come back as WRITE requests, served by the other threads) and drops every page.
+ * Returns the number of inodes passed. */
+static size_t invalidate(struct keyfs *fs, struct kfs_inode **inodes, size_t n, enum pass which)
 {
+	size_t done = 0;
+
 	for (size_t i = 0; i < n; i++) {
 		int r;
 
-		if (regular_only && !S_ISREG(inodes[i]->type))
+		if (which != PASS_ALL && !S_ISREG(inodes[i]->type))
+			continue;
+		/* Dirty pages need an open writable file: the kernel writes them back before each
+		 * release (a shared mapping keeps its file open). */
+		if (which == PASS_WRITERS && atomic_load(&inodes[i]->writers) == 0)
 			continue;
 		r = fuse_lowlevel_notify_inval_inode(fs->se, inode_node_id(inodes[i]), 0, 0);
 		if (r < 0 && r != -ENOENT)
 			log_warn("lock: cache invalidation of an inode failed: %s", strerror(-r));
+		done++;
 	}
+	return done;
 }
 
 /*
  * Step 2 (docs/LOCKING.md): write back and drop every cached page while writes are accepted.
  * A write() that passed the kernel's attribute check before the first pass dropped its inode's
- * attributes may dirty a page after that pass went by; the next pass writes it back. So passes
- * repeat while the previous one saw writes, SETTLE_MS at most. Returns the number of passes;
- * *late counts the pages written back by the passes after the first.
+ * attributes may dirty a page after that pass went by; the next pass over the files open for
+ * writing writes it back. Passes repeat while the previous one saw writes, SETTLE_MS at most.
+ * Returns the number of passes; *late counts the writes during the passes after the first.
  */
 static unsigned write_back(struct keyfs *fs, struct kfs_inode **inodes, size_t n, unsigned long *late)
 {
 	struct timespec deadline = bgthread_deadline(SETTLE_MS);
 	unsigned long before = atomic_load(&fs->lock_writes), after;
 	unsigned passes = 1;
+	size_t writers = 1;
 
-	invalidate(fs, inodes, n, false);
+	invalidate(fs, inodes, n, PASS_ALL);
 	after = atomic_load(&fs->lock_writes);
 	*late = 0;
-	/* Without the writeback cache only shared writable mappings make dirty pages, and a
-	 * write() never passes a check it could race with: one pass is all there is. */
-	while (fs->writeback_on && after != before && passes < SETTLE_PASSES &&
+	/* Without the writeback cache a write() reaches keyfs before it returns, and is refused
+	 * from step 3 on: there is no check it could pass before the lock and act on after. */
+	while (fs->writeback_on && writers && (passes == 1 || after != before) && passes < SETTLE_PASSES &&
 	       !bgthread_reached(&deadline)) {
 		before = after;
-		invalidate(fs, inodes, n, true);
+		writers = invalidate(fs, inodes, n, PASS_WRITERS);
 		passes++;
 		after = atomic_load(&fs->lock_writes);
 		*late += after - before;
@@ -96,7 +108,7 @@ static void lockdown(void *ctx, struct keystate *ks)
 	 * first pass; it has finished now (content locks), and no read succeeds any more. A page
 	 * dirtied after the last write-back pass is refused here: its writer gets EIO at fsync,
 	 * msync or close. */
-	invalidate(fs, inodes, n, false);
+	invalidate(fs, inodes, n, PASS_ALL);
 	refused = atomic_load(&fs->lock_refused) - refused;
 	inode_table_release(&fs->table, inodes, n);
 	log_info("lock: caches of %zu files invalidated in %u write-back passes (%lu writes, %lu of them after "
@@ -119,7 +131,7 @@ static void unlocked(void *ctx)
 		struct kfs_inode **inodes = NULL;
 		size_t n = inode_table_snapshot(&fs->table, &inodes);
 
-		invalidate(fs, inodes, n, true);
+		invalidate(fs, inodes, n, PASS_REGULAR);
 		inode_table_release(&fs->table, inodes, n);
 		log_warn("unlock: %lu cached writes made after the lock began were refused; their writers got "
 			 "EIO at fsync or close", atomic_load(&fs->lock_refused) - fs->refused_at_lock);
