@@ -15,6 +15,7 @@
 
 #include "filekeys.h"
 #include "killpriv.h"
+#include "loop.h"
 #include "fs.h"
 #include "keystate.h"
 #include "ops.h"
@@ -445,23 +446,19 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 }
 
 /*
- * Read into a new buffer, *ret (wiped and freed on failure: a failed read may have opened some
- * chunks before the one that did not authenticate). Also through a descriptor opened before a
- * lock: no plaintext once locking began. Returns the byte count or -errno.
+ * Read into buf (size bytes). Also through a descriptor opened before a lock: no plaintext once
+ * locking began. Returns the byte count or -errno; on failure buf may hold plaintext of the
+ * chunks opened before the one that did not authenticate: the caller wipes it either way.
  */
-static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_t off, uint8_t **ret)
+static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_t off, uint8_t *buf)
 {
 	struct kfs_inode *i = f->inode;
 	struct content_file cf;
-	uint8_t *buf;
 	ssize_t n = contents_enter(fs, i, C_READ, f->fd, &cf);
 
 	if (n < 0)
 		return n;
-	buf = malloc(size ? size : 1);
-	if (!buf)
-		n = -ENOMEM;
-	else if (cf.keys && (n = shared_read_begin(fs, f->fd, (uint64_t)off, size)) == 0) {
+	if (cf.keys && (n = shared_read_begin(fs, f->fd, (uint64_t)off, size)) == 0) {
 		n = content_read(&cf, buf, size, (uint64_t)off);
 		shared_end(fs, f->fd);
 	}
@@ -473,29 +470,27 @@ static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_
 		log_err("%s: a chunk in bytes %lld..%lld does not authenticate", label, (long long)off,
 			(long long)off + (long long)size - 1);
 	}
-	if (n < 0 && buf) {
-		sodium_memzero(buf, size);
-		free(buf);
-	} else if (n >= 0) {
-		*ret = buf;
-	}
 	return n;
 }
 
 void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
-	uint8_t *buf = NULL;
-	ssize_t n = file_read(fs_of(req), file_of(fi), size, off, &buf);
+	/* The worker's own buffer, which the loop wipes after the reply; memory of ours otherwise. */
+	uint8_t *own = NULL, *buf = loop_reply_buffer(size);
+	ssize_t n;
 
 	(void)ino;
+	if (!buf)
+		buf = own = malloc(size ? size : 1);
+	n = buf ? file_read(fs_of(req), file_of(fi), size, off, buf) : -ENOMEM;
 	if (n < 0)
 		fuse_reply_err(req, (int)-n);
 	else
 		fuse_reply_buf(req, (const char *)buf, (size_t)n);
 	/* The plaintext stays in memory no longer than the reply needs it. */
-	if (n >= 0) {
-		sodium_memzero(buf, (size_t)n);
-		free(buf);
+	if (own) {
+		sodium_memzero(own, size);
+		free(own);
 	}
 }
 

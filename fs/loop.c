@@ -59,6 +59,10 @@ struct loop {
 
 static void *worker_main(void *arg);
 
+/* The worker this thread is, and how much of its buffer the request in hand has used. */
+static _Thread_local struct worker *self;
+static _Thread_local size_t self_used;
+
 /* The device I/O libfuse would do, plus a look at each request and reply for kill-priv. */
 static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
 {
@@ -190,10 +194,14 @@ static void *worker_main(void *arg)
 		}
 		pthread_mutex_unlock(&lp->lock);
 
+		self = w;
+		self_used = (size_t)r < lp->bufsize ? (size_t)r : lp->bufsize;
 		fuse_session_process_buf(lp->se, &buf);
-		/* Answered: the request (a write's plaintext, a name) is of no more use. */
+		self = NULL;
+		/* Answered: the request (a write's plaintext, a name) and the reply (a read's
+		 * plaintext, loop_reply_buffer) are of no more use. */
 		if (!(buf.flags & FUSE_BUF_IS_FD))
-			sodium_memzero(w->mem, (size_t)r < lp->bufsize ? (size_t)r : lp->bufsize);
+			sodium_memzero(w->mem, self_used);
 
 		pthread_mutex_lock(&lp->lock);
 		lp->navail++;
@@ -206,6 +214,18 @@ static void *worker_main(void *arg)
 	}
 	sem_post(&lp->finish);
 	return NULL;
+}
+
+void *loop_reply_buffer(size_t size)
+{
+	struct worker *w = self;
+
+	/* The request must end before the reply starts: true of a READ (a header and its
+	 * arguments), not of a WRITE, whose data fills the buffer. */
+	if (!w || self_used > LOOP_HEADER_SIZE || size > w->lp->bufsize - LOOP_HEADER_SIZE)
+		return NULL;
+	self_used = LOOP_HEADER_SIZE + size;
+	return w->mem + LOOP_HEADER_SIZE;
 }
 
 int loop_run(struct fuse_session *se, const struct loop_config *cfg)

@@ -2,6 +2,8 @@
 #ifndef KEYFS_LOOP_H
 #define KEYFS_LOOP_H
 
+#include <stddef.h>
+
 struct fuse_session;
 
 struct loop_config {
@@ -17,5 +19,13 @@ struct loop_config {
  * Returns 0 after an unmount or a signal, -errno when reading the FUSE device failed.
  */
 int loop_run(struct fuse_session *se, const struct loop_config *cfg);
+
+/*
+ * size bytes of the calling worker's own buffer for the reply to the request in hand (a READ's
+ * plaintext), past the request itself: no malloc per request, and the loop wipes them with the
+ * request once it is answered. NULL when the caller is not a worker, the request is large (a
+ * WRITE) or size is more than the buffer holds: then use memory of your own. One per request.
+ */
+void *loop_reply_buffer(size_t size);
 
 #endif

@@ -1,6 +1,55 @@
 /* ops.c: the FUSE low-level operations table and the connection settings; the handlers live by concern */
+#include <fcntl.h>
+#include <sys/sysmacros.h>
+
+#include "keyfs/util.h"
+
 #include "fs.h"
 #include "ops.h"
+
+/* Readahead of one request of 256 pages (max_write makes libfuse ask for max_pages 256). */
+#define READAHEAD_BYTES (1u << 20)
+
+struct top_mount {
+	const char *path;
+	dev_t dev;
+	bool found;
+};
+
+static int top_mount_one(const struct util_mount *m, void *ctx)
+{
+	struct top_mount *a = ctx;
+
+	/* The last one listed is on top: keep going. */
+	if (strcmp(m->mountpoint, a->path) == 0 && strcmp(m->fstype, KEYFS_FSTYPE) == 0) {
+		a->dev = m->dev;
+		a->found = true;
+	}
+	return 0;
+}
+
+/*
+ * A FUSE mount reads ahead as far as its bdi says, 128 KiB unless raised, and the INIT reply can
+ * only lower it: a sequential read then comes in 128 KiB requests. As root, raise it to one full
+ * request before the reply (which keeps the smaller of the two), found by the mount's device
+ * number in mountinfo: a stat of the mountpoint would wait for this very INIT. Otherwise (not
+ * root, no sysfs) the kernel's default stays, which is only slower.
+ */
+static void readahead_raise(const struct keyfs *fs)
+{
+	struct top_mount a = { .path = fs->mountpoint };
+	char path[64];
+	int fd;
+
+	if (util_mountinfo_each(top_mount_one, &a) < 0 || !a.found)
+		return;
+	snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb", major(a.dev), minor(a.dev));
+	fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	dprintf(fd, "%u\n", READAHEAD_BYTES >> 10);
+	close(fd);
+}
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -35,8 +84,8 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 	if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
 		conn->want |= FUSE_CAP_CACHE_SYMLINKS;
 	conn->max_write = 1u << 20;
-	if (conn->max_readahead > 1u << 20)
-		conn->max_readahead = 1u << 20;
+	conn->max_readahead = READAHEAD_BYTES;
+	readahead_raise(fs);
 	conn->time_gran = 1;
 }
 

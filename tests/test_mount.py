@@ -281,3 +281,17 @@ def test_one_mount_per_volume(mount, volume, tmp_path):
     # Once the first is gone, the volume mounts anywhere again.
     m2 = mount(mnt=other)
     assert read_file(m2.path("f")) == b"only one"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a mount's read_ahead_kb is root's to raise")
+def test_readahead_is_one_full_request(mount):
+    # The kernel starts a FUSE mount at 128 KiB of readahead and INIT can only lower it: the
+    # daemon, as root, raises it to 1 MiB, one READ of 256 pages, so sequential reads come in
+    # 1 MiB requests rather than 128 KiB ones.
+    m = mount()
+    dev = os.stat(m.mnt).st_dev
+    with open("/sys/class/bdi/%d:%d/read_ahead_kb" % (os.major(dev), os.minor(dev))) as f:
+        assert f.read().strip() == "1024"
+    data = os.urandom(3 * 1024 * 1024 + 4095)
+    write_file(m.path("f"), data)
+    assert read_file(m.path("f")) == data
