@@ -1,4 +1,4 @@
-/* format.c: the keyfs v1 on-disk format: header encode/parse/tag, chunk seal/open, size arithmetic */
+/* format.c: the keyfs on-disk formats v1 and v2: header encode/parse/tag, chunk seal/open, size arithmetic */
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
@@ -14,7 +14,7 @@
  * the slot not in use with the next generation, so a torn write never loses the DEK.
  * Slot layout v1 (docs/FORMAT.md), integers little-endian:
  *   0    8  magic "KEYFSHDR"
- *   8    2  format version (1)
+ *   8    2  format version (1, or 2 in a v2 file: the layout of its volume)
  *  10    1  cipher id (1 = XChaCha20-Poly1305)
  *  11    1  log2 of the chunk size (12)
  *  12    4  header size (1024)
@@ -103,7 +103,7 @@ int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret)
 	if (memcmp(buf, FMT_MAGIC, FMT_MAGIC_SIZE) != 0)
 		return -EBADMSG;
 	h.version = get_le16(buf + OFF_VERSION);
-	if (h.version != FMT_VERSION)
+	if (h.version < 1 || h.version > FMT_VERSION_MAX)
 		return -EPROTONOSUPPORT;
 	h.cipher = buf[OFF_CIPHER];
 	if (h.cipher != FMT_CIPHER_XCHACHA20_POLY1305)
@@ -155,7 +155,7 @@ int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, u
 
 	memset(buf, 0, FMT_HEADER_SIZE);
 	memcpy(buf, FMT_MAGIC, FMT_MAGIC_SIZE);
-	put_le16(buf + OFF_VERSION, FMT_VERSION);
+	put_le16(buf + OFF_VERSION, h->version == FMT_LAYOUT_V2 ? FMT_LAYOUT_V2 : FMT_VERSION);
 	buf[OFF_CIPHER] = FMT_CIPHER_XCHACHA20_POLY1305;
 	buf[OFF_CHUNK_SHIFT] = FMT_CHUNK_SHIFT;
 	put_le32(buf + OFF_HDR_SIZE, FMT_HEADER_SIZE);
@@ -224,6 +224,7 @@ static int xchacha_ossl(int enc, const uint8_t key[32], const uint8_t nonce[FMT_
 	uint8_t sub[32], iv[12] = { 0 };
 	EVP_CIPHER_CTX *c;
 	int n, ok, r = XC_UNAVAILABLE;
+	bool touched = false;   /* out written: in place (v2 reads), in is gone then */
 
 	pthread_once(&chacha_once, chacha_fetch);
 	if (!chacha_evp || !(c = EVP_CIPHER_CTX_new()))
@@ -232,7 +233,10 @@ static int xchacha_ossl(int enc, const uint8_t key[32], const uint8_t nonce[FMT_
 	memcpy(iv + 4, nonce + 16, 8);
 	ok = EVP_CipherInit_ex2(c, chacha_evp, sub, iv, enc, NULL);
 	sodium_memzero(sub, sizeof(sub));
-	if (!ok || !EVP_CipherUpdate(c, NULL, &n, ad, (int)adlen) || !EVP_CipherUpdate(c, out, &n, in, (int)len))
+	if (!ok || !EVP_CipherUpdate(c, NULL, &n, ad, (int)adlen))
+		goto out;
+	touched = true;
+	if (!EVP_CipherUpdate(c, out, &n, in, (int)len))
 		goto out;
 	if (enc) {
 		if (EVP_CipherFinal_ex(c, out + n, &n) && EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, FMT_TAG_SIZE, tag))
@@ -243,8 +247,11 @@ static int xchacha_ossl(int enc, const uint8_t key[32], const uint8_t nonce[FMT_
 	}
 out:
 	EVP_CIPHER_CTX_free(c);
-	if (r != XC_DONE && !enc)
+	if (r != XC_DONE && !enc && (touched || in != out))
 		sodium_memzero(out, len);       /* OpenSSL decrypts before it checks: no plaintext of a forgery */
+	/* Once out was written, in may be gone (in place): a libsodium retry could not help. */
+	if (r == XC_UNAVAILABLE && touched && in == out)
+		r = enc ? XC_UNAVAILABLE : XC_FORGED;
 	return r;
 }
 
@@ -263,6 +270,82 @@ int fmt_chunk_seal(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 		crypto_aead_xchacha20poly1305_ietf_encrypt(out + FMT_NONCE_SIZE, &clen, pt, len, ad, sizeof(ad),
 							   NULL, nonce, keys->content);
 	return 0;
+}
+
+/* v2 associated data: file id || index (LE64) || layout 2. The layout byte keeps a v2 chunk from
+ * ever opening as anything else; the structures differ anyway. */
+static void chunk_ad_v2(const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index, uint8_t ad[FMT_FILE_ID_SIZE + 9])
+{
+	chunk_ad(file_id, index, ad);
+	ad[FMT_FILE_ID_SIZE + 8] = FMT_LAYOUT_V2;
+}
+
+/* The 24-byte XChaCha20 nonce of a v2 chunk: random || index (LE64). The random half goes into
+ * HChaCha20, so every write of a chunk has its own subkey; the index half is the ChaCha20 nonce
+ * under it. */
+static void nonce_v2(const uint8_t random[FMT_V2_RANDOM_SIZE], uint64_t index, uint8_t nonce[FMT_NONCE_SIZE])
+{
+	memcpy(nonce, random, FMT_V2_RANDOM_SIZE);
+	put_le64(nonce + FMT_V2_RANDOM_SIZE, index);
+}
+
+int fmt_chunk_seal_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
+		      const uint8_t random[FMT_V2_RANDOM_SIZE], const uint8_t *pt, size_t len, uint8_t *out,
+		      uint8_t entry[FMT_V2_ENTRY_SIZE])
+{
+	uint8_t ad[FMT_FILE_ID_SIZE + 9], nonce[FMT_NONCE_SIZE];
+	unsigned long long tlen;
+
+	if (len == 0 || len > FMT_CHUNK_SIZE)
+		return -EINVAL;
+	chunk_ad_v2(file_id, index, ad);
+	nonce_v2(random, index, nonce);
+	memcpy(entry, random, FMT_V2_RANDOM_SIZE);
+	if (xchacha_ossl(1, keys->content, nonce, ad, sizeof(ad), pt, len, out,
+			 entry + FMT_V2_RANDOM_SIZE) != XC_DONE)
+		crypto_aead_xchacha20poly1305_ietf_encrypt_detached(out, entry + FMT_V2_RANDOM_SIZE, &tlen, pt, len,
+								    ad, sizeof(ad), NULL, nonce, keys->content);
+	return 0;
+}
+
+bool fmt_v2_entry_is_hole(const uint8_t entry[FMT_V2_ENTRY_SIZE])
+{
+	static const uint8_t zero[FMT_V2_ENTRY_SIZE];
+
+	return memcmp(entry, zero, FMT_V2_ENTRY_SIZE) == 0;     /* public bytes: no need for constant time */
+}
+
+int fmt_chunk_open_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
+		      const uint8_t entry[FMT_V2_ENTRY_SIZE], const uint8_t *ct, size_t len, uint8_t *pt)
+{
+	uint8_t ad[FMT_FILE_ID_SIZE + 9], nonce[FMT_NONCE_SIZE], tag[FMT_TAG_SIZE];
+
+	if (len == 0 || len > FMT_CHUNK_SIZE)
+		return -EBADMSG;
+	if (fmt_v2_entry_is_hole(entry)) {
+		/* Only a full chunk can be a hole: a partial last chunk is always sealed. */
+		if (len != FMT_CHUNK_SIZE) {
+			memset(pt, 0, len);
+			return -EBADMSG;
+		}
+		memset(pt, 0, len);
+		return (int)len;
+	}
+	chunk_ad_v2(file_id, index, ad);
+	nonce_v2(entry, index, nonce);
+	memcpy(tag, entry + FMT_V2_RANDOM_SIZE, FMT_TAG_SIZE);
+	switch (xchacha_ossl(0, keys->content, nonce, ad, sizeof(ad), ct, len, pt, tag)) {
+	case XC_DONE:
+		return (int)len;
+	case XC_FORGED:
+		return -EBADMSG;        /* pt is zeroed */
+	}
+	if (crypto_aead_xchacha20poly1305_ietf_decrypt_detached(pt, NULL, ct, len, tag, ad, sizeof(ad), nonce,
+								keys->content) != 0) {
+		sodium_memzero(pt, len);
+		return -EBADMSG;
+	}
+	return (int)len;
 }
 
 const char *fmt_chunk_impl(void)
@@ -309,7 +392,7 @@ int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 	return (int)plen;
 }
 
-uint64_t fmt_plain_size(uint64_t backing_size)
+static uint64_t plain_size_v1(uint64_t backing_size)
 {
 	uint64_t data, full, rest;
 
@@ -326,7 +409,7 @@ uint64_t fmt_plain_size(uint64_t backing_size)
 	return full * FMT_CHUNK_SIZE + (rest ? rest - FMT_CHUNK_OVERHEAD : 0);
 }
 
-bool fmt_backing_size_valid(uint64_t backing_size)
+static bool backing_size_valid_v1(uint64_t backing_size)
 {
 	uint64_t rest;
 
@@ -338,11 +421,76 @@ bool fmt_backing_size_valid(uint64_t backing_size)
 	return rest == 0 || rest > FMT_CHUNK_OVERHEAD;
 }
 
-uint64_t fmt_backing_size(uint64_t plain_size)
+static uint64_t backing_size_v1(uint64_t plain_size)
 {
 	uint64_t full = plain_size / FMT_CHUNK_SIZE, rest = plain_size % FMT_CHUNK_SIZE;
 
 	return FMT_DATA_OFFSET + full * FMT_CHUNK_DISK_SIZE + (rest ? rest + FMT_CHUNK_OVERHEAD : 0);
+}
+
+/*
+ * v2: a header page, then groups of a tag page and up to 128 data pages; the last group may be
+ * short, and its last data page holds exactly the plaintext's length. After the header page and
+ * the whole groups a rest of r bytes is valid when 0 or more than a page (a tag page and at least
+ * one data byte); a rest of 1..4096 is a cut inside the tag page, or one that left the tag page
+ * and no data, and counts as one byte of its first chunk, so a read reaches it and fails (as v1).
+ */
+static uint64_t plain_size_v2(uint64_t b)
+{
+	uint64_t data, full, rest;
+
+	if (b <= FMT_V2_HEADER_AREA)
+		return 0;
+	data = b - FMT_V2_HEADER_AREA;
+	full = data / FMT_V2_GROUP_DISK;
+	rest = data % FMT_V2_GROUP_DISK;
+	if (rest > 0 && rest <= FMT_V2_PAGE)
+		return full * FMT_V2_GROUP_PLAIN + 1;
+	return full * FMT_V2_GROUP_PLAIN + (rest ? rest - FMT_V2_PAGE : 0);
+}
+
+static bool backing_size_valid_v2(uint64_t b)
+{
+	uint64_t rest;
+
+	if (b == 0)
+		return true;
+	if (b < FMT_V2_HEADER_AREA)
+		return false;
+	rest = (b - FMT_V2_HEADER_AREA) % FMT_V2_GROUP_DISK;
+	return rest == 0 || rest > FMT_V2_PAGE;
+}
+
+static uint64_t backing_size_v2(uint64_t p)
+{
+	uint64_t full = p / FMT_V2_GROUP_PLAIN, rest = p % FMT_V2_GROUP_PLAIN;
+
+	return FMT_V2_HEADER_AREA + full * FMT_V2_GROUP_DISK + (rest ? FMT_V2_PAGE + rest : 0);
+}
+
+uint64_t fmt_header_area(enum fmt_layout layout)
+{
+	return layout == FMT_LAYOUT_V2 ? FMT_V2_HEADER_AREA : FMT_DATA_OFFSET;
+}
+
+uint64_t fmt_plain_size(enum fmt_layout layout, uint64_t backing_size)
+{
+	return layout == FMT_LAYOUT_V2 ? plain_size_v2(backing_size) : plain_size_v1(backing_size);
+}
+
+bool fmt_backing_size_valid(enum fmt_layout layout, uint64_t backing_size)
+{
+	return layout == FMT_LAYOUT_V2 ? backing_size_valid_v2(backing_size) : backing_size_valid_v1(backing_size);
+}
+
+uint64_t fmt_backing_size(enum fmt_layout layout, uint64_t plain_size)
+{
+	return layout == FMT_LAYOUT_V2 ? backing_size_v2(plain_size) : backing_size_v1(plain_size);
+}
+
+uint64_t fmt_max_plain_size(enum fmt_layout layout)
+{
+	return layout == FMT_LAYOUT_V2 ? FMT_V2_MAX_PLAIN_SIZE : FMT_MAX_PLAIN_SIZE;
 }
 
 void fmt_file_id_hex(const uint8_t file_id[FMT_FILE_ID_SIZE], char out[2 * FMT_FILE_ID_SIZE + 1])

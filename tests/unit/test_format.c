@@ -12,60 +12,65 @@
 #include "check.h"
 #include "keyfs/format.h"
 
+#define V1 FMT_LAYOUT_V1
+#define V2 FMT_LAYOUT_V2
+#define V2_KAT_CT "0919831cd5b7c486"
+#define V2_KAT_ENTRY "303132333435363738393a3b3c3d3e3fdb90625bf18960c6b731b5964d638c20"
+
 static void test_sizes(void)
 {
 	/* Worked examples of docs/FORMAT.md. */
-	CHECK_EQ(fmt_backing_size(0), 2048);
-	CHECK_EQ(fmt_backing_size(1), 2089);
-	CHECK_EQ(fmt_backing_size(4095), 6183);
-	CHECK_EQ(fmt_backing_size(4096), 6184);
-	CHECK_EQ(fmt_backing_size(4097), 6225);
-	CHECK_EQ(fmt_backing_size(1 << 20), 2048 + 256 * 4136);
-	CHECK_EQ(fmt_backing_size(10ull << 30), 2048 + 2621440ull * 4136);
-	CHECK_EQ(fmt_plain_size(0), 0);
-	CHECK_EQ(fmt_plain_size(2048), 0);
-	CHECK_EQ(fmt_plain_size(1024), 0);
-	CHECK_EQ(fmt_plain_size(6184), 4096);
+	CHECK_EQ(fmt_backing_size(V1, 0), 2048);
+	CHECK_EQ(fmt_backing_size(V1, 1), 2089);
+	CHECK_EQ(fmt_backing_size(V1, 4095), 6183);
+	CHECK_EQ(fmt_backing_size(V1, 4096), 6184);
+	CHECK_EQ(fmt_backing_size(V1, 4097), 6225);
+	CHECK_EQ(fmt_backing_size(V1, 1 << 20), 2048 + 256 * 4136);
+	CHECK_EQ(fmt_backing_size(V1, 10ull << 30), 2048 + 2621440ull * 4136);
+	CHECK_EQ(fmt_plain_size(V1, 0), 0);
+	CHECK_EQ(fmt_plain_size(V1, 2048), 0);
+	CHECK_EQ(fmt_plain_size(V1, 1024), 0);
+	CHECK_EQ(fmt_plain_size(V1, 6184), 4096);
 
 	/* Every plaintext size over four chunks round-trips, and every backing size in that range
 	 * is either the image of exactly one plaintext size or invalid. */
 	unsigned valid = 0;
 	for (uint64_t p = 0; p <= 4 * 4096 + 1; p++) {
-		uint64_t b = fmt_backing_size(p);
-		if (fmt_plain_size(b) != p || !fmt_backing_size_valid(b)) {
-			CHECK_EQ(fmt_plain_size(b), p);
+		uint64_t b = fmt_backing_size(V1, p);
+		if (fmt_plain_size(V1, b) != p || !fmt_backing_size_valid(V1, b)) {
+			CHECK_EQ(fmt_plain_size(V1, b), p);
 			break;
 		}
 	}
 	for (uint64_t b = 0; b <= 2048 + 4 * 4136; b++) {
-		bool v = fmt_backing_size_valid(b);
+		bool v = fmt_backing_size_valid(V1, b);
 		valid += v;
-		if (v && b && fmt_backing_size(fmt_plain_size(b)) != b) {
-			CHECK_EQ(fmt_backing_size(fmt_plain_size(b)), b);
+		if (v && b && fmt_backing_size(V1, fmt_plain_size(V1, b)) != b) {
+			CHECK_EQ(fmt_backing_size(V1, fmt_plain_size(V1, b)), b);
 			break;
 		}
 	}
 	/* Valid sizes: 0, the empty header-only file, and one per plaintext size 1..4*4096. */
 	CHECK_EQ(valid, 2 + 4 * 4096);
 	/* Invalid: inside the header, or a last chunk no longer than the overhead. */
-	CHECK(!fmt_backing_size_valid(1));
-	CHECK(!fmt_backing_size_valid(1024));       /* one slot is not a header area */
-	CHECK(!fmt_backing_size_valid(2047));
-	CHECK(fmt_backing_size_valid(2048));
-	CHECK(!fmt_backing_size_valid(2049));
-	CHECK(!fmt_backing_size_valid(2088));
-	CHECK(fmt_backing_size_valid(2089));
-	CHECK(!fmt_backing_size_valid(6184 + 40));
+	CHECK(!fmt_backing_size_valid(V1, 1));
+	CHECK(!fmt_backing_size_valid(V1, 1024));       /* one slot is not a header area */
+	CHECK(!fmt_backing_size_valid(V1, 2047));
+	CHECK(fmt_backing_size_valid(V1, 2048));
+	CHECK(!fmt_backing_size_valid(V1, 2049));
+	CHECK(!fmt_backing_size_valid(V1, 2088));
+	CHECK(fmt_backing_size_valid(V1, 2089));
+	CHECK(!fmt_backing_size_valid(V1, 6184 + 40));
 	/* A cut inside a chunk's overhead counts as one byte of that chunk, so a read reaches
 	 * it and fails, chunk 0 included; a cut inside the header area is size 0. */
-	CHECK_EQ(fmt_plain_size(6184 + 40), 4097);
-	CHECK_EQ(fmt_plain_size(6184 + 1), 4097);
-	CHECK_EQ(fmt_plain_size(2049), 1);
-	CHECK_EQ(fmt_plain_size(2048 + 24), 1);
-	CHECK_EQ(fmt_plain_size(2088), 1);
-	CHECK_EQ(fmt_plain_size(2089), 1);
-	CHECK_EQ(fmt_plain_size(2090), 2);
-	CHECK_EQ(fmt_plain_size(2047), 0);
+	CHECK_EQ(fmt_plain_size(V1, 6184 + 40), 4097);
+	CHECK_EQ(fmt_plain_size(V1, 6184 + 1), 4097);
+	CHECK_EQ(fmt_plain_size(V1, 2049), 1);
+	CHECK_EQ(fmt_plain_size(V1, 2048 + 24), 1);
+	CHECK_EQ(fmt_plain_size(V1, 2088), 1);
+	CHECK_EQ(fmt_plain_size(V1, 2089), 1);
+	CHECK_EQ(fmt_plain_size(V1, 2090), 2);
+	CHECK_EQ(fmt_plain_size(V1, 2047), 0);
 	CHECK_EQ(fmt_generation_next(1), 2);
 	CHECK_EQ(fmt_generation_next(UINT32_MAX - 1), UINT32_MAX);
 	CHECK_EQ(fmt_generation_next(UINT32_MAX), 1);
@@ -73,7 +78,7 @@ static void test_sizes(void)
 	CHECK_EQ(fmt_chunk_offset(3), 2048 + 3 * 4136);
 	CHECK_EQ(fmt_header_offset(0), 0);
 	CHECK_EQ(fmt_header_offset(1), 1024);
-	CHECK(fmt_backing_size(FMT_MAX_PLAIN_SIZE) <= (uint64_t)INT64_MAX);
+	CHECK(fmt_backing_size(V1, FMT_MAX_PLAIN_SIZE) <= (uint64_t)INT64_MAX);
 }
 
 static void make_header(struct fmt_header *h, struct fmt_keys *keys)
@@ -147,9 +152,29 @@ static void test_header(void)
 	}
 	CHECK_EQ(caught, FMT_HEADER_SIZE);
 
+	/* Version 2 (a v2 file) parses; 3 is unknown. The encoder writes 2 only when asked. */
 	memcpy(bad, buf, sizeof(buf));
 	bad[8] = 2;
+	CHECK_EQ(fmt_header_parse(bad, &p), 0);
+	CHECK_EQ(p.version, 2);
+	bad[8] = 3;
 	CHECK_EQ(fmt_header_parse(bad, &p), -EPROTONOSUPPORT);
+	bad[8] = 0;
+	CHECK_EQ(fmt_header_parse(bad, &p), -EPROTONOSUPPORT);
+	{
+		struct fmt_header h2 = h;
+		uint8_t b2[FMT_HEADER_SIZE];
+
+		h2.version = 2;
+		CHECK_EQ(fmt_header_encode(&h2, &keys, b2), 0);
+		CHECK_EQ(b2[8], 2);
+		CHECK_EQ(fmt_header_parse(b2, &p), 0);
+		CHECK_EQ(p.version, 2);
+		CHECK_EQ(fmt_header_verify(b2, &keys), 0);
+		h2.version = 0;
+		CHECK_EQ(fmt_header_encode(&h2, &keys, b2), 0);
+		CHECK_EQ(b2[8], 1);
+	}
 	memcpy(bad, buf, sizeof(buf));
 	bad[10] = 7;
 	CHECK_EQ(fmt_header_parse(bad, &p), -EPROTONOSUPPORT);
@@ -308,11 +333,158 @@ static void test_chunk_impl_matches_libsodium(void)
 	CHECK_EQ(left_plain, 0);
 }
 
+/* v2 sizes: a 4096-byte header page, then groups of a tag page and 128 data pages (docs/FORMAT.md). */
+static void test_sizes_v2(void)
+{
+	const uint64_t G = 129 * 4096ull, P = 128 * 4096ull;
+
+	CHECK_EQ(fmt_header_area(V2), 4096);
+	CHECK_EQ(fmt_header_area(V1), 2048);
+	CHECK_EQ(fmt_backing_size(V2, 0), 4096);
+	CHECK_EQ(fmt_backing_size(V2, 1), 8193);
+	CHECK_EQ(fmt_backing_size(V2, 4095), 12287);
+	CHECK_EQ(fmt_backing_size(V2, 4096), 12288);
+	CHECK_EQ(fmt_backing_size(V2, 4097), 12289);
+	CHECK_EQ(fmt_backing_size(V2, 512 << 10), 4096 + G);
+	CHECK_EQ(fmt_backing_size(V2, (512 << 10) + 1), 4096 + G + 4097);
+	CHECK_EQ(fmt_backing_size(V2, 1 << 20), 1060864);
+	CHECK_EQ(fmt_backing_size(V2, 1ull << 30), 1082134528);
+	CHECK_EQ(fmt_backing_size(V2, 10ull << 30), 4096 + 20480 * G);
+	CHECK_EQ(fmt_plain_size(V2, 0), 0);
+	CHECK_EQ(fmt_plain_size(V2, 4096), 0);
+	CHECK_EQ(fmt_plain_size(V2, 12288), 4096);
+	CHECK_EQ(fmt_plain_size(V2, 4096 + G), P);
+	/* A cut inside the header page is size 0; inside (or right after) a tag page, one byte of
+	 * its first chunk; inside a data page, the bytes left. */
+	CHECK_EQ(fmt_plain_size(V2, 2048), 0);
+	CHECK(!fmt_backing_size_valid(V2, 2048));
+	CHECK(!fmt_backing_size_valid(V2, 4095));
+	CHECK(fmt_backing_size_valid(V2, 4096));
+	CHECK(!fmt_backing_size_valid(V2, 4097));
+	CHECK(!fmt_backing_size_valid(V2, 8192));
+	CHECK(fmt_backing_size_valid(V2, 8193));
+	CHECK_EQ(fmt_plain_size(V2, 4097), 1);
+	CHECK_EQ(fmt_plain_size(V2, 8192), 1);
+	CHECK_EQ(fmt_plain_size(V2, 8193), 1);
+	CHECK_EQ(fmt_plain_size(V2, 4096 + G + 1), P + 1);
+	CHECK_EQ(fmt_plain_size(V2, 4096 + G + 4096), P + 1);
+	CHECK(!fmt_backing_size_valid(V2, 4096 + G + 4096));
+	CHECK(fmt_backing_size_valid(V2, 4096 + G + 4097));
+	CHECK_EQ(fmt_plain_size(V2, 4096 + G + 4097), P + 1);
+
+	/* Round trips over three groups; every valid size is the image of one plaintext size. */
+	for (uint64_t p = 0; p <= 3 * P + 5; p += p < 20 || p % 4096 > 4090 || p % 4096 < 5 ? 1 : 4000) {
+		uint64_t b = fmt_backing_size(V2, p);
+		if (fmt_plain_size(V2, b) != p || !fmt_backing_size_valid(V2, b)) {
+			CHECK_EQ(fmt_plain_size(V2, b), p);
+			break;
+		}
+	}
+	unsigned valid = 0;
+	for (uint64_t b = 0; b <= 4096 + 2 * G; b++) {
+		bool v = fmt_backing_size_valid(V2, b);
+		valid += v;
+		if (v && b && fmt_backing_size(V2, fmt_plain_size(V2, b)) != b) {
+			CHECK_EQ(fmt_backing_size(V2, fmt_plain_size(V2, b)), b);
+			break;
+		}
+	}
+	CHECK_EQ(valid, 2 + 2 * P);
+	CHECK_EQ(fmt_v2_group_offset(0), 4096);
+	CHECK_EQ(fmt_v2_page_offset(0), 8192);
+	CHECK_EQ(fmt_v2_page_offset(127), 8192 + 127 * 4096);
+	CHECK_EQ(fmt_v2_page_offset(128), 4096 + G + 4096);
+	CHECK_EQ(fmt_v2_entry_offset(0), 4096);
+	CHECK_EQ(fmt_v2_entry_offset(5), 4096 + 5 * 32);
+	CHECK_EQ(fmt_v2_entry_offset(130), 4096 + G + 2 * 32);
+	CHECK(fmt_backing_size(V2, FMT_V2_MAX_PLAIN_SIZE) <= (uint64_t)INT64_MAX);
+	CHECK(fmt_backing_size(V2, FMT_V2_MAX_PLAIN_SIZE) > (uint64_t)INT64_MAX - G);
+	CHECK_EQ(fmt_max_plain_size(V2), FMT_V2_MAX_PLAIN_SIZE);
+	CHECK_EQ(fmt_max_plain_size(V1), FMT_MAX_PLAIN_SIZE);
+}
+
+/* v2 chunks: libsodium's XChaCha20-Poly1305 (detached) with nonce random || index and associated
+ * data file id || index || 2 is the reference; one frozen known answer pins the bytes. */
+static void test_chunks_v2(void)
+{
+	struct fmt_keys keys;
+	uint8_t pt[4096], ct[4096], out[4096], e[32], ref[4096], rtag[16], rnd[16], id[16], nonce[24], ad[25];
+	unsigned long long tl;
+	unsigned bad = 0;
+
+	for (int i = 0; i < 300; i++) {
+		size_t len = i < 3 ? (size_t[]){ 1, 4095, 4096 }[i] : 1 + randombytes_uniform(4096);
+		uint64_t index = i % 2 ? randombytes_random() : ((uint64_t)randombytes_random() << 32) | randombytes_random();
+
+		randombytes_buf(&keys, sizeof(keys));
+		randombytes_buf(id, 16);
+		randombytes_buf(rnd, 16);
+		randombytes_buf(pt, len);
+		CHECK_EQ(fmt_chunk_seal_v2(&keys, id, index, rnd, pt, len, ct, e), 0);
+		memcpy(nonce, rnd, 16);
+		memcpy(ad, id, 16);
+		for (int k = 0; k < 8; k++)
+			nonce[16 + k] = ad[16 + k] = (uint8_t)(index >> (8 * k));
+		ad[24] = 2;
+		crypto_aead_xchacha20poly1305_ietf_encrypt_detached(ref, rtag, &tl, pt, len, ad, 25, NULL, nonce, keys.content);
+		bad += memcmp(ct, ref, len) != 0 || memcmp(e, rnd, 16) != 0 || memcmp(e + 16, rtag, 16) != 0;
+		/* In place, as reads do. */
+		memcpy(out, ct, len);
+		bad += fmt_chunk_open_v2(&keys, id, index, e, out, len, out) != (int)len || memcmp(out, pt, len) != 0;
+		/* Wrong position, wrong file, flipped bits in the entry or the data, shorter data. */
+		bad += fmt_chunk_open_v2(&keys, id, index + 1, e, ct, len, out) != -EBADMSG;
+		bad += !sodium_is_zero(out, len);
+		id[3] ^= 4;
+		bad += fmt_chunk_open_v2(&keys, id, index, e, ct, len, out) != -EBADMSG;
+		id[3] ^= 4;
+		e[randombytes_uniform(32)] ^= 0x20;
+		bad += fmt_chunk_open_v2(&keys, id, index, e, ct, len, out) != -EBADMSG;
+		CHECK_EQ(fmt_chunk_seal_v2(&keys, id, index, rnd, pt, len, ct, e), 0);
+		ct[randombytes_uniform((uint32_t)len)] ^= 1;
+		bad += fmt_chunk_open_v2(&keys, id, index, e, ct, len, out) != -EBADMSG;
+		if (len > 1)
+			bad += fmt_chunk_open_v2(&keys, id, index, e, ref, len - 1, out) != -EBADMSG;
+	}
+	CHECK_EQ(bad, 0);
+
+	/* A zero entry: a full chunk reads as zeros whatever the page holds; a partial one fails. */
+	memset(e, 0, 32);
+	memset(ct, 0x5a, sizeof(ct));
+	CHECK(fmt_v2_entry_is_hole(e));
+	CHECK_EQ(fmt_chunk_open_v2(&keys, id, 9, e, ct, 4096, out), 4096);
+	CHECK(sodium_is_zero(out, 4096));
+	CHECK_EQ(fmt_chunk_open_v2(&keys, id, 9, e, ct, 100, out), -EBADMSG);
+	CHECK_EQ(fmt_chunk_seal_v2(&keys, id, 0, rnd, pt, 0, ct, e), -EINVAL);
+	CHECK_EQ(fmt_chunk_seal_v2(&keys, id, 0, rnd, pt, 4097, ct, e), -EINVAL);
+
+	/* Known answer: content key 00..1f, file id 20..2f, chunk 5, random 30..3f, plaintext
+	 * "keyfs v2" (8 bytes) -> ciphertext and tag below (frozen: docs/FORMAT.md, format v2). */
+	for (int k = 0; k < 32; k++)
+		keys.content[k] = (uint8_t)k;
+	for (int k = 0; k < 16; k++) {
+		id[k] = (uint8_t)(0x20 + k);
+		rnd[k] = (uint8_t)(0x30 + k);
+	}
+	CHECK_EQ(fmt_chunk_seal_v2(&keys, id, 5, rnd, (const uint8_t *)"keyfs v2", 8, ct, e), 0);
+	{
+		char hex[2 * 32 + 1];
+
+		sodium_bin2hex(hex, sizeof(hex), ct, 8);
+		printf("v2 known answer ciphertext %s\n", hex);
+		CHECK(strcmp(hex, V2_KAT_CT) == 0);
+		sodium_bin2hex(hex, sizeof(hex), e, 32);
+		printf("v2 known answer entry %s\n", hex);
+		CHECK(strcmp(hex, V2_KAT_ENTRY) == 0);
+	}
+}
+
 int main(void)
 {
 	if (sodium_init() < 0)
 		return 2;
 	test_sizes();
+	test_sizes_v2();
+	test_chunks_v2();
 	test_kdf_known_answer();
 	test_header();
 	test_chunks();
