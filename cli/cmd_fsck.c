@@ -52,6 +52,7 @@ enum hdr_state {
 	HDR_NO_PARSE,           /* neither slot parses */
 	HDR_NO_UNWRAP,          /* every slot's wrapped DEK is refused by the KMS (-EBADMSG) */
 	HDR_NO_AUTH,            /* no slot both unwraps and authenticates */
+	HDR_WRONG_LAYOUT,       /* the header is of the other format version than the volume */
 };
 
 /* What one pass over one file found. */
@@ -59,6 +60,7 @@ struct verdict {
 	struct stat st;                 /* fstat before the pass */
 	enum hdr_state hdr;
 	char key_id[FMT_KEY_ID_MAX + 1];        /* HDR_NO_UNWRAP: the key the newest slot names */
+	unsigned version;                       /* HDR_WRONG_LAYOUT: the header's format version */
 	uint64_t nbad;                  /* chunks that do not authenticate */
 	uint64_t bad[LIST_CHUNKS];      /* the first of them */
 	uint32_t bad_len[LIST_CHUNKS];  /* their plaintext lengths */
@@ -247,8 +249,12 @@ static void header_message(const struct fsck *f, const struct verdict *v, char *
 		buf[0] = '\0';
 		break;
 	case HDR_SHORT:
-		snprintf(buf, size, "backing size %" PRIu64 " is shorter than the keyfs header area (%u bytes)",
-			 (uint64_t)v->st.st_size, FMT_DATA_OFFSET);
+		snprintf(buf, size, "backing size %" PRIu64 " is shorter than the keyfs header area (%" PRIu64 " bytes)",
+			 (uint64_t)v->st.st_size, fmt_header_area(f->vol.vol.format));
+		break;
+	case HDR_WRONG_LAYOUT:
+		snprintf(buf, size, "header format version %u is not this volume's format %d (its sizes cannot be read)",
+			 v->version, f->vol.vol.format);
 		break;
 	case HDR_NO_PARSE:
 		snprintf(buf, size, "no header slot parses");
@@ -383,7 +389,7 @@ static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t
 	ssize_t n;
 	int r;
 
-	if ((uint64_t)v->st.st_size < FMT_DATA_OFFSET) {
+	if ((uint64_t)v->st.st_size < fmt_header_area(f->vol.vol.format)) {
 		v->hdr = HDR_SHORT;
 		return PASS_JUDGED;
 	}
@@ -394,9 +400,11 @@ static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t
 	}
 	if (n < (ssize_t)sizeof(area))
 		return PASS_CHANGED;
-	r = content_headers_read(fd, &hs);
+	r = content_headers_read(fd, f->vol.vol.format, &hs);
 	if (r == -EIO) {
-		v->hdr = HDR_NO_PARSE;
+		/* A header of the other layout parses but does not count (the daemon answers EIO). */
+		v->hdr = content_headers_read(fd, FMT_LAYOUT_ANY, &hs) == 0 ? HDR_WRONG_LAYOUT : HDR_NO_PARSE;
+		v->version = v->hdr == HDR_WRONG_LAYOUT ? hs.hdr[0].version : 0;
 		return PASS_JUDGED;
 	}
 	if (r == -EPROTONOSUPPORT) {
@@ -458,6 +466,9 @@ static enum pass check_header(struct fsck *f, int fd, struct verdict *v, uint8_t
 /* Open every chunk of the file fd, whose header authenticated, in big sequential reads. Whole
  * chunks inside a hole of the backing file are zeros, which is a valid hole: they are skipped
  * without reading. The last, partial chunk is always sealed, so it is always read. */
+static enum pass check_chunks_v2(struct fsck *f, int fd, const char *path, struct verdict *v,
+				 const uint8_t file_id[FMT_FILE_ID_SIZE]);
+
 static enum pass check_chunks(struct fsck *f, int fd, const char *path, struct verdict *v,
 			      const uint8_t file_id[FMT_FILE_ID_SIZE])
 {
@@ -466,6 +477,8 @@ static enum pass check_chunks(struct fsck *f, int fd, const char *path, struct v
 	uint64_t nchunks = nfull + (rest > FMT_CHUNK_OVERHEAD ? 1 : 0);
 	uint64_t idx = 0, ext_start = 0, ext_end = 0;
 
+	if (f->vol.vol.format == FMT_LAYOUT_V2)
+		return check_chunks_v2(f, fd, path, v, file_id);
 	if (rest > 0 && rest <= FMT_CHUNK_OVERHEAD) {
 		v->cut = true;
 		v->cut_chunk = nfull;
@@ -530,6 +543,89 @@ static enum pass check_chunks(struct fsck *f, int fd, const char *path, struct v
 	return PASS_JUDGED;
 }
 
+/* Note chunk idx of plaintext length len as damaged. */
+static void bad_chunk(struct verdict *v, uint64_t idx, size_t len)
+{
+	if (v->nbad < LIST_CHUNKS) {
+		v->bad[v->nbad] = idx;
+		v->bad_len[v->nbad] = (uint32_t)len;
+	}
+	v->nbad++;
+}
+
+/* Where the v2 file of backing size b was cut, if it was (a rest of 1..4096 bytes after the header
+ * page and the whole groups: fmt_backing_size_valid): the chunk that counts as its last byte. */
+static void cut_v2(uint64_t b, struct verdict *v)
+{
+	if (b > FMT_V2_HEADER_AREA && !fmt_backing_size_valid(FMT_LAYOUT_V2, b)) {
+		v->cut = true;
+		v->cut_chunk = (b - FMT_V2_HEADER_AREA) / FMT_V2_GROUP_DISK * FMT_V2_GROUP_CHUNKS;
+	}
+}
+
+/* v2: per group, its tag entries, then the data pages of the chunks that are not holes (an
+ * all-zero entry), each opened; a group all of holes is not read further. */
+static enum pass check_chunks_v2(struct fsck *f, int fd, const char *path, struct verdict *v,
+				 const uint8_t file_id[FMT_FILE_ID_SIZE])
+{
+	uint8_t ents[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
+	uint64_t b = (uint64_t)v->st.st_size, p = fmt_plain_size(FMT_LAYOUT_V2, b);
+	uint64_t nchunks = (p + FMT_CHUNK_SIZE - 1) / FMT_CHUNK_SIZE;
+
+	cut_v2(b, v);
+	if (v->cut)
+		nchunks = v->cut_chunk;         /* the cut chunk is reported as the cut */
+	for (uint64_t a = 0; a < nchunks; a += FMT_V2_GROUP_CHUNKS) {
+		uint64_t n = nchunks - a < FMT_V2_GROUP_CHUNKS ? nchunks - a : FMT_V2_GROUP_CHUNKS;
+		uint64_t first = n, last = 0, len;
+		ssize_t got;
+
+		got = util_pread_full(fd, ents, n * FMT_V2_ENTRY_SIZE, fmt_v2_entry_offset(a));
+		if (got < 0) {
+			snprintf(v->why, sizeof(v->why), "reading tag page of chunk %" PRIu64 ": %s", a, strerror((int)-got));
+			return PASS_NOT_CHECKED;
+		}
+		if ((uint64_t)got < n * FMT_V2_ENTRY_SIZE)
+			return PASS_CHANGED;
+		for (uint64_t k = 0; k < n; k++) {
+			uint64_t clen = p - (a + k) * FMT_CHUNK_SIZE < FMT_CHUNK_SIZE ? p - (a + k) * FMT_CHUNK_SIZE : FMT_CHUNK_SIZE;
+
+			/* A partial last chunk is never a hole: an all-zero entry there is damage. */
+			if (!fmt_v2_entry_is_hole(ents + k * FMT_V2_ENTRY_SIZE) || clen < FMT_CHUNK_SIZE) {
+				first = first < k ? first : k;
+				last = k;
+			} else {
+				v->bytes += FMT_CHUNK_SIZE;
+			}
+		}
+		if (first == n)
+			continue;
+		len = (last - first) * FMT_CHUNK_SIZE +
+		      (p - (a + last) * FMT_CHUNK_SIZE < FMT_CHUNK_SIZE ? p - (a + last) * FMT_CHUNK_SIZE : FMT_CHUNK_SIZE);
+		got = util_pread_full(fd, f->buf, len, fmt_v2_page_offset(a + first));
+		if (got < 0) {
+			snprintf(v->why, sizeof(v->why), "reading data pages of chunks %" PRIu64 "-%" PRIu64 ": %s",
+				 a + first, a + last, strerror((int)-got));
+			return PASS_NOT_CHECKED;
+		}
+		if ((uint64_t)got < len)
+			return PASS_CHANGED;
+		for (uint64_t k = first; k <= last; k++) {
+			const uint8_t *e = ents + k * FMT_V2_ENTRY_SIZE;
+			size_t clen = k < last ? FMT_CHUNK_SIZE : (size_t)(len - (last - first) * FMT_CHUNK_SIZE);
+
+			if (fmt_v2_entry_is_hole(e) && clen == FMT_CHUNK_SIZE)
+				continue;       /* counted above */
+			if (fmt_chunk_open_v2(f->keys, file_id, a + k, e, f->buf + (k - first) * FMT_CHUNK_SIZE, clen,
+					      f->pt) < 0)
+				bad_chunk(v, a + k, clen);
+			v->bytes += clen;
+		}
+		progress_update(&f->prog, f->files, f->bytes + v->bytes, path);
+	}
+	return PASS_JUDGED;
+}
+
 /* One pass over the regular file named e->name: open by name (it may have been replaced),
  * check, and compare its stat before and after. */
 static enum pass check_once(struct fsck *f, const struct walk_entry *e, bool first, struct verdict *v)
@@ -581,6 +677,8 @@ static enum pass check_once(struct fsck *f, const struct walk_entry *e, bool fir
 	p = check_header(f, fd, v, file_id);
 	if (p == PASS_JUDGED && v->hdr == HDR_OK)
 		p = check_chunks(f, fd, e->path, v, file_id);
+	else if (p == PASS_JUDGED && v->hdr != HDR_SHORT && f->vol.vol.format == FMT_LAYOUT_V2)
+		cut_v2((uint64_t)v->st.st_size, v);
 	else if (p == PASS_JUDGED && v->hdr != HDR_SHORT) {
 		/* The size still says whether the file was cut, key or no key. */
 		uint64_t rest = ((uint64_t)v->st.st_size - FMT_DATA_OFFSET) % CDS;

@@ -25,7 +25,7 @@
 
 enum {
 	OPT_KMS = CLI_OPT_BASE, OPT_KEYSTORE, OPT_KEY, OPT_CREATE_KEY, OPT_ENDPOINT, OPT_INSTANCE, OPT_IAM_ENDPOINT,
-	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_HELP, OPT_SHARED,
+	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_FORMAT, OPT_HELP, OPT_SHARED,
 };
 
 static const struct option init_options[] = {
@@ -38,6 +38,7 @@ static const struct option init_options[] = {
 	{ "iam-endpoint", required_argument, NULL, OPT_IAM_ENDPOINT },
 	{ "apikey-file", required_argument, NULL, OPT_APIKEY_FILE },
 	{ "ca-file", required_argument, NULL, OPT_CA_FILE },
+	{ "format", required_argument, NULL, OPT_FORMAT },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ "shared", no_argument, NULL, OPT_SHARED },
 	{ NULL, 0, NULL, 0 },
@@ -57,6 +58,7 @@ struct init_args {
 	const char *apikey_file;
 	const char *ca_file;
 	bool shared;                    /* --shared: several hosts mount it (docs/LOCKING.md) */
+	int format;             /* file layout: 1 or 2 (docs/FORMAT.md) */
 };
 
 /* BACKING must be missing or an empty dir. Returns 0 (ret_missing tells which) or an exit code. */
@@ -528,7 +530,7 @@ static void print_mount_command(const char *backing, const char *apikey_file)
 
 int cmd_init(int argc, char **argv)
 {
-	struct init_args a = { .key = "default" };
+	struct init_args a = { .key = "default", .format = FMT_LAYOUT_DEFAULT };
 	char keystore[PATH_MAX], backing[PATH_MAX], apikey_file[PATH_MAX], version[FMT_KEY_VERSION_MAX + 1] = "";
 	char trust_path[PATH_MAX + 64] = "", msg[PATH_MAX + 128];
 	struct kms_config cfg;
@@ -557,6 +559,11 @@ int cmd_init(int argc, char **argv)
 		case OPT_APIKEY_FILE: a.apikey_file = optarg; break;
 		case OPT_CA_FILE: a.ca_file = optarg; break;
 		case OPT_SHARED: a.shared = true; break;
+		case OPT_FORMAT:
+			if (strcmp(optarg, "1") != 0 && strcmp(optarg, "2") != 0)
+				return cli_usage_error("init", "--format '%s': use 1 or 2", optarg);
+			a.format = optarg[0] - '0';
+			break;
 		case 'h':
 		case OPT_HELP:
 			cli_print_usage(stdout, "init");
@@ -580,7 +587,7 @@ int cmd_init(int argc, char **argv)
 
 	memset(&vol, 0, sizeof(vol));
 	memset(&cfg, 0, sizeof(cfg));
-	vol.format = VOLDESC_FORMAT;
+	vol.format = a.format;
 	if (a.shared)
 		strcpy(vol.shared, "1");
 	if (!kp) {
@@ -687,8 +694,9 @@ int cmd_init(int argc, char **argv)
 
 	printf("created keyfs volume '%s'\n"
 	       "  volume:   %s\n"
+	       "  format:   %d\n"
 	       "  kms:      %s\n",
-	       backing, vol.volume, vol.kms);
+	       backing, vol.volume, vol.format, vol.kms);
 	if (kp && strcmp(vol.key, vol.key_id) == 0)
 		printf("  key:      %s\n", vol.key);
 	else

@@ -296,7 +296,8 @@ static int header_read(int fd, const struct stat *st, struct result *res, struct
 		res->empty = true;
 		return 0;
 	}
-	r = content_header_read(fd, &res->hdr, NULL);
+	/* Any layout: the header's version says which this file has (and so its volume's). */
+	r = content_header_read(fd, FMT_LAYOUT_ANY, &res->hdr, NULL);
 	if (r == -ENODATA) {
 		res->empty = true;
 		res->backing_size = 0;
@@ -313,7 +314,8 @@ static int header_read(int fd, const struct stat *st, struct result *res, struct
 	fmt_file_id_hex(res->hdr.file_id, res->file_id);
 	crypto_hash_sha256(digest, res->hdr.wrapped, res->hdr.wrapped_len);
 	util_hex(digest, sizeof(digest), res->wrapped_sha256);
-	res->odd_size = !fmt_backing_size_valid(res->backing_size);
+	res->odd_size = !fmt_backing_size_valid(res->hdr.version, res->backing_size)
+			|| res->backing_size < fmt_header_area(res->hdr.version);
 	return 0;
 }
 
@@ -385,7 +387,7 @@ static void print_text(const struct result *res, bool first)
 	printf("file_id: %s\n", res->file_id);
 	printf("key: %s\n", res->hdr.key_id);
 	printf("key_version: %s\n", res->hdr.key_version);
-	printf("plaintext_size: %" PRIu64 "\n", fmt_plain_size(res->backing_size));
+	printf("plaintext_size: %" PRIu64 "\n", fmt_plain_size(res->hdr.version, res->backing_size));
 	printf("backing_size: %" PRIu64 "\n", res->backing_size);
 	printf("wrapped_dek_sha256: %s\n", res->wrapped_sha256);
 }
@@ -419,7 +421,7 @@ static void print_json(const struct result *res, bool first, const char *ind)
 	json_field(ind, "file_id", res->empty ? NULL : res->file_id, false);
 	json_field(ind, "key", res->empty ? NULL : res->hdr.key_id, false);
 	json_field(ind, "key_version", res->empty ? NULL : res->hdr.key_version, false);
-	printf("%s  \"plaintext_size\": %" PRIu64 ",\n", ind, res->empty ? 0 : fmt_plain_size(res->backing_size));
+	printf("%s  \"plaintext_size\": %" PRIu64 ",\n", ind, res->empty ? 0 : fmt_plain_size(res->hdr.version, res->backing_size));
 	printf("%s  \"backing_size\": %" PRIu64 ",\n", ind, res->backing_size);
 	json_field(ind, "wrapped_dek_sha256", res->empty ? NULL : res->wrapped_sha256, false);
 	json_field(ind, "backing", res->backing, false);
@@ -700,7 +702,7 @@ static int visit_file(struct tree *tr, int dirfd, const char *name, const char *
 		list_add(tr, &tr->unreadable, &pr);
 		goto out;
 	}
-	plain = tr->res.empty ? 0 : fmt_plain_size(tr->res.backing_size);
+	plain = tr->res.empty ? 0 : fmt_plain_size(tr->res.hdr.version, tr->res.backing_size);
 	tr->files++;
 	tr->empty += plain == 0;
 	tr->plain_bytes += plain;

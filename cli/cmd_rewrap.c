@@ -183,7 +183,7 @@ static enum outcome rewrap_fd(struct rewrap *rw, const char *path, int fd)
 	int r;
 
 	for (int t = 0; t < REWRAP_TRIES && o == CHANGED; t++) {
-		r = content_headers_read(fd, &hs);
+		r = content_headers_read(fd, rw->v->vol.format, &hs);
 		if (r == -ENODATA)
 			return EMPTY;
 		if (r == -EPROTONOSUPPORT) {

@@ -23,10 +23,10 @@
 static int cmd_help(int argc, char **argv);
 
 static const struct cli_cmd commands[] = {
-	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key] [--shared]",
-	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F] [--shared]",
+	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key] [--shared] [--format 1|2]",
+	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F] [--shared] [--format 1|2]",
 	  "make an empty or missing dir a keyfs volume bound to a key; records its key service\n"
-	  "            as trusted on this host" },
+	  "            as trusted on this host; --format: file layout, 2 (default) or 1" },
 	{ "trust", cmd_trust, "BACKING [--yes]", "--forget BACKING|UUID | --resolve-key [--apikey-file F] [--ca-file F] BACKING [--yes]",
 	  "show the key service a volume names and trust it on this host (once per volume made\n"
 	  "            elsewhere or by an older keyfs); --forget: trust it no more; --resolve-key: a volume\n"

@@ -1,4 +1,5 @@
-/* content.c: plaintext ranges of one backing file: one pread/pwrite per request, partial-chunk RMW, holes */
+/* content.c: plaintext ranges of one backing file (layouts v1 and v2): few preads/pwrites per request,
+ * partial-chunk RMW, holes */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -7,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <sodium.h>
@@ -16,6 +18,9 @@
 
 #define CS  ((uint64_t)FMT_CHUNK_SIZE)
 #define CDS ((uint64_t)FMT_CHUNK_DISK_SIZE)
+#define GC  ((uint64_t)FMT_V2_GROUP_CHUNKS)
+#define ES  ((size_t)FMT_V2_ENTRY_SIZE)
+#define V1  FMT_LAYOUT_V1
 
 /*
  * Per-thread ciphertext scratch buffer. FUSE worker threads serve one request at a time, and
@@ -80,19 +85,22 @@ static int backing_size(int fd, uint64_t *ret)
 	return 0;
 }
 
-int content_headers_read(int fd, struct content_headers *ret)
+int content_headers_read(int fd, enum fmt_layout layout, struct content_headers *ret)
 {
-	uint8_t area[FMT_DATA_OFFSET];
+	uint8_t area[FMT_V2_HEADER_AREA];
 	struct content_headers hs;
 	int first_err = -EIO;
+	size_t want = layout == FMT_LAYOUT_ANY ? FMT_DATA_OFFSET : (size_t)fmt_header_area(layout);
 	ssize_t n;
 
-	n = util_pread_full(fd, area, sizeof(area), 0);
+	/* The whole header area: a v2 file cut inside its header page is as damaged as a v1 file
+	 * cut inside its slots, though both slots may still be there. */
+	n = util_pread_full(fd, area, want, 0);
 	if (n < 0)
 		return (int)n;
 	if (n == 0)
 		return -ENODATA;
-	if (n < (ssize_t)sizeof(area))
+	if (n < (ssize_t)want)
 		return -EIO;
 	memset(&hs, 0, sizeof(hs));
 	for (unsigned i = 0; i < FMT_HEADER_SLOTS; i++) {
@@ -105,6 +113,9 @@ int content_headers_read(int fd, struct content_headers *ret)
 				first_err = r;
 			continue;
 		}
+		/* A file of the other layout: its sizes cannot be read from the backing size. */
+		if (layout != FMT_LAYOUT_ANY && h.version != layout)
+			continue;
 		/* Keep newest first. */
 		unsigned at = hs.count == 1 && h.generation > hs.hdr[0].generation ? 0 : hs.count;
 
@@ -124,10 +135,10 @@ int content_headers_read(int fd, struct content_headers *ret)
 	return 0;
 }
 
-int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE])
+int content_header_read(int fd, enum fmt_layout layout, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE])
 {
 	struct content_headers hs;
-	int r = content_headers_read(fd, &hs);
+	int r = content_headers_read(fd, layout, &hs);
 
 	if (r < 0)
 		return r;
@@ -139,10 +150,12 @@ int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEAD
 
 int content_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE])
 {
-	uint8_t area[FMT_DATA_OFFSET] = { 0 };
+	uint8_t area[FMT_V2_HEADER_AREA] = { 0 };
+	/* The header says its version (bytes 8..9, LE): a v2 file's header area is a whole page. */
+	enum fmt_layout l = raw[8] == FMT_LAYOUT_V2 && raw[9] == 0 ? FMT_LAYOUT_V2 : FMT_LAYOUT_V1;
 
 	memcpy(area, raw, FMT_HEADER_SIZE);
-	return pwrite_full(fd, area, sizeof(area), 0);
+	return pwrite_full(fd, area, (size_t)fmt_header_area(l), 0);
 }
 
 int content_header_store(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_SIZE])
@@ -207,14 +220,14 @@ void content_header_unlock(int fd)
 	(void)header_lock_op(fd, F_UNLCK);
 }
 
-int content_size(int fd, uint64_t *ret_size)
+int content_size(int fd, enum fmt_layout layout, uint64_t *ret_size)
 {
 	uint64_t b;
 	int r = backing_size(fd, &b);
 
 	if (r < 0)
 		return r;
-	*ret_size = fmt_plain_size(b);
+	*ret_size = fmt_plain_size(layout, b);
 	return 0;
 }
 
@@ -238,12 +251,54 @@ static int chunk_read(const struct content_file *f, uint64_t idx, size_t ctlen, 
 	return (size_t)n == ctlen ? 0 : -EIO;
 }
 
+/* Read n tag entries of v2 chunks idx.. (one group) into e. */
+static int entries_read(const struct content_file *f, uint64_t idx, size_t n, uint8_t *e)
+{
+	ssize_t r = util_pread_full(f->fd, e, n * ES, fmt_v2_entry_offset(idx));
+
+	if (r < 0)
+		return (int)r;
+	return (size_t)r == n * ES ? 0 : -EIO;
+}
+
+/* Make the tag entries of v2 chunks [from, to) holes, as far as they lie in the tag page of
+ * from's group and that page exists (from is not the first chunk of its group). Chunks past the
+ * end of a file may keep the entries of an earlier, longer size there; a grown file must read
+ * them as holes. */
+static int entries_clear(const struct content_file *f, uint64_t from, uint64_t to)
+{
+	static const uint8_t zeros[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
+	uint64_t gend = (from / GC + 1) * GC;
+
+	if (from % GC == 0 || from >= to)
+		return 0;
+	if (to > gend)
+		to = gend;
+	return pwrite_full(f->fd, zeros, (size_t)(to - from) * ES, fmt_v2_entry_offset(from));
+}
+
 /* Read and open chunk idx of a file of plain size p into pt (FMT_CHUNK_SIZE bytes). */
 static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, uint8_t *pt)
 {
 	uint8_t ct[FMT_CHUNK_DISK_SIZE];
 	size_t len = chunk_len(idx, p), ctlen = len + FMT_CHUNK_OVERHEAD;
 	int r;
+
+	if (f->layout == FMT_LAYOUT_V2) {
+		uint8_t e[FMT_V2_ENTRY_SIZE];
+		ssize_t n;
+
+		r = entries_read(f, idx, 1, e);
+		if (r < 0)
+			return r;
+		n = util_pread_full(f->fd, pt, len, fmt_v2_page_offset(idx));
+		if (n < 0)
+			return (int)n;
+		if ((size_t)n != len)
+			return -EIO;
+		/* Opened in place: the page's ciphertext becomes the plaintext. */
+		return fmt_chunk_open_v2(f->keys, f->file_id, idx, e, pt, len, pt) == (int)len ? 0 : -EIO;
+	}
 
 	r = chunk_read(f, idx, ctlen, ct);
 	if (r < 0)
@@ -258,6 +313,18 @@ static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, ui
 static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t *pt, size_t len)
 {
 	uint8_t ct[FMT_CHUNK_DISK_SIZE], nonce[FMT_NONCE_SIZE];
+
+	if (f->layout == FMT_LAYOUT_V2) {
+		uint8_t rnd[FMT_V2_RANDOM_SIZE], e[FMT_V2_ENTRY_SIZE];
+		int r;
+
+		randombytes_buf(rnd, sizeof(rnd));
+		fmt_chunk_seal_v2(f->keys, f->file_id, idx, rnd, pt, len, ct, e);
+		/* Data page first, then the entry: a crash in between leaves the old entry, under
+		 * which the new page does not authenticate (docs/FORMAT.md, crash behaviour). */
+		r = pwrite_full(f->fd, ct, len, fmt_v2_page_offset(idx));
+		return r < 0 ? r : pwrite_full(f->fd, e, ES, fmt_v2_entry_offset(idx));
+	}
 
 	randombytes_buf(nonce, sizeof(nonce));
 	fmt_chunk_seal(f->keys, f->file_id, idx, nonce, pt, len, ct);
@@ -281,6 +348,116 @@ static int chunk_resize(const struct content_file *f, uint64_t idx, uint64_t p, 
 	return r;
 }
 
+/* preadv until every iovec is full or the file ends. Returns the bytes read or -errno. */
+static ssize_t preadv_full(int fd, struct iovec *iov, int cnt, uint64_t off)
+{
+	size_t done = 0;
+
+	while (cnt > 0) {
+		ssize_t n = preadv(fd, iov, cnt, (off_t)(off + done));
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			break;
+		done += (size_t)n;
+		while (cnt > 0 && (size_t)n >= iov->iov_len) {
+			n -= (ssize_t)iov->iov_len;
+			iov++;
+			cnt--;
+		}
+		if (cnt > 0) {
+			iov->iov_base = (uint8_t *)iov->iov_base + n;
+			iov->iov_len -= (size_t)n;
+		}
+	}
+	return (ssize_t)done;
+}
+
+/*
+ * v2 read of plaintext [off, end) (end <= p) into out: per group touched, one preadv of the data
+ * pages and one pread of their tag entries. Whole chunks are read into the caller's buffer and
+ * opened there in place; only a chunk the range covers in part (the first or the last) goes
+ * through a page of its own.
+ */
+static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off, uint64_t end, uint64_t p)
+{
+	uint64_t c0 = off / CS, c1 = (end - 1) / CS;
+	uint8_t ents[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
+	uint8_t head[FMT_CHUNK_SIZE], tail[FMT_CHUNK_SIZE];
+	int r = 0;
+
+	for (uint64_t a = c0; a <= c1;) {
+		uint64_t z = (a / GC + 1) * GC - 1 < c1 ? (a / GC + 1) * GC - 1 : c1;
+		size_t alen = chunk_len(a, p), zlen = chunk_len(z, p);
+		bool hpart = a * CS < off || (a == z && end < a * CS + alen);
+		bool tpart = z != a && end < z * CS + zlen;
+		uint64_t want = (z - a) * CS + zlen;
+		struct iovec iov[3];
+		int cnt = 0;
+		ssize_t n;
+
+		r = entries_read(f, a, (size_t)(z - a + 1), ents);
+		if (r < 0)
+			break;
+		/* The data pages of a..z are contiguous in the backing file. */
+		if (hpart)
+			iov[cnt++] = (struct iovec){ head, alen };
+		if (z > a || !hpart) {
+			uint64_t from = hpart ? a + 1 : a, to = tpart ? z : z + 1;   /* whole chunks [from, to) */
+
+			if (to > from)
+				iov[cnt++] = (struct iovec){ out + (from * CS - off),
+							     (size_t)((to - 1 - from) * CS + chunk_len(to - 1, p)) };
+		}
+		if (tpart)
+			iov[cnt++] = (struct iovec){ tail, zlen };
+		n = preadv_full(f->fd, iov, cnt, fmt_v2_page_offset(a));
+		if (n < 0) {
+			r = (int)n;
+			break;
+		}
+		if ((uint64_t)n != want) {
+			r = -EIO;       /* the file shrank under us: not through this mount */
+			break;
+		}
+		for (uint64_t i = a; i <= z; i++) {
+			size_t len = chunk_len(i, p);
+			const uint8_t *e = ents + (i - a) * ES;
+			uint64_t cstart = i * CS;
+			uint8_t *pg = i == a && hpart ? head : i == z && tpart ? tail : NULL;
+
+			if (!pg) {
+				uint8_t *dst = out + (cstart - off);
+
+				if (fmt_chunk_open_v2(f->keys, f->file_id, i, e, dst, len, dst) != (int)len) {
+					r = -EIO;
+					break;
+				}
+				continue;
+			}
+			if (fmt_chunk_open_v2(f->keys, f->file_id, i, e, pg, len, pg) != (int)len) {
+				r = -EIO;
+				break;
+			}
+			{
+				uint64_t from = off > cstart ? off - cstart : 0;
+				uint64_t to = end < cstart + len ? end - cstart : len;
+
+				memcpy(out + (cstart + from - off), pg + from, to - from);
+			}
+		}
+		if (r < 0)
+			break;
+		a = z + 1;
+	}
+	sodium_memzero(head, sizeof(head));
+	sodium_memzero(tail, sizeof(tail));
+	return r < 0 ? r : (ssize_t)(end - off);
+}
+
 ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint64_t off)
 {
 	uint64_t b = 0, p, end, c0, c1, boff, bend;
@@ -291,16 +468,18 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
-	p = fmt_plain_size(b);
+	p = fmt_plain_size(f->layout, b);
 	if (off >= p || size == 0)
-		return fmt_backing_size_valid(b) || off < p ? 0 : -EIO;
+		return fmt_backing_size_valid(f->layout, b) || off < p ? 0 : -EIO;
 	end = off + size < p ? off + size : p;
 	/* A read that reaches a damaged tail (a cut inside the last chunk) fails. */
-	if (end == p && !fmt_backing_size_valid(b))
+	if (end == p && !fmt_backing_size_valid(f->layout, b))
 		return -EIO;
 
 	c0 = off / CS;
 	c1 = (end - 1) / CS;
+	if (f->layout == FMT_LAYOUT_V2)
+		return read_v2(f, out, off, end, p);
 	boff = fmt_chunk_offset(c0);
 	bend = fmt_chunk_offset(c1) + chunk_len(c1, p) + FMT_CHUNK_OVERHEAD;
 	ct = scratch_get(bend - boff);
@@ -338,6 +517,93 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 	return (ssize_t)(end - off);
 }
 
+/*
+ * v2 write of size bytes at off into a valid file of backing size b, plain size p. Chunks are
+ * sealed into the scratch buffer, then per group one pwrite of their data pages and one of their
+ * tag entries, in that order: a 4 KiB aligned write touches one data page and one entry.
+ */
+static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t size, uint64_t off, uint64_t b,
+			uint64_t p)
+{
+	uint64_t end = off + size, newp = end > p ? end : p, c0 = off / CS, c1 = (end - 1) / CS;
+	uint64_t nchunks = c1 - c0 + 1, rollback = b, first_new;
+	uint8_t *data, *ents, *rnd;
+	int r;
+
+	/* Past the end: the old partial last chunk becomes a full one padded with zeros, unless
+	 * this write rewrites it; chunks in between are holes, and their entries in the old last
+	 * group's tag page are cleared (a shrink may have left older ones there). */
+	if (off > p && p % CS && p / CS < c0) {
+		r = chunk_resize(f, p / CS, p, FMT_CHUNK_SIZE);
+		if (r < 0)
+			return r;
+		rollback = fmt_backing_size(FMT_LAYOUT_V2, (p / CS + 1) * CS);
+	}
+	first_new = (p + CS - 1) / CS;
+	if (c0 > first_new) {
+		r = entries_clear(f, first_new, c0);
+		if (r < 0)
+			goto fail;
+	}
+
+	data = scratch_get(nchunks * (CS + ES + FMT_V2_RANDOM_SIZE));
+	if (!data) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	ents = data + nchunks * CS;
+	rnd = ents + nchunks * ES;
+	/* One getrandom for all nonces of the request rather than one per chunk. */
+	randombytes_buf(rnd, nchunks * FMT_V2_RANDOM_SIZE);
+
+	for (uint64_t i = c0; i <= c1; i++) {
+		uint64_t cstart = i * CS;
+		size_t len = chunk_len(i, newp);
+		uint64_t from = off > cstart ? off - cstart : 0;
+		uint64_t to = end < cstart + len ? end - cstart : len;
+		uint8_t *w = data + (i - c0) * CS, *e = ents + (i - c0) * ES;
+		const uint8_t *rn = rnd + (i - c0) * FMT_V2_RANDOM_SIZE;
+
+		if (from == 0 && to == len) {
+			fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, in + (cstart - off), len, w, e);
+		} else {
+			/* Partly written chunk: merge with what is there (zeros past the old end). */
+			uint8_t pt[FMT_CHUNK_SIZE];
+			size_t old_len = chunk_len(i, p);
+
+			memset(pt, 0, sizeof(pt));
+			if (old_len > 0) {
+				r = chunk_load(f, i, p, pt);
+				if (r < 0) {
+					sodium_memzero(pt, sizeof(pt));
+					goto fail;
+				}
+			}
+			memcpy(pt + from, in + (cstart + from - off), to - from);
+			fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, pt, len, w, e);
+			sodium_memzero(pt, sizeof(pt));
+		}
+	}
+	for (uint64_t a = c0; a <= c1;) {
+		uint64_t z = (a / GC + 1) * GC - 1 < c1 ? (a / GC + 1) * GC - 1 : c1;
+
+		/* Data pages first, then their entries (docs/FORMAT.md, crash behaviour). */
+		r = pwrite_full(f->fd, data + (a - c0) * CS, (size_t)((z - a) * CS + chunk_len(z, newp)),
+				fmt_v2_page_offset(a));
+		if (r == 0)
+			r = pwrite_full(f->fd, ents + (a - c0) * ES, (size_t)(z - a + 1) * ES, fmt_v2_entry_offset(a));
+		if (r < 0)
+			goto fail;
+		a = z + 1;
+	}
+	return (ssize_t)size;
+fail:
+	/* Keep the file well-formed: a failed append (ENOSPC) must not leave a cut chunk. */
+	if (newp > p && ftruncate(f->fd, (off_t)rollback) < 0)
+		return -errno;
+	return r;
+}
+
 ssize_t content_write(const struct content_file *f, const void *buf, size_t size, uint64_t off)
 {
 	const uint8_t *in = buf;
@@ -347,16 +613,18 @@ ssize_t content_write(const struct content_file *f, const void *buf, size_t size
 
 	if (size == 0)
 		return 0;
-	if (off > FMT_MAX_PLAIN_SIZE || size > FMT_MAX_PLAIN_SIZE - off)
+	if (off > fmt_max_plain_size(f->layout) || size > fmt_max_plain_size(f->layout) - off)
 		return -EFBIG;
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
 	if (b == 0)
 		return -ENODATA;
-	if (!fmt_backing_size_valid(b))
+	if (!fmt_backing_size_valid(f->layout, b))
 		return -EIO;
-	p = fmt_plain_size(b);
+	p = fmt_plain_size(f->layout, b);
+	if (f->layout == FMT_LAYOUT_V2)
+		return write_v2(f, in, size, off, b, p);
 	end = off + size;
 	newp = end > p ? end : p;
 	c0 = off / CS;
@@ -422,24 +690,25 @@ fail:
 
 int content_truncate(const struct content_file *f, uint64_t size)
 {
+	enum fmt_layout l = f->layout;
 	uint64_t b = 0, p, last;
 	int r;
 
-	if (size > FMT_MAX_PLAIN_SIZE)
+	if (size > fmt_max_plain_size(l))
 		return -EFBIG;
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
 	if (b == 0)
 		return size == 0 ? 0 : -ENODATA;
-	if (b < FMT_DATA_OFFSET)
+	if (b < fmt_header_area(l))
 		return -EIO;
 	/* Truncating to 0 always works: it is how a damaged file is emptied and reused. */
 	if (size == 0)
-		return ftruncate(f->fd, FMT_DATA_OFFSET) < 0 ? -errno : 0;
-	if (!fmt_backing_size_valid(b))
+		return ftruncate(f->fd, (off_t)fmt_header_area(l)) < 0 ? -errno : 0;
+	if (!fmt_backing_size_valid(l, b))
 		return -EIO;
-	p = fmt_plain_size(b);
+	p = fmt_plain_size(l, b);
 	if (size == p)
 		return 0;
 
@@ -449,7 +718,7 @@ int content_truncate(const struct content_file *f, uint64_t size)
 			if (r < 0)
 				return r;
 		}
-		return ftruncate(f->fd, (off_t)fmt_backing_size(size)) < 0 ? -errno : 0;
+		return ftruncate(f->fd, (off_t)fmt_backing_size(l, size)) < 0 ? -errno : 0;
 	}
 
 	/* Grow. The old last chunk, if partial, grows in place: up to the new size if that ends
@@ -462,18 +731,26 @@ int content_truncate(const struct content_file *f, uint64_t size)
 		if (r < 0 || size <= (last + 1) * CS)
 			return r;
 	}
+	/* v2: the chunks the file grows by read as holes, whatever an earlier size left in their
+	 * entries (a partial new last chunk gets its own entry below). */
+	if (l == FMT_LAYOUT_V2) {
+		r = entries_clear(f, (p + CS - 1) / CS, size / CS);
+		if (r < 0)
+			return r;
+	}
 	/* Full chunks in between are holes; a partial new last chunk must authenticate, so it is
 	 * sealed for real. */
 	if (size % CS == 0)
-		return ftruncate(f->fd, (off_t)fmt_backing_size(size)) < 0 ? -errno : 0;
+		return ftruncate(f->fd, (off_t)fmt_backing_size(l, size)) < 0 ? -errno : 0;
 	{
 		uint8_t zeros[FMT_CHUNK_SIZE] = { 0 };
 		uint64_t idx = size / CS;
+		off_t at = (off_t)(l == FMT_LAYOUT_V2 ? fmt_v2_page_offset(idx) : fmt_chunk_offset(idx));
 
-		if (ftruncate(f->fd, (off_t)fmt_chunk_offset(idx)) < 0)
+		if (ftruncate(f->fd, at) < 0)
 			return -errno;
 		r = chunk_store(f, idx, zeros, (size_t)(size % CS));
-		if (r < 0 && ftruncate(f->fd, (off_t)fmt_chunk_offset(idx)) < 0)
+		if (r < 0 && ftruncate(f->fd, at) < 0)
 			return -errno;
 		return r;
 	}
@@ -538,12 +815,24 @@ static int chunk_zero(const struct content_file *f, uint64_t idx, uint64_t p, si
 	size_t len = chunk_len(idx, p), ctlen = len + FMT_CHUNK_OVERHEAD;
 	int r;
 
+	if (f->layout == FMT_LAYOUT_V2) {
+		uint8_t e[FMT_V2_ENTRY_SIZE];
+
+		r = entries_read(f, idx, 1, e);
+		if (r < 0)
+			return r;
+		if (len == CS && fmt_v2_entry_is_hole(e))
+			return 0;
+		r = chunk_load(f, idx, p, pt) == 0 ? (int)len : -EIO;
+		goto loaded;
+	}
 	r = chunk_read(f, idx, ctlen, ct);
 	if (r < 0)
 		return r;
 	if (len == CS && sodium_is_zero(ct, ctlen))
 		return 0;
 	r = fmt_chunk_open(f->keys, f->file_id, idx, ct, ctlen, pt);
+loaded:
 	if (r == (int)len) {
 		memset(pt + from, 0, to - from);
 		r = chunk_store(f, idx, pt, len);
@@ -583,7 +872,36 @@ static int zero_range(const struct content_file *f, uint64_t p, uint64_t off, ui
 	}
 	if (h0 >= h1)
 		return 0;
-	return backing_zero(f->fd, fmt_chunk_offset(h0), (h1 - h0) * CDS, keep_alloc);
+	if (f->layout != FMT_LAYOUT_V2)
+		return backing_zero(f->fd, fmt_chunk_offset(h0), (h1 - h0) * CDS, keep_alloc);
+	/* v2: per group, the entries become holes first (the chunks read as zeros from then on,
+	 * crash or not), then their data pages are punched or zeroed. */
+	for (uint64_t a = h0; a < h1;) {
+		uint8_t ents[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
+		uint64_t z = (a / GC + 1) * GC < h1 ? (a / GC + 1) * GC : h1;     /* [a, z) */
+		size_t lo = 0, hi;
+
+		/* Only the entries that are not holes yet are written: zeroing a sparse file must
+		 * not allocate its tag pages. */
+		r = entries_read(f, a, (size_t)(z - a), ents);
+		if (r < 0)
+			return r;
+		for (hi = (size_t)(z - a) * ES; hi > 0 && ents[hi - 1] == 0; hi--)
+			;
+		while (lo < hi && ents[lo] == 0)
+			lo++;
+		if (lo < hi) {
+			memset(ents, 0, sizeof(ents));
+			r = pwrite_full(f->fd, ents, hi - lo, fmt_v2_entry_offset(a) + lo);
+			if (r < 0)
+				return r;
+		}
+		r = backing_zero(f->fd, fmt_v2_page_offset(a), (z - a) * CS, keep_alloc);
+		if (r < 0)
+			return r;
+		a = z;
+	}
+	return 0;
 }
 
 int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint64_t len)
@@ -597,16 +915,16 @@ int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint
 		return -EOPNOTSUPP;
 	if (len == 0)
 		return -EINVAL;
-	if (off > FMT_MAX_PLAIN_SIZE || len > FMT_MAX_PLAIN_SIZE - off)
+	if (off > fmt_max_plain_size(f->layout) || len > fmt_max_plain_size(f->layout) - off)
 		return -EFBIG;
 	end = off + len;
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
 	/* Zeroing re-seals chunks, which a damaged tail does not allow (as for write). */
-	if (op && b != 0 && !fmt_backing_size_valid(b))
+	if (op && b != 0 && !fmt_backing_size_valid(f->layout, b))
 		return -EIO;
-	p = fmt_plain_size(b);
+	p = fmt_plain_size(f->layout, b);
 
 	/* Allocate first, so that running out of space changes nothing. A punch allocates nothing;
 	 * the part of a zeroed range inside the file is allocated by backing_zero or the re-seal,
@@ -615,8 +933,14 @@ int content_fallocate(const struct content_file *f, int mode, uint64_t off, uint
 	if (op == 0 || (op == FALLOC_FL_ZERO_RANGE && end > p)) {
 		uint64_t from = op == 0 || off > p ? off : p;
 
-		boff = fmt_chunk_offset(from / CS);
-		bend = fmt_chunk_offset((end + CS - 1) / CS);
+		if (f->layout == FMT_LAYOUT_V2) {
+			/* From the tag page of the first chunk's group to the end of the last data page. */
+			boff = fmt_v2_group_offset(from / CS / GC);
+			bend = fmt_v2_page_offset((end + CS - 1) / CS - 1) + CS;
+		} else {
+			boff = fmt_chunk_offset(from / CS);
+			bend = fmt_chunk_offset((end + CS - 1) / CS);
+		}
 		if (fallocate(f->fd, FALLOC_FL_KEEP_SIZE, (off_t)boff, (off_t)(bend - boff)) < 0 &&
 		    !(op && errno == EOPNOTSUPP))
 			return -errno;
@@ -654,6 +978,56 @@ static int chunk_is_hole(const struct content_file *f, uint64_t idx, bool *ret)
 	return 0;
 }
 
+/*
+ * v2 SEEK_DATA / SEEK_HOLE (off < p): the tag entries say exactly which full chunks are holes.
+ * SEEK_DATA reads the entries of a group and jumps over groups whose tag pages and data pages
+ * are all sparse in the backing file; SEEK_HOLE reads the entries group by group.
+ */
+static int lseek_v2(const struct content_file *f, uint64_t p, uint64_t off, int whence, uint64_t *ret_off)
+{
+	uint8_t ents[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
+	uint64_t idx = off / CS, nfull = p / CS;
+	int r;
+
+	while (idx < nfull) {
+		uint64_t z = (idx / GC + 1) * GC < nfull ? (idx / GC + 1) * GC : nfull;      /* [idx, z) */
+
+		r = entries_read(f, idx, (size_t)(z - idx), ents);
+		if (r < 0)
+			return r;
+		for (uint64_t i = idx; i < z; i++) {
+			if (fmt_v2_entry_is_hole(ents + (i - idx) * ES) == (whence == SEEK_HOLE)) {
+				*ret_off = i * CS > off ? i * CS : off;
+				return 0;
+			}
+		}
+		idx = z;
+		if (whence == SEEK_DATA && idx < nfull) {
+			/* Skip groups that hold no backing data at all: their entries are all holes. */
+			off_t pos = lseek(f->fd, (off_t)fmt_v2_group_offset(idx / GC), SEEK_DATA);
+			uint64_t g;
+
+			if (pos < 0 && errno != ENXIO)
+				return -errno;
+			if (pos < 0)
+				g = nfull / GC + 1;
+			else
+				g = ((uint64_t)pos - FMT_V2_HEADER_AREA) / FMT_V2_GROUP_DISK;
+			if (g * GC > idx)
+				idx = g * GC < nfull ? g * GC : nfull;
+		}
+	}
+	/* Past the full chunks: the partial last chunk is always data; the end is a hole. */
+	if (whence == SEEK_HOLE) {
+		*ret_off = p;
+		return 0;
+	}
+	if (p % CS == 0)
+		return -ENXIO;
+	*ret_off = nfull * CS > off ? nfull * CS : off;
+	return 0;
+}
+
 int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64_t *ret_off)
 {
 	uint64_t b = 0, p, idx;
@@ -666,9 +1040,11 @@ int content_lseek(const struct content_file *f, uint64_t off, int whence, uint64
 	r = backing_size(f->fd, &b);
 	if (r < 0)
 		return r;
-	p = fmt_plain_size(b);
+	p = fmt_plain_size(f->layout, b);
 	if (off >= p)
 		return -ENXIO;
+	if (f->layout == FMT_LAYOUT_V2)
+		return lseek_v2(f, p, off, whence, ret_off);
 	idx = off / CS;
 
 	/* Both searches jump through the backing file with lseek and only read a chunk where a

@@ -22,8 +22,8 @@ static const struct field fields[] = {
 
 static int check(const struct voldesc *v, char *err, size_t errlen)
 {
-	if (v->format != VOLDESC_FORMAT) {
-		snprintf(err, errlen, "missing 'format=%d'", VOLDESC_FORMAT);
+	if (v->format < VOLDESC_FORMAT_MIN || v->format > VOLDESC_FORMAT) {
+		snprintf(err, errlen, "missing 'format=' (%d or %d)", VOLDESC_FORMAT_MIN, VOLDESC_FORMAT);
 		return -EINVAL;
 	}
 	if (!util_uuid_valid(v->volume)) {

@@ -118,7 +118,7 @@ static int contents_enter(struct keyfs *fs, struct kfs_inode *i, enum contents_o
 		pthread_rwlock_rdlock(&i->content);
 	else if (g->lock != LOCK_NONE)
 		pthread_rwlock_wrlock(&i->content);
-	*cf = (struct content_file){ .fd = fd };
+	*cf = (struct content_file){ .fd = fd, .layout = fs->vol.format };
 	if (g->keys == KEYS_OR_NEW)
 		r = filekeys_get_or_create(fs, i, fd, cf);
 	else if (g->keys != KEYS_NONE)
@@ -317,7 +317,7 @@ static int regular_new(struct keyfs *fs, fuse_req_t req, struct kfs_inode *dir, 
 		inode_unref(&fs->table, i, 1);
 		goto fail_unlink;
 	}
-	plain_attr(&st);
+	plain_attr(fs, &st);
 	e->attr = st;
 	*ret_inode = i;
 	if (ret_fd)
@@ -627,7 +627,7 @@ static int file_lseek(struct keyfs *fs, struct kfs_file *f, off_t off, int whenc
 		pos = (uint64_t)off;
 		break;
 	case SEEK_END:
-		r = content_size(f->fd, &pos);
+		r = content_size(f->fd, cf.layout, &pos);
 		pos += (uint64_t)off;
 		break;
 	default:

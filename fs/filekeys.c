@@ -66,11 +66,11 @@ static void fill(const struct kfs_inode *inode, int fd, struct content_file *cf)
  * rewrap, stored a re-wrapped one): follow it when it still holds our DEK, i.e. a slot
  * authenticates with the keys we have. Returns false when none does: the file has a new DEK
  * (its header was dropped and made again elsewhere) and our keys must not be used. */
-static bool header_follow(struct kfs_inode *inode, int fd, const struct fmt_keys *keys)
+static bool header_follow(struct keyfs *fs, struct kfs_inode *inode, int fd, const struct fmt_keys *keys)
 {
 	struct content_headers hs;
 
-	if (content_headers_read(fd, &hs) < 0)
+	if (content_headers_read(fd, fs->vol.format, &hs) < 0)
 		return false;
 	for (unsigned k = 0; k < hs.count; k++) {
 		if (fmt_header_verify(hs.raw[k], keys) == 0) {
@@ -110,7 +110,7 @@ static bool header_rewrite(struct keyfs *fs, struct kfs_inode *inode, const stru
 		goto fail;
 	r = vol_keys_store(fd, inode->header_slot, &ld->hdr, ld->raw, w, ld->keys, false, &st);
 	if (r == VOL_STORE_CHANGED) {
-		bool same = header_follow(inode, fd, ld->keys);
+		bool same = header_follow(fs, inode, fd, ld->keys);
 
 		close(fd);
 		log_debug("%s: header changed since it was read: not storing the re-wrapped key%s", label,
@@ -176,7 +176,7 @@ static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, st
 	int i, r;
 
 	memset(ld, 0, sizeof(*ld));
-	r = content_headers_read(fd, &hs);
+	r = content_headers_read(fd, fs->vol.format, &hs);
 	if (r == -ENODATA)
 		return 0;
 	if (r < 0) {
@@ -237,7 +237,7 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 		keyslab_free(&fs->slab, keys);
 		return r;      /* unmapped: the caller pokes the key state with it */
 	}
-	r = vol_keys_header(kms_key_id(fs->kms), e.file_id, &e.wrapped, e.dek, keys, raw);
+	r = vol_keys_header(kms_key_id(fs->kms), e.file_id, &e.wrapped, e.dek, fs->vol.format, keys, raw);
 	keyslab_free(&fs->slab, e.dek);
 	if (r < 0) {
 		log_err("%s: cannot encode a keyfs header (key id '%s', %zu-byte wrapped key)", label,

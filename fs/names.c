@@ -20,7 +20,7 @@ int ops_stat(struct keyfs *fs, struct kfs_inode *i, struct stat *st)
 		r = -errno;
 	fd_done(fs, i);
 	if (r == 0)
-		plain_attr(st);
+		plain_attr(fs, st);
 	return r;
 }
 
@@ -41,7 +41,7 @@ int ops_adopt(struct keyfs *fs, int fd, struct kfs_inode *dir, const char *name,
 	r = inode_get(&fs->table, fd, &e->attr, dir, name, &i);
 	if (r < 0)
 		return r;
-	plain_attr(&e->attr);
+	plain_attr(fs, &e->attr);
 	e->ino = node_id(i);
 	if (ret)
 		*ret = i;

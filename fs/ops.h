@@ -70,11 +70,12 @@ static inline void proc_path(int fd, char buf[OPS_PROC_PATH_SIZE])
 	snprintf(buf, OPS_PROC_PATH_SIZE, "/proc/self/fd/%d", fd);
 }
 
-/* Regular files show their plaintext size, computed from the backing size alone. */
-static inline void plain_attr(struct stat *st)
+/* Regular files show their plaintext size, computed from the backing size alone (the volume's
+ * layout says how). */
+static inline void plain_attr(const struct keyfs *fs, struct stat *st)
 {
 	if (S_ISREG(st->st_mode))
-		st->st_size = (off_t)fmt_plain_size((uint64_t)st->st_size);
+		st->st_size = (off_t)fmt_plain_size(fs->vol.format, (uint64_t)st->st_size);
 }
 
 /* chown clears set-user-id and set-group-id on non-directories: put back what was asked. */

@@ -63,18 +63,18 @@ int shared_write_begin(struct keyfs *fs, int fd, bool append, size_t size, uint6
 	int r;
 
 	if (!fs->shared)
-		return append ? content_size(fd, pos) : 0;
+		return append ? content_size(fd, fs->vol.format, pos) : 0;
 	if (*pos > FMT_MAX_PLAIN_SIZE || size > FMT_MAX_PLAIN_SIZE - *pos)
 		return 0;       /* content_write answers EFBIG without touching the file */
 	/* Whether the write grows the file is only known under a size lock: guess from the size
 	 * now, and take the exclusive one when the guess was wrong. */
-	r = content_size(fd, &p);
+	r = content_size(fd, fs->vol.format, &p);
 	grows = append || r < 0 || *pos + size > p;
 	for (;;) {
 		r = range_op(fd, grows ? F_WRLCK : F_RDLCK, LOCKSPACE_SIZE, 1);
 		if (r < 0)
 			return r;
-		r = content_size(fd, &p);
+		r = content_size(fd, fs->vol.format, &p);
 		if (r < 0)
 			goto fail;
 		if (append)

@@ -132,12 +132,13 @@ int vol_keys_new(struct kms *kms, const char *volume, uint8_t *dek, uint8_t file
 }
 
 int vol_keys_header(const char *key_id, const uint8_t file_id[FMT_FILE_ID_SIZE], const struct kms_wrapped *w,
-		    const uint8_t *dek, struct fmt_keys *keys, uint8_t raw[FMT_HEADER_SIZE])
+		    const uint8_t *dek, enum fmt_layout layout, struct fmt_keys *keys, uint8_t raw[FMT_HEADER_SIZE])
 {
 	struct fmt_header h;
 
 	memset(&h, 0, sizeof(h));
 	h.generation = 1;
+	h.version = layout == FMT_LAYOUT_V2 ? FMT_LAYOUT_V2 : FMT_LAYOUT_V1;
 	memcpy(h.file_id, file_id, FMT_FILE_ID_SIZE);
 	snprintf(h.key_id, sizeof(h.key_id), "%s", key_id);
 	snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
@@ -221,7 +222,7 @@ int vol_keys_store(int fd, unsigned slot, const struct fmt_header *hdr, const ui
 	if (r < 0)
 		return r;
 	/* Read again under the lock: the other side may have stored a newer one meanwhile. */
-	r = content_headers_read(fd, &now);
+	r = content_headers_read(fd, (enum fmt_layout)hdr->version, &now);
 	if (r < 0 || !slot_unchanged(&now, slot, raw)) {
 		vol_header_unlock(fd, locked);
 		return VOL_STORE_CHANGED;

@@ -18,6 +18,7 @@
  */
 struct content_file {
 	int fd;                                 /* backing file, opened O_RDWR for writes */
+	enum fmt_layout layout;                 /* the volume's: FMT_LAYOUT_V1 or FMT_LAYOUT_V2 */
 	const struct fmt_keys *keys;            /* in sodium_malloc memory */
 	uint8_t file_id[FMT_FILE_ID_SIZE];
 };
@@ -30,15 +31,18 @@ struct content_headers {
 	uint8_t raw[FMT_HEADER_SLOTS][FMT_HEADER_SIZE];
 };
 
-/* Read both header slots of fd. Returns 0 with at least one slot, -ENODATA when the backing
- * file is empty (no header yet), -EIO when it is shorter than the header area or no slot
- * parses, -EPROTONOSUPPORT when no slot parses and one has an unknown version or cipher. */
-int content_headers_read(int fd, struct content_headers *ret);
+/* Read both header slots of fd in a volume of the given layout: a slot whose format version is
+ * not the layout does not count (FMT_LAYOUT_ANY takes either). Returns 0 with at least one slot,
+ * -ENODATA when the backing file is empty (no header yet), -EIO when it is shorter than the
+ * header area or no slot parses (or all that parse are of the other layout), -EPROTONOSUPPORT
+ * when no slot parses and one has an unknown version or cipher. */
+int content_headers_read(int fd, enum fmt_layout layout, struct content_headers *ret);
 
 /* The newest slot that parses, for readers without a key (inspect): as content_headers_read. */
-int content_header_read(int fd, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE]);
+int content_header_read(int fd, enum fmt_layout layout, struct fmt_header *ret_hdr, uint8_t raw[FMT_HEADER_SIZE]);
 
-/* Give an empty backing file its header area: raw in slot 0, slot 1 zero. Returns 0 or -errno. */
+/* Give an empty backing file its header area: raw in slot 0, slot 1 zero; a v2 header (version 2
+ * in raw) gets the whole 4096-byte header page. Returns 0 or -errno. */
 int content_header_init(int fd, const uint8_t raw[FMT_HEADER_SIZE]);
 
 /* Write raw into one slot and make it durable (fdatasync) before returning: the other slot
@@ -63,8 +67,8 @@ int content_header_rewrite(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_S
 int content_header_lock(int fd);
 void content_header_unlock(int fd);
 
-/* Plaintext size of the backing file fd. */
-int content_size(int fd, uint64_t *ret_size);
+/* Plaintext size of the backing file fd in a volume of the given layout. */
+int content_size(int fd, enum fmt_layout layout, uint64_t *ret_size);
 
 /* Read up to size bytes at off into buf. Returns the byte count (short only at end of file). */
 ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint64_t off);

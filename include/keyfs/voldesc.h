@@ -8,14 +8,15 @@
 /* Reserved entry at the backing root: hidden from the mount and refused as a name there. */
 #define VOLDESC_NAME            ".keyfs"
 #define VOLDESC_MAX             8192            /* largest description file accepted */
-#define VOLDESC_FORMAT          1
+#define VOLDESC_FORMAT          2               /* newest understood: the file layout (enum fmt_layout) */
+#define VOLDESC_FORMAT_MIN      1
 
 #define VOLDESC_KMS_LOCAL       "local"
 #define VOLDESC_KMS_KEYPROTECT  "keyprotect"
 
 /*
  * Text file, one "name=value" per line, '#' comments, UTF-8, no secrets:
- *   format=1
+ *   format=1|2                    the layout of every file of the volume (docs/FORMAT.md)
  *   volume=<uuid>                 random at init, bound into every wrapped DEK
  *   kms=local|keyprotect
  *   key=<name | key id | CRN>     what the user named at init

@@ -92,7 +92,7 @@ int vol_keys_new(struct kms *kms, const char *volume, uint8_t *dek, uint8_t file
 /* The first header of a file (generation 1) naming key_id and the wrapped DEK w, its keys
  * derived from dek into keys, encoded into raw. Returns 0 or -EINVAL (does not fit). */
 int vol_keys_header(const char *key_id, const uint8_t file_id[FMT_FILE_ID_SIZE], const struct kms_wrapped *w,
-		    const uint8_t *dek, struct fmt_keys *keys, uint8_t raw[FMT_HEADER_SIZE]);
+		    const uint8_t *dek, enum fmt_layout layout, struct fmt_keys *keys, uint8_t raw[FMT_HEADER_SIZE]);
 
 /* ---- changing a header ---- */
 

@@ -12,9 +12,11 @@
 #include "check.h"
 #include "keyfs/content.h"
 
-#define MAXSIZE (300 * 1024)
+/* More than two v2 groups (512 KiB of plaintext each). */
+#define MAXSIZE (1200 * 1024)
 
 static struct content_file f;
+static enum fmt_layout L;               /* argv[2]: 1 or 2 */
 static struct fmt_keys *keys;
 static uint8_t *model;
 static uint64_t model_size;
@@ -53,9 +55,11 @@ static int open_file(char *path)
 	strcpy(h.key_id, "test-key");
 	h.wrapped_len = 10;
 	h.generation = 1;
+	h.version = (uint16_t)L;
 	if (fmt_header_encode(&h, keys, raw) < 0 || content_header_init(fd, raw) < 0)
 		return -1;
 	f.fd = fd;
+	f.layout = L;
 	f.keys = keys;
 	memcpy(f.file_id, h.file_id, sizeof(h.file_id));
 	return fd;
@@ -68,11 +72,11 @@ static void check_whole(unsigned op, unsigned seed)
 	struct stat st;
 	ssize_t n;
 
-	CHECK_EQ(content_size(f.fd, &size), 0);
+	CHECK_EQ(content_size(f.fd, L, &size), 0);
 	n = content_read(&f, buf, sizeof(buf), 0);
 	fstat(f.fd, &st);
 	if (size != model_size || n != (ssize_t)model_size || memcmp(buf, model, model_size) != 0 ||
-	    (uint64_t)st.st_size != fmt_backing_size(model_size)) {
+	    (uint64_t)st.st_size != fmt_backing_size(L, model_size)) {
 		fprintf(stderr, "seed %u op %u: size %llu model %llu read %zd backing %lld\n", seed, op,
 			(unsigned long long)size, (unsigned long long)model_size, n, (long long)st.st_size);
 		CHECK(0);
@@ -161,7 +165,7 @@ static void test_holes_and_seek(void)
 	CHECK_EQ(content_truncate(&f, 0), 0);
 	CHECK_EQ(content_truncate(&f, 10ull << 30), 0);
 	fstat(f.fd, &st);
-	CHECK_EQ(st.st_size, (long long)fmt_backing_size(10ull << 30));
+	CHECK_EQ(st.st_size, (long long)fmt_backing_size(L, 10ull << 30));
 	CHECK(st.st_blocks * 512 < (1 << 20));
 	CHECK_EQ(content_read(&f, buf, sizeof(buf), 5ull << 30), (long long)sizeof(buf));
 	CHECK(sodium_is_zero(buf, sizeof(buf)));
@@ -189,12 +193,14 @@ static void test_holes_and_seek(void)
 	CHECK_EQ(content_truncate(&f, 0), 0);
 	memset(buf, 'y', sizeof(buf));
 	CHECK_EQ(content_write(&f, buf, 5000, 0), 5000);
-	CHECK_EQ(ftruncate(f.fd, (off_t)fmt_backing_size(5000) - 900), 0);
+	CHECK_EQ(ftruncate(f.fd, (off_t)fmt_backing_size(L, 5000) - 900), 0);
 	CHECK_EQ(content_read(&f, buf, 4096, 0), 4096);
 	CHECK_EQ(content_read(&f, buf, 8192, 0), -EIO);
-	CHECK_EQ(ftruncate(f.fd, (off_t)fmt_backing_size(4096) + 20), 0);
+	CHECK_EQ(ftruncate(f.fd, (off_t)fmt_backing_size(L, 4096) + 20), 0);
 	CHECK_EQ(content_read(&f, buf, 8192, 0), -EIO);
-	CHECK_EQ(content_write(&f, buf, 1, 0), -EIO);
+	/* v1: no valid file has that size, so nothing is written; v2: a whole data page cut short
+	 * leaves a valid size, and only the cut chunk fails. */
+	CHECK_EQ(content_write(&f, buf, 1, 0), L == FMT_LAYOUT_V1 ? -EIO : 1);
 	CHECK_EQ(content_truncate(&f, 0), 0);
 	CHECK_EQ(content_read(&f, buf, 10, 0), 0);
 
@@ -203,10 +209,10 @@ static void test_holes_and_seek(void)
 	CHECK_EQ(content_read(&f, buf, sizeof(buf), 96000), 4000);
 	CHECK(sodium_is_zero(buf, 4000));
 	CHECK_EQ(content_fallocate(&f, 1 /* FALLOC_FL_KEEP_SIZE */, 0, 300000), 0);
-	CHECK_EQ(content_size(f.fd, &pos), 0);
+	CHECK_EQ(content_size(f.fd, L, &pos), 0);
 	CHECK_EQ(pos, 100000);
 	CHECK_EQ(content_fallocate(&f, 2 /* PUNCH_HOLE */, 0, 10), -EOPNOTSUPP);
-	CHECK_EQ(content_write(&f, buf, 1, FMT_MAX_PLAIN_SIZE), -EFBIG);
+	CHECK_EQ(content_write(&f, buf, 1, fmt_max_plain_size(L)), -EFBIG);
 }
 
 static void test_tamper(void)
@@ -216,9 +222,11 @@ static void test_tamper(void)
 	CHECK_EQ(content_truncate(&f, 0), 0);
 	randombytes_buf(buf, sizeof(buf));
 	CHECK_EQ(content_write(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
-	CHECK_EQ(pread(f.fd, &byte, 1, 2048 + 4136 + 500), 1);
+	uint64_t at = L == FMT_LAYOUT_V2 ? fmt_v2_page_offset(1) + 500 : 2048 + 4136 + 500;
+
+	CHECK_EQ(pread(f.fd, &byte, 1, at), 1);
 	byte ^= 1;
-	CHECK_EQ(pwrite(f.fd, &byte, 1, 2048 + 4136 + 500), 1);
+	CHECK_EQ(pwrite(f.fd, &byte, 1, at), 1);
 	CHECK_EQ(content_read(&f, buf, 4096, 0), 4096);
 	CHECK_EQ(content_read(&f, buf, 10, 4096 + 5), -EIO);
 	CHECK_EQ(content_read(&f, buf, 10, 8192), 10);
@@ -230,16 +238,19 @@ static void test_tamper(void)
  * or empty file; shrinking it refuses, emptying it works. */
 static void test_cut_inside_overhead(void)
 {
-	static const unsigned lefts[] = { 1, 24, 40 };
+	/* v1: inside chunk 0's nonce and tag; v2: inside (or exactly) the tag page of group 0. */
+	static const unsigned lefts_v1[] = { 1, 24, 40 }, lefts_v2[] = { 1, 32, 4096 };
+	const unsigned *lefts = L == FMT_LAYOUT_V2 ? lefts_v2 : lefts_v1;
+	const uint64_t hdr = fmt_header_area(L);
 	uint8_t buf[3 * 4096];
 	uint64_t size;
 
-	for (unsigned k = 0; k < sizeof(lefts) / sizeof(lefts[0]); k++) {
+	for (unsigned k = 0; k < sizeof(lefts_v1) / sizeof(lefts_v1[0]); k++) {
 		CHECK_EQ(content_truncate(&f, 0), 0);
 		randombytes_buf(buf, sizeof(buf));
 		CHECK_EQ(content_write(&f, buf, 100, 0), 100);
-		CHECK_EQ(ftruncate(f.fd, (off_t)(2048 + lefts[k])), 0);
-		CHECK_EQ(content_size(f.fd, &size), 0);
+		CHECK_EQ(ftruncate(f.fd, (off_t)(hdr + lefts[k])), 0);
+		CHECK_EQ(content_size(f.fd, L, &size), 0);
 		CHECK_EQ(size, 1);
 		CHECK_EQ(content_read(&f, buf, sizeof(buf), 0), -EIO);
 		CHECK_EQ(content_read(&f, buf, 1, 0), -EIO);
@@ -249,15 +260,22 @@ static void test_cut_inside_overhead(void)
 		CHECK_EQ(content_truncate(&f, 0), 0);
 		randombytes_buf(buf, sizeof(buf));
 		CHECK_EQ(content_write(&f, buf, sizeof(buf), 0), (long long)sizeof(buf));
-		CHECK_EQ(ftruncate(f.fd, (off_t)(2048 + 2 * 4136 + lefts[k])), 0);
-		CHECK_EQ(content_size(f.fd, &size), 0);
-		CHECK_EQ(size, 2 * 4096 + 1);
+		if (L == FMT_LAYOUT_V2) {
+			/* v2: a data page cut short is a valid size; the chunk fails to authenticate. */
+			CHECK_EQ(ftruncate(f.fd, (off_t)(fmt_v2_page_offset(2) + lefts_v1[k])), 0);
+			CHECK_EQ(content_size(f.fd, L, &size), 0);
+			CHECK_EQ(size, 2 * 4096 + lefts_v1[k]);
+		} else {
+			CHECK_EQ(ftruncate(f.fd, (off_t)(2048 + 2 * 4136 + lefts[k])), 0);
+			CHECK_EQ(content_size(f.fd, L, &size), 0);
+			CHECK_EQ(size, 2 * 4096 + 1);
+		}
 		CHECK_EQ(content_read(&f, buf, 2 * 4096, 0), 2 * 4096);
 		CHECK_EQ(content_read(&f, buf, sizeof(buf), 0), -EIO);
 		CHECK_EQ(content_read(&f, buf, 1, 2 * 4096), -EIO);
 	}
 	CHECK_EQ(content_truncate(&f, 0), 0);
-	CHECK_EQ(content_size(f.fd, &size), 0);
+	CHECK_EQ(content_size(f.fd, L, &size), 0);
 	CHECK_EQ(size, 0);
 	CHECK_EQ(content_read(&f, buf, 1, 0), 0);
 }
@@ -269,7 +287,7 @@ static void test_header_slots(void)
 	uint8_t raw[FMT_HEADER_SIZE], junk[FMT_HEADER_SIZE];
 
 	/* A new file: slot 0 only. */
-	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), 0);
 	CHECK_EQ(hs.count, 1);
 	CHECK_EQ(hs.slot[0], 0);
 	CHECK_EQ(hs.hdr[0].generation, 1);
@@ -280,32 +298,36 @@ static void test_header_slots(void)
 	strcpy(h.key_version, "2");
 	CHECK_EQ(fmt_header_encode(&h, keys, raw), 0);
 	CHECK_EQ(content_header_store(f.fd, 1, raw), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), 0);
 	CHECK_EQ(hs.count, 2);
 	CHECK_EQ(hs.slot[0], 1);
 	CHECK_EQ(hs.hdr[0].generation, 2);
 	CHECK(strcmp(hs.hdr[0].key_version, "2") == 0);
 	CHECK_EQ(hs.slot[1], 0);
-	CHECK_EQ(content_header_read(f.fd, &h, NULL), 0);
+	CHECK_EQ(content_header_read(f.fd, L, &h, NULL), 0);
 	CHECK_EQ(h.generation, 2);
 
 	/* A torn rewrite of slot 0 (generation 3): it does not parse, slot 1 still serves. */
 	memcpy(junk, raw, sizeof(junk));
 	junk[0] = 'X';
 	CHECK_EQ(content_header_store(f.fd, 0, junk), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), 0);
 	CHECK_EQ(hs.count, 1);
 	CHECK_EQ(hs.slot[0], 1);
 
+	/* A volume of the other layout does not take this file's header: EIO (any layout does). */
+	CHECK_EQ(content_headers_read(f.fd, L == FMT_LAYOUT_V1 ? FMT_LAYOUT_V2 : FMT_LAYOUT_V1, &hs), -EIO);
+	CHECK_EQ(content_headers_read(f.fd, FMT_LAYOUT_ANY, &hs), 0);
+
 	/* No slot parses: EIO; a slot of a newer format version: EPROTONOSUPPORT. */
 	CHECK_EQ(content_header_store(f.fd, 1, junk), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), -EIO);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), -EIO);
 	memcpy(junk, raw, sizeof(junk));
 	junk[8] = 9;
 	CHECK_EQ(content_header_store(f.fd, 1, junk), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), -EPROTONOSUPPORT);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), -EPROTONOSUPPORT);
 	CHECK_EQ(content_header_store(f.fd, 0, raw), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), 0);
 	CHECK_EQ(hs.count, 1);
 
 	/* A rewrite stores the new slot and then clears the other to zeros (unused), so the old
@@ -314,7 +336,7 @@ static void test_header_slots(void)
 	h.generation = UINT32_MAX;
 	CHECK_EQ(fmt_header_encode(&h, keys, raw), 0);
 	CHECK_EQ(content_header_rewrite(f.fd, 1, raw), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), 0);
 	CHECK_EQ(hs.count, 1);
 	CHECK_EQ(hs.slot[0], 1);
 	CHECK_EQ(pread(f.fd, junk, sizeof(junk), 0), (long long)sizeof(junk));
@@ -324,7 +346,7 @@ static void test_header_slots(void)
 	strcpy(h.key_version, "3");
 	CHECK_EQ(fmt_header_encode(&h, keys, raw), 0);
 	CHECK_EQ(content_header_rewrite(f.fd, 0, raw), 0);
-	CHECK_EQ(content_headers_read(f.fd, &hs), 0);
+	CHECK_EQ(content_headers_read(f.fd, L, &hs), 0);
 	CHECK_EQ(hs.count, 1);
 	CHECK_EQ(hs.slot[0], 0);
 	CHECK_EQ(hs.hdr[0].generation, 1);
@@ -371,6 +393,8 @@ int main(int argc, char **argv)
 	char path[] = "/tmp/keyfs-test-content-XXXXXX";
 	unsigned seed = argc > 1 ? (unsigned)strtoul(argv[1], NULL, 10) : 0;
 
+	L = argc > 2 && strcmp(argv[2], "1") == 0 ? FMT_LAYOUT_V1 : FMT_LAYOUT_V2;
+
 	if (sodium_init() < 0 || open_file(path) < 0)
 		return 2;
 	unlink(path);
@@ -379,7 +403,7 @@ int main(int argc, char **argv)
 		randombytes_buf(&seed, sizeof(seed));
 		seed = seed % 1000000 + 1;
 	}
-	printf("seed %u\n", seed);
+	printf("seed %u layout %d\n", seed, (int)L);
 	test_header_slots();
 	test_random(seed, 4000);
 	refuse_zeroing = true;

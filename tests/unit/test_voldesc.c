@@ -46,7 +46,11 @@ int main(void)
 	CHECK_EQ(parse("format=1\r\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\r\nkms=local\r\nkey=a\r\n"
 		       "key_id=b\r\nkeystore=/k\r\n", &v), 0);
 
-	CHECK_EQ(parse("format=2\n", &v), -EPROTONOSUPPORT);
+	/* format=2 (the v2 file layout) is understood; 3 is newer than this keyfs. */
+	CHECK_EQ(parse("format=2\nvolume=2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\nkms=local\nkey=a\n"
+		       "key_id=b\nkeystore=/k\n", &v), 0);
+	CHECK_EQ(v.format, 2);
+	CHECK_EQ(parse("format=3\n", &v), -EPROTONOSUPPORT);
 	CHECK_EQ(voldesc_parse("format=1\nbogus=1\n", 17, &v, err, sizeof(err)), -EINVAL);
 	CHECK(strstr(err, "line 2") != NULL && strstr(err, "bogus") != NULL);
 	CHECK_EQ(parse("format=1\nkey=a\nkey=b\n", &v), -EINVAL);
