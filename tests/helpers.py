@@ -22,9 +22,12 @@ FUSERMOUNT = shutil.which("fusermount3")
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOUNT_TIMEOUT = 10
 
+from layout import FORMAT, LAYOUT, LAYOUTS  # noqa: E402  (the format the suite runs on: KEYFS_TEST_FORMAT)
+
 HEADER_SIZE = 1024                  # one header slot
-HEADER_AREA = 2 * HEADER_SIZE       # two slots; chunk 0 starts here
+HEADER_AREA = LAYOUT.header_area    # v1: two slots; v2: the header page
 CHUNK = 4096
+# v1 only: a chunk's nonce, tag and stored size (docs/FORMAT.md); v2 keeps nonce and tag apart.
 NONCE = 24
 TAG = 16
 OVERHEAD = NONCE + TAG
@@ -50,13 +53,13 @@ def project_version():
 
 
 def backing_size(plain):
-    """Backing size of a file created through the mount holding `plain` bytes."""
-    n_full, r = divmod(plain, CHUNK)
-    return HEADER_AREA + n_full * CHUNK_DISK + (r + OVERHEAD if r else 0)
+    """Backing size of a file created through the mount holding `plain` bytes (the suite's format)."""
+    return LAYOUT.backing_size(plain)
 
 
 def chunk_offset(index):
-    return HEADER_AREA + index * CHUNK_DISK
+    """v1 only: backing offset of chunk index."""
+    return LAYOUTS[1].chunk_offset(index)
 
 
 def sha256(data):
@@ -71,7 +74,16 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def with_format(argv):
+    """keyfsctl init without --format makes a volume of the suite's format (KEYFS_TEST_FORMAT)."""
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] == KEYFSCTL and argv[1] == "init" and "--format" not in argv:
+        argv[2:2] = ["--format", str(FORMAT)]
+    return argv
+
+
 def run(argv, timeout=60, input=None, env=None, cwd=None):
+    argv = with_format(argv)
     return subprocess.run(argv, stdin=subprocess.DEVNULL if input is None else None, input=input,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           timeout=timeout, env=env, cwd=cwd)
@@ -162,6 +174,7 @@ def _drop(uid, gid, groups):
 def run_as(uid, gid, argv, groups=(), timeout=60, **kw):
     """Run argv as uid/gid (root only) and return the CompletedProcess."""
     need_root()
+    argv = with_format(argv)
     return subprocess.run(argv, preexec_fn=_drop(uid, gid, groups), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           timeout=timeout, cwd="/", **kw)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import (CHUNK, backing_files, backing_size, proc_mounts_entry, read_file, sha256,
+from helpers import (CHUNK, HEADER_AREA, LAYOUTS, backing_files, backing_size, proc_mounts_entry, read_file, sha256,
                      write_file)
 
 SIZES = [0, 1, 4095, 4096, 4097, 8191, 8192, 8193, (1 << 20) + 3, 20 << 20]
@@ -19,12 +19,23 @@ def test_mount_shows_in_proc_mounts(mnt):
 
 
 def test_backing_size_formula():
-    # The formula itself, against the worked examples of the format.
-    assert backing_size(0) == 2048
-    assert backing_size(1) == 2048 + 41
-    assert backing_size(4096) == 2048 + 4136
-    assert backing_size(4097) == 2048 + 4136 + 41
-    assert backing_size(8192) == 2048 + 2 * 4136
+    # The formulas themselves, against the worked examples of docs/FORMAT.md.
+    v1, v2 = LAYOUTS[1], LAYOUTS[2]
+    assert v1.backing_size(0) == 2048
+    assert v1.backing_size(1) == 2048 + 41
+    assert v1.backing_size(4096) == 2048 + 4136
+    assert v1.backing_size(4097) == 2048 + 4136 + 41
+    assert v1.backing_size(8192) == 2048 + 2 * 4136
+    assert v2.backing_size(0) == 4096
+    assert v2.backing_size(1) == 8193
+    assert v2.backing_size(4096) == 12288
+    assert v2.backing_size(4097) == 12289
+    assert v2.backing_size(512 << 10) == 4096 + 129 * 4096
+    assert v2.backing_size((512 << 10) + 1) == 4096 + 129 * 4096 + 4097
+    assert v2.backing_size(1 << 30) == 1082134528
+    for lay in (v1, v2):
+        for p in (0, 1, 4095, 4096, 4097, 524287, 524288, 524289, 10 << 20):
+            assert lay.plain_size(lay.backing_size(p)) == p
 
 
 def test_round_trip_sizes(mnt):
@@ -74,7 +85,7 @@ def test_stat_size_while_writing(mount, opts):
 def test_empty_file_backing_is_header(mnt):
     open(mnt.path("empty"), "wb").close()
     assert os.stat(mnt.path("empty")).st_size == 0
-    assert os.stat(mnt.bpath("empty")).st_size == 2048
+    assert os.stat(mnt.bpath("empty")).st_size == HEADER_AREA
     assert read_file(mnt.path("empty")) == b""
     mnt.remount()
     assert os.stat(mnt.path("empty")).st_size == 0
@@ -324,7 +335,7 @@ def test_open_excl_race(mnt):
     for t in ts:
         t.join(30)
     assert sorted(results, key=str) == sorted(["created"] + [17] * 7, key=str)
-    assert os.stat(mnt.bpath("once")).st_size == 2048
+    assert os.stat(mnt.bpath("once")).st_size == HEADER_AREA
 
 
 def _fd_count(pid):

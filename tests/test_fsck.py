@@ -7,10 +7,11 @@ import threading
 
 import pytest
 
-from helpers import (CHUNK, CHUNK_DISK, EXIT_CONFIG, EXIT_DAMAGED, EXIT_IO, EXIT_KMS, EXIT_LOCKED, EXIT_OK,
-                     EXIT_USAGE, HEADER_AREA, HEADER_SIZE, KEYFSCTL, NONCE, backing_size, chunk_offset,
+from helpers import (CHUNK, EXIT_CONFIG, EXIT_DAMAGED, EXIT_IO, EXIT_KMS, EXIT_LOCKED, EXIT_OK,
+                     EXIT_USAGE, FORMAT, HEADER_AREA, HEADER_SIZE, KEYFSCTL, LAYOUT, backing_size,
                      flip, init_keyprotect, inspect_json, keyfsctl, read_file, run, run_stderr_on_tty,
                      write_file)
+from layout import zero_chunk
 
 GEN_OFFSET = 36                     # header generation, u32 LE (docs/FORMAT.md)
 TAG_OFFSET = 992                    # header tag, 32 bytes
@@ -84,7 +85,7 @@ def test_clean_tree(tree_volume):
 
 def test_flipped_chunk_byte_names_file_and_offset(tree_volume):
     backing, total = tree_volume
-    flip(os.path.join(backing, "d", "multi.bin"), chunk_offset(2) + NONCE + 100)
+    flip(os.path.join(backing, "d", "multi.bin"), LAYOUT.data_offset(2) + 100)
     r = fsck(backing)
     assert r.returncode == EXIT_DAMAGED, r
     assert r.stdout.splitlines() == [
@@ -96,9 +97,9 @@ def test_flipped_chunk_byte_names_file_and_offset(tree_volume):
 
 def test_flipped_chunk_byte_json(tree_volume):
     backing, total = tree_volume
-    flip(os.path.join(backing, "d", "multi.bin"), chunk_offset(2) + NONCE + 100)
+    flip(os.path.join(backing, "d", "multi.bin"), LAYOUT.data_offset(2) + 100)
     # The last, partial chunk too: its plaintext length is what "length" says.
-    flip(os.path.join(backing, "d", "multi.bin"), chunk_offset(3) + NONCE + 7)
+    flip(os.path.join(backing, "d", "multi.bin"), LAYOUT.data_offset(3) + 7)
     r, doc = fsck_json(backing)
     assert r.returncode == EXIT_DAMAGED, r
     assert doc == {
@@ -122,7 +123,7 @@ def test_damaged_chunks_listed_up_to_ten(volume, mount):
     write_file(m.path("f"), os.urandom(20 * CHUNK))
     m.umount()
     for i in range(3, 18):
-        flip(m.bpath("f"), chunk_offset(i) + NONCE + CHUNK - 1, 0x80)
+        flip(m.bpath("f"), LAYOUT.data_offset(i) + CHUNK - 1, 0x80)
     r = fsck(volume)
     assert r.returncode == EXIT_DAMAGED, r
     assert r.stdout.splitlines() == [
@@ -139,9 +140,7 @@ def test_a_zeroed_chunk_is_a_hole_not_damage(volume, mount):
     m = mount()
     write_file(m.path("f"), os.urandom(3 * CHUNK))
     m.umount()
-    with open(m.bpath("f"), "r+b") as f:
-        f.seek(chunk_offset(1))
-        f.write(bytes(CHUNK_DISK))
+    zero_chunk(m.bpath("f"), 1)
     r = fsck(volume)
     assert (r.returncode, r.stdout) == (EXIT_OK, summary(1, 3 * CHUNK) + "\n"), r
 
@@ -159,7 +158,7 @@ def test_header_damaged(volume, mount, where, message):
     p = m.bpath("a")
     hdr = read_file(p)[:HEADER_SIZE]
     # Slot 0 holds the header, slot 1 is still zero (never rewritten).
-    assert read_file(p)[HEADER_SIZE:HEADER_AREA] == bytes(HEADER_SIZE)
+    assert read_file(p)[HEADER_SIZE:HEADER_AREA] == bytes(HEADER_AREA - HEADER_SIZE)
     lk, lv = hdr[32], hdr[33]
     off = {"tag": TAG_OFFSET + 5, "magic": 0, "wrapped": 40 + lk + lv + 50}[where]
     flip(p, off)
@@ -240,34 +239,43 @@ def test_after_rotation_and_rewrap_both_slots_are_checked(volume, keystore, moun
     assert r.stdout.splitlines() == ["damaged: f: no header slot authenticates", summary(1, 0, damaged=1)]
 
 
+# v1: the cut sizes at chunk 1, 2; v2: chunk 1 and 2 live in group 0, so the size-only cut is
+# inside the tag page of group 1 (chunk 128), and the file is made longer to have one.
+CUT_FILE = 3 * CHUNK + 100 if FORMAT == 1 else 130 * CHUNK + 100
+CUT_CHUNK = 1 if FORMAT == 1 else 128
+CUT_SIZE = LAYOUT.chunk_offset(1) + 20 if FORMAT == 1 else LAYOUT.group_offset(1) + 20
+SHORT_SIZE = LAYOUT.data_offset(2) + (1000 - 24 if FORMAT == 1 else 960)
+
+
 @pytest.mark.parametrize("cut,line", [
-    # Inside chunk 1's nonce and tag: no valid file has this size.
-    (chunk_offset(1) + 20, "damaged: f: backing size %d is cut inside chunk 1 (plaintext offset 4096)"
-     % (chunk_offset(1) + 20)),
-    # A size a shorter file could have: the shortened last chunk does not authenticate.
-    (chunk_offset(2) + 1000, "damaged: f: chunk 2 (plaintext bytes 8192-9151) does not authenticate"),
-    (1000, "damaged: f: backing size 1000 is shorter than the keyfs header area (2048 bytes)"),
+    # Inside chunk 1's nonce and tag (v1), or the tag page of group 1 (v2): no valid file has this size.
+    (CUT_SIZE, "damaged: f: backing size %d is cut inside chunk %d (plaintext offset %d)"
+     % (CUT_SIZE, CUT_CHUNK, CUT_CHUNK * CHUNK)),
+    # A size a shorter file could have: the shortened chunk does not authenticate.
+    (SHORT_SIZE, "damaged: f: chunk 2 (plaintext bytes 8192-9151) does not authenticate"),
+    (1000, "damaged: f: backing size 1000 is shorter than the keyfs header area (%d bytes)" % HEADER_AREA),
 ])
 def test_truncated_backing_file(volume, mount, cut, line):
     m = mount()
-    write_file(m.path("f"), os.urandom(3 * CHUNK + 100))
+    write_file(m.path("f"), os.urandom(3 * CHUNK + 100 if cut == SHORT_SIZE else CUT_FILE))
     m.umount()
     os.truncate(m.bpath("f"), cut)
     r = fsck(volume)
     assert r.returncode == EXIT_DAMAGED, r
-    checked = {chunk_offset(1) + 20: CHUNK, chunk_offset(2) + 1000: 2 * CHUNK + 960, 1000: 0}[cut]
+    checked = {CUT_SIZE: CUT_CHUNK * CHUNK, SHORT_SIZE: 2 * CHUNK + 960, 1000: 0}[cut]
     assert r.stdout.splitlines() == [line, summary(1, checked, damaged=1)]
 
 
 def test_truncated_json(volume, mount):
     m = mount()
-    write_file(m.path("f"), os.urandom(3 * CHUNK + 100))
+    write_file(m.path("f"), os.urandom(CUT_FILE))
     m.umount()
-    os.truncate(m.bpath("f"), chunk_offset(1) + 40)
+    cut = CUT_SIZE + 20
+    os.truncate(m.bpath("f"), cut)
     r, doc = fsck_json(volume)
     assert r.returncode == EXIT_DAMAGED
     assert doc["damaged"] == [{"path": "f", "problems": [
-        {"kind": "size", "backing_size": chunk_offset(1) + 40, "chunk": 1, "offset": 4096}]}]
+        {"kind": "size", "backing_size": cut, "chunk": CUT_CHUNK, "offset": CUT_CHUNK * CHUNK}]}]
 
 
 def test_file_copied_from_another_volume(volume, keystore, mount, tmp_path):
@@ -328,11 +336,11 @@ def test_unknown_format_version_is_not_checked(volume, mount):
     m.umount()
     with open(m.bpath("f"), "r+b") as f:
         f.seek(8)
-        f.write(b"\x02\x00")
+        f.write(b"\x03\x00")
     r = fsck(volume)
     assert r.returncode == EXIT_IO, r
     assert r.stdout.splitlines() == [
-        "could not check: f: its header (slot 0) names format version 2 and cipher 1, unknown to this "
+        "could not check: f: its header (slot 0) names format version 3 and cipher 1, unknown to this "
         "keyfsctl (written by a newer keyfs, or damaged)",
         summary(0, 0, not_checked=1),
     ]
@@ -372,7 +380,7 @@ def test_file_changing_under_the_check_is_not_judged(volume, mount):
     write_file(m.path("busy"), os.urandom(32 << 20))
     m.umount()
     p = m.bpath("busy")
-    same = read_file(p)[chunk_offset(5):chunk_offset(6)]
+    same = read_file(p)[LAYOUT.data_offset(5):LAYOUT.data_offset(5) + CHUNK]
     stop = threading.Event()
     wrote = threading.Event()
 
@@ -381,7 +389,7 @@ def test_file_changing_under_the_check_is_not_judged(volume, mount):
         fd = os.open(p, os.O_WRONLY)
         try:
             while not stop.is_set():
-                os.pwrite(fd, same, chunk_offset(5))
+                os.pwrite(fd, same, LAYOUT.data_offset(5))
                 wrote.set()
         finally:
             os.close(fd)
@@ -499,6 +507,6 @@ def test_keyprotect_damage_outranks_a_failing_service(emu, kpvol):
     r = fsck(backing, "--apikey-file", apikey)
     assert r.returncode == EXIT_DAMAGED, r
     assert r.stdout.splitlines()[0] == \
-        "damaged: a-short: backing size 100 is shorter than the keyfs header area (2048 bytes)"
+        "damaged: a-short: backing size 100 is shorter than the keyfs header area (%d bytes)" % HEADER_AREA
     assert r.stdout.splitlines()[1].startswith("could not check: f0: ")
     assert r.stdout.splitlines()[2] == summary(1, 0, damaged=1, not_checked=1)

@@ -63,3 +63,7 @@ def test_suite_is_defined_before_and_after_pytest_is_installed(tmp_path):
     assert t["cmd"][-1] == os.path.join(SRC_DIR, "tests"), t
     assert t["suite"] == ["keyfs:integration"], t
     assert "KEYFS_BUILD_DIR" in t["env"] and t["env"]["KEYFS_BUILD_DIR"] == build, t
+    # The same suite again on format v1 volumes (tests/layout.py).
+    assert t["env"].get("KEYFS_TEST_FORMAT") == "2", t
+    t1 = _tests(meson, build)["pytest-v1"]
+    assert t1["cmd"] == t["cmd"] and t1["env"].get("KEYFS_TEST_FORMAT") == "1", t1

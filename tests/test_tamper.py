@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from helpers import CHUNK, CHUNK_DISK, HEADER_AREA, HEADER_SIZE, NONCE, OVERHEAD, backing_size, chunk_offset, flip, \
-    inspect_json, read_file, write_file
+from helpers import CHUNK, FORMAT, HEADER_AREA, HEADER_SIZE, LAYOUT, backing_size, flip, inspect_json, read_file, \
+    write_file
+from layout import read_chunk, write_chunk, zero_chunk
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def _setup(m, files):
 def test_flipped_chunk_byte(tm):
     data = os.urandom(3 * CHUNK)
     _setup(tm, {"f": data})
-    flip(tm.bpath("f"), chunk_offset(1) + NONCE + 100)
+    flip(tm.bpath("f"), LAYOUT.data_offset(1) + 100)
     tm.start()
     p = tm.path("f")
     assert _read_range(p, 0, CHUNK) == data[:CHUNK]
@@ -61,7 +62,7 @@ def test_flipped_chunk_byte(tm):
 def test_flipped_nonce_or_tag(tm, where):
     data = os.urandom(2 * CHUNK + 10)
     _setup(tm, {"f": data})
-    off = chunk_offset(2) if where == "nonce" else chunk_offset(2) + NONCE + 10 + 5
+    off = LAYOUT.nonce_offset(2) if where == "nonce" else LAYOUT.tag_offset(2, 10) + 5
     flip(tm.bpath("f"), off, 0x80)
     tm.start()
     p = tm.path("f")
@@ -131,10 +132,9 @@ def test_swapped_chunks(tm):
     _setup(tm, {"f": data})
     b = tm.bpath("f")
     raw = bytearray(read_file(b))
-    c0 = raw[chunk_offset(0):chunk_offset(1)]
-    c1 = raw[chunk_offset(1):chunk_offset(2)]
-    raw[chunk_offset(0):chunk_offset(1)] = c1
-    raw[chunk_offset(1):chunk_offset(2)] = c0
+    c0, c1 = read_chunk(raw, 0), read_chunk(raw, 1)
+    write_chunk(raw, 0, c1)
+    write_chunk(raw, 1, c0)
     write_file(b, bytes(raw))
     tm.start()
     p = tm.path("f")
@@ -146,10 +146,9 @@ def test_swapped_chunks(tm):
 def test_chunk_copied_between_files(tm):
     a, b = os.urandom(2 * CHUNK), os.urandom(2 * CHUNK)
     _setup(tm, {"a": a, "b": b})
-    rb = read_file(tm.bpath("b"))
-    with open(tm.bpath("a"), "r+b") as f:
-        f.seek(chunk_offset(0))
-        f.write(rb[chunk_offset(0):chunk_offset(1)])
+    ra = bytearray(read_file(tm.bpath("a")))
+    write_chunk(ra, 0, read_chunk(read_file(tm.bpath("b")), 0))
+    write_file(tm.bpath("a"), bytes(ra))
     tm.start()
     _expect_eio(_read_range, tm.path("a"), 0, CHUNK)
     assert _read_range(tm.path("a"), CHUNK, CHUNK) == a[CHUNK:]
@@ -185,18 +184,21 @@ def test_truncated_inside_last_chunk(tm):
     _expect_eio(_read_range, p, 2 * CHUNK, 100)
 
 
-@pytest.mark.parametrize("left", [1, NONCE, OVERHEAD])
-def test_truncated_inside_chunk_overhead(tm, left):
-    # A cut that leaves only part of a chunk's nonce and tag (no ciphertext byte) is a cut
-    # inside that chunk: reading it gives EIO, never an empty or shorter file. The size counts
-    # the cut chunk as one byte (docs/FORMAT.md, size arithmetic), so a read reaches it.
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_truncated_inside_chunk_overhead(tm, k):
+    # A cut that leaves no ciphertext byte of a chunk (v1: part of its nonce and tag; v2: part
+    # or all of its group's tag page) is a cut inside that chunk: reading it gives EIO, never an
+    # empty or shorter file. The size counts the cut chunk as one byte (docs/FORMAT.md, size
+    # arithmetic), so a read reaches it. v2: a cut inside a data page leaves a shorter chunk,
+    # whose tag does not match.
     small, big = b"first chunk only", os.urandom(2 * CHUNK + 700)
     _setup(tm, {"small": small, "big": big})
-    os.truncate(tm.bpath("small"), chunk_offset(0) + left)
-    os.truncate(tm.bpath("big"), chunk_offset(2) + left)
+    left = (1, 24, 40)[k]
+    os.truncate(tm.bpath("small"), LAYOUT.cut_in_overhead(0, k))
+    os.truncate(tm.bpath("big"), LAYOUT.data_offset(2) + left if FORMAT == 2 else LAYOUT.cut_in_overhead(2, k))
     tm.start()
     assert os.stat(tm.path("small")).st_size == 1
-    assert os.stat(tm.path("big")).st_size == 2 * CHUNK + 1
+    assert os.stat(tm.path("big")).st_size == 2 * CHUNK + (left if FORMAT == 2 else 1)
     _open_and_read_eio(tm.path("small"))
     _expect_eio(_read_range, tm.path("small"), 0, 1)
     _open_and_read_eio(tm.path("big"))
@@ -212,7 +214,7 @@ def test_truncated_to_whole_chunks(tm):
     # backing size alone): the rest must still read back exactly.
     data = os.urandom(3 * CHUNK)
     _setup(tm, {"f": data})
-    os.truncate(tm.bpath("f"), chunk_offset(2))
+    os.truncate(tm.bpath("f"), backing_size(2 * CHUNK))
     tm.start()
     assert read_file(tm.path("f")) == data[:2 * CHUNK]
 
@@ -228,9 +230,7 @@ def test_zeroed_partial_chunk_is_not_a_hole(tm):
     # Only a FULL chunk of zeros is a hole; a zeroed partial (last) chunk must not read as zeros.
     data = os.urandom(CHUNK + 100)
     _setup(tm, {"f": data})
-    with open(tm.bpath("f"), "r+b") as f:
-        f.seek(chunk_offset(1))
-        f.write(bytes(100 + 40))
+    zero_chunk(tm.bpath("f"), 1, 100)
     tm.start()
     assert _read_range(tm.path("f"), 0, CHUNK) == data[:CHUNK]
     _expect_eio(_read_range, tm.path("f"), CHUNK, 100)
@@ -240,9 +240,7 @@ def test_zeroed_full_chunk_reads_zeros(tm):
     # Documented limitation (as in gocryptfs): an all-zero full chunk is a hole.
     data = os.urandom(2 * CHUNK)
     _setup(tm, {"f": data})
-    with open(tm.bpath("f"), "r+b") as f:
-        f.seek(chunk_offset(0))
-        f.write(bytes(CHUNK_DISK))
+    zero_chunk(tm.bpath("f"), 0)
     tm.start()
     assert read_file(tm.path("f")) == bytes(CHUNK) + data[CHUNK:]
 
@@ -269,7 +267,7 @@ def test_every_header_field_is_checked(tm):
     data = os.urandom(6000)
     _setup(tm, {f: data for f in FIELDS + ["untouched"]})
     hdr = _header(tm.bpath("untouched"))
-    assert hdr[8:12] == b"\x01\x00\x01\x0c", "header layout changed: update this test and docs/FORMAT.md"
+    assert hdr[8:12] == bytes([FORMAT, 0, 1, 12]), "header layout changed: update this test and docs/FORMAT.md"
     assert hdr[33] == 1, "key version of a new local key is '1'"
     for f in FIELDS:
         off = _header_fields(_header(tm.bpath(f)))[f]
@@ -293,7 +291,7 @@ def test_foreign_files_in_backing(tm):
     _setup(tm, {})
     write_file(tm.bpath("plain-small"), b"hello, I am not encrypted\n")
     write_file(tm.bpath("plain-big"), b"I am not encrypted either. " * 1000)
-    write_file(tm.bpath("zeros"), bytes(HEADER_AREA + CHUNK_DISK))
+    write_file(tm.bpath("zeros"), bytes(backing_size(CHUNK)))
     tm.start()
     for name in ("plain-small", "plain-big", "zeros"):
         _open_and_read_eio(tm.path(name))
@@ -336,7 +334,7 @@ def test_header_from_another_volume(tm, tmp_path, keystore):
     # A file copied from another volume with another key does not open here.
     from helpers import keyfsctl
     other = str(tmp_path / "other")
-    keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "other", "--create-key")
+    keyfsctl("init", other, "--kms", "local", "--keystore", keystore, "--key", "other", "--create-key")  # same format
     write_file(tm.path("mine"), b"x" * 100)
     _copied_from_other_volume_fails(tm, tmp_path, other)
     assert read_file(tm.path("mine")) == b"x" * 100
@@ -400,7 +398,7 @@ def test_what_a_backing_dir_writer_can_do_undetected(tm, tmp_path):
     os.symlink(evil, tm.bpath("s"))
     # Whole all-zero chunks appended to a file that ends on a chunk boundary read as holes.
     with open(tm.bpath("c"), "ab") as f:
-        f.write(bytes(2 * CHUNK_DISK))
+        f.write(bytes(backing_size(3 * CHUNK) - backing_size(CHUNK)))
     # A whole file rolled back to an older copy of itself.
     write_file(tm.bpath("d"), old_d)
     tm.start()
