@@ -32,22 +32,31 @@ def copy_fixture(name, dest):
         return json.load(f)
 
 
-def test_v1_manifest_matches_its_generator():
+VERSIONS = [1, 2]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifest_matches_its_generator(version):
     """The manifest is the generator's deterministic contents, not a record of some run."""
-    with open(os.path.join(FIXTURES, "v1", "manifest.json")) as f:
-        manifest = json.load(f)["files"]
+    with open(os.path.join(FIXTURES, "v%d" % version, "manifest.json")) as f:
+        doc = json.load(f)
+    assert doc["format"] == version
+    manifest = doc["files"]
     want = {}
-    for name, data in generator().contents().items():
+    for name, data in generator().contents(version).items():
         if isinstance(data, tuple):
-            want[name] = {"symlink": data[1]}
+            want[name] = {data[0]: data[1]}
         else:
             want[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert manifest == want
 
 
-def test_v1_reads_back_exactly(tmp_path, mount):
-    vol = str(tmp_path / "v1")
-    manifest = copy_fixture("v1", vol)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_reads_back_exactly(tmp_path, mount, version):
+    vol = str(tmp_path / ("v%d" % version))
+    manifest = copy_fixture("v%d" % version, vol)
+    with open(os.path.join(vol, "backing", ".keyfs")) as f:
+        assert "format=%d\n" % version in f.read()
     # A volume from elsewhere: trusted once, as its user would; the host names its keystore copy.
     keyfsctl("trust", "--yes", os.path.join(vol, "backing"))
     m = mount(backing=os.path.join(vol, "backing"), opts=("keystore=" + os.path.join(vol, "keystore"),))
@@ -56,6 +65,9 @@ def test_v1_reads_back_exactly(tmp_path, mount):
         if "symlink" in want:
             assert os.readlink(path) == want["symlink"]
             continue
+        if "hardlink" in want:
+            # git keeps a hard link as two files with the same bytes (one header, one file id).
+            want = manifest["files"][want["hardlink"]]
         with open(path, "rb") as f:
             data = f.read()
         assert os.stat(path).st_size == want["size"], name
@@ -65,16 +77,17 @@ def test_v1_reads_back_exactly(tmp_path, mount):
     assert sorted(os.listdir(m.path())) == sorted({n.split("/")[0] for n in manifest["files"]})
 
 
-def test_v1_headers_without_key(tmp_path):
-    vol = str(tmp_path / "v1")
-    manifest = copy_fixture("v1", vol)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_headers_without_key(tmp_path, version):
+    vol = str(tmp_path / ("v%d" % version))
+    manifest = copy_fixture("v%d" % version, vol)
     with open(os.path.join(vol, "backing", ".keyfs")) as f:
         desc = dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
     shutil.rmtree(os.path.join(vol, "keystore"))          # no key at all: inspect needs none
     names = [n for n, w in manifest["files"].items() if "size" in w]
     docs = inspect_json(*[os.path.join(vol, "backing", n) for n in names])
     for name, doc in zip(names, docs):
-        assert doc["format"] == 1, name
+        assert doc["format"] == version, name
         assert doc["cipher"] == "xchacha20-poly1305"
         assert doc["chunk_size"] == 4096
         assert doc["key"] == desc["key_id"]
@@ -83,11 +96,12 @@ def test_v1_headers_without_key(tmp_path):
         assert len(doc["file_id"]) == 32 and len(doc["wrapped_dek_sha256"]) == 64
 
 
-def test_v1_with_another_key_is_locked(tmp_path, mount):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_with_another_key_is_locked(tmp_path, mount, version):
     """The fixture with another key of the same name: the volume is bound to its key's id, so its
     key is gone: the mount comes up locked, names and sizes visible, contents EKEYREVOKED."""
-    vol = str(tmp_path / "v1")
-    manifest = copy_fixture("v1", vol)
+    vol = str(tmp_path / ("v%d" % version))
+    manifest = copy_fixture("v%d" % version, vol)
     other = str(tmp_path / "other-keystore")
     keyfsctl("key", "create", "fixture", "--keystore", other)
     m = mount(backing=os.path.join(vol, "backing"), opts=("keystore=" + other,), allow_errors=True)
@@ -96,3 +110,26 @@ def test_v1_with_another_key_is_locked(tmp_path, mount):
     with pytest.raises(OSError) as e:
         open(m.path("one"), "rb")
     assert e.value.errno == errno.EKEYREVOKED
+
+
+def test_v2_bytes_where_format_md_says():
+    """The v2 fixture's bytes: header page, tag entries holding holes as zeros, data pages."""
+    from layout import LAYOUTS
+    v2 = LAYOUTS[2]
+    backing = os.path.join(FIXTURES, "v2", "backing")
+
+    def raw(name):
+        with open(os.path.join(backing, name), "rb") as f:
+            return f.read()
+
+    for name in ("one", "two-groups", "punched"):
+        r = raw(name)
+        assert r[:8] == b"KEYFSHDR" and r[8:10] == b"\x02\x00", name
+        assert r[1024:4096] == bytes(3072), name          # slot 1 unused, then zeros to the page end
+    two = raw("two-groups")
+    assert len(two) == v2.backing_size(600 << 10) == 626688
+    entries = [two[v2.entry_offset(i):v2.entry_offset(i) + 32] for i in range(150)]
+    assert [i for i, e in enumerate(entries) if e != bytes(32)] == [126, 127, 128, 129, 149]
+    punched = raw("punched")
+    assert [i for i in range(5) if punched[v2.entry_offset(i):v2.entry_offset(i) + 32] == bytes(32)] == [2]
+    assert punched[v2.page_offset(2):v2.page_offset(3)] == bytes(4096)   # the data page punched too
