@@ -887,6 +887,7 @@ static void print_tree_text(struct tree *tr, const struct target *targets, int n
 
 			volume_key(d, &alias, &uuid, &crn);
 			printf("volume: %s\n", d->volume);
+			printf("format: %d\n", d->format);
 			if (strcmp(d->kms, VOLDESC_KMS_LOCAL) == 0) {
 				fputs("key name: ", stdout);
 				cli_fputs_safe(stdout, d->key);
@@ -972,6 +973,7 @@ static void print_tree_json_end(struct tree *tr, const struct target *targets, i
 		fputs(any ? ",\n    {" : "\n    {", stdout);
 		json_member("backing", targets[t].backing, false);
 		json_member("volume", d->volume, false);
+		printf("\"format\": %d, ", d->format);
 		json_member("kms", d->kms, false);
 		json_member("key", d->key, false);
 		json_member("key_alias", alias, false);

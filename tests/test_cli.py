@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers import (EXIT_EXISTS, KEYFS, KEYFSCTL, backing_size, inspect_json, key_show, keyfsctl,
+from helpers import (EXIT_EXISTS, FORMAT, KEYFS, KEYFSCTL, backing_size, inspect_json, key_show, keyfsctl,
                      project_version, read_file, run, write_file)
 
 B64_MATERIAL = re.compile(r"[A-Za-z0-9+/]{42,}={0,2}")
@@ -78,7 +78,7 @@ def test_init_writes_voldesc(volume, keystore):
     fields = dict(line.split("=", 1) for line in read_file(p).decode().splitlines()
                   if line and not line.startswith("#"))
     _, key = key_show(keystore, "test")
-    assert fields["format"] == "1"
+    assert fields["format"] == str(FORMAT)          # keyfsctl init --format (tests/layout.py)
     assert fields["kms"] == "local"
     assert fields["key"] == "test"
     assert fields["key_id"] == key["id"]
@@ -89,7 +89,7 @@ def test_init_writes_voldesc(volume, keystore):
 
 def _check_info(info, path, size, key_id):
     assert info["path"] == path
-    assert info["format"] == 1
+    assert info["format"] == FORMAT
     assert info["cipher"] == "xchacha20-poly1305"
     assert info["chunk_size"] == 4096
     assert re.fullmatch(r"[0-9a-f]{32}", info["file_id"]), info

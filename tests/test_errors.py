@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from helpers import (EXIT_CONFIG, EXIT_EXISTS, EXIT_KMS, EXIT_LOCKED, EXIT_MOUNT, EXIT_USAGE, FUSERMOUNT,
-                     KEYFS, KEYFSCTL, is_mounted, keyfsctl, read_file, run, wait_for, write_file)
+                     FORMAT, KEYFS, KEYFSCTL, is_mounted, keyfsctl, read_file, run, wait_for, write_file)
 
 # Starts keyfs to mount without the mount fixture: needs /dev/fuse (conftest.py).
 pytestmark = pytest.mark.fuse
@@ -112,7 +112,7 @@ def test_voldesc_newer_format(volume, mp):
     p = os.path.join(volume, ".keyfs")
     with open(p) as f:
         text = f.read()
-    write_file(p, text.replace("format=1", "format=2").encode())
+    write_file(p, text.replace("format=%d" % FORMAT, "format=3").encode())
     keyfs_fails([volume, mp], EXIT_CONFIG, [volume], mnt=mp)
 
 
