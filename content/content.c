@@ -309,6 +309,24 @@ static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, ui
 	return 0;
 }
 
+/* A chunk written in part: what chunk idx of a file of plain size p holds (zeros past the old
+ * end), with bytes from..to-1 replaced by src, into pt (FMT_CHUNK_SIZE bytes, wiped on failure). */
+static int chunk_merge(const struct content_file *f, uint64_t idx, uint64_t p, const uint8_t *src,
+		       uint64_t from, uint64_t to, uint8_t *pt)
+{
+	memset(pt, 0, FMT_CHUNK_SIZE);
+	if (chunk_len(idx, p) > 0) {
+		int r = chunk_load(f, idx, p, pt);
+
+		if (r < 0) {
+			sodium_memzero(pt, FMT_CHUNK_SIZE);
+			return r;
+		}
+	}
+	memcpy(pt + from, src, to - from);
+	return 0;
+}
+
 /* Seal len bytes of pt as chunk idx with a fresh nonce and write it in place. */
 static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t *pt, size_t len)
 {
@@ -567,19 +585,11 @@ static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t 
 		if (from == 0 && to == len) {
 			fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, in + (cstart - off), len, w, e);
 		} else {
-			/* Partly written chunk: merge with what is there (zeros past the old end). */
 			uint8_t pt[FMT_CHUNK_SIZE];
-			size_t old_len = chunk_len(i, p);
 
-			memset(pt, 0, sizeof(pt));
-			if (old_len > 0) {
-				r = chunk_load(f, i, p, pt);
-				if (r < 0) {
-					sodium_memzero(pt, sizeof(pt));
-					goto fail;
-				}
-			}
-			memcpy(pt + from, in + (cstart + from - off), to - from);
+			r = chunk_merge(f, i, p, in + (cstart + from - off), from, to, pt);
+			if (r < 0)
+				goto fail;
 			fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, pt, len, w, e);
 			sodium_memzero(pt, sizeof(pt));
 		}
@@ -659,19 +669,11 @@ ssize_t content_write(const struct content_file *f, const void *buf, size_t size
 		if (from == 0 && to == len) {
 			fmt_chunk_seal(f->keys, f->file_id, i, nonce, in + (cstart - off), len, w);
 		} else {
-			/* Partly written chunk: merge with what is there (zeros past the old end). */
 			uint8_t pt[FMT_CHUNK_SIZE];
-			size_t old_len = chunk_len(i, p);
 
-			memset(pt, 0, sizeof(pt));
-			if (old_len > 0) {
-				r = chunk_load(f, i, p, pt);
-				if (r < 0) {
-					sodium_memzero(pt, sizeof(pt));
-					goto fail;
-				}
-			}
-			memcpy(pt + from, in + (cstart + from - off), to - from);
+			r = chunk_merge(f, i, p, in + (cstart + from - off), from, to, pt);
+			if (r < 0)
+				goto fail;
 			fmt_chunk_seal(f->keys, f->file_id, i, nonce, pt, len, w);
 			sodium_memzero(pt, sizeof(pt));
 		}

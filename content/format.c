@@ -392,100 +392,66 @@ int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 	return (int)plen;
 }
 
-static uint64_t plain_size_v1(uint64_t backing_size)
-{
-	uint64_t data, full, rest;
-
-	if (backing_size <= FMT_DATA_OFFSET)
-		return 0;
-	data = backing_size - FMT_DATA_OFFSET;
-	full = data / FMT_CHUNK_DISK_SIZE;
-	rest = data % FMT_CHUNK_DISK_SIZE;
-	/* A tail no longer than the overhead holds no ciphertext byte: a cut inside that chunk.
-	 * It counts as one byte so the kernel asks for it and the read fails with EIO; counted
-	 * as none, a file cut inside chunk 0 would read as an empty file. */
-	if (rest > 0 && rest <= FMT_CHUNK_OVERHEAD)
-		return full * FMT_CHUNK_SIZE + 1;
-	return full * FMT_CHUNK_SIZE + (rest ? rest - FMT_CHUNK_OVERHEAD : 0);
-}
-
-static bool backing_size_valid_v1(uint64_t backing_size)
-{
-	uint64_t rest;
-
-	if (backing_size == 0)
-		return true;
-	if (backing_size < FMT_DATA_OFFSET)
-		return false;
-	rest = (backing_size - FMT_DATA_OFFSET) % FMT_CHUNK_DISK_SIZE;
-	return rest == 0 || rest > FMT_CHUNK_OVERHEAD;
-}
-
-static uint64_t backing_size_v1(uint64_t plain_size)
-{
-	uint64_t full = plain_size / FMT_CHUNK_SIZE, rest = plain_size % FMT_CHUNK_SIZE;
-
-	return FMT_DATA_OFFSET + full * FMT_CHUNK_DISK_SIZE + (rest ? rest + FMT_CHUNK_OVERHEAD : 0);
-}
-
 /*
- * v2: a header page, then groups of a tag page and up to 128 data pages; the last group may be
- * short, and its last data page holds exactly the plaintext's length. After the header page and
- * the whole groups a rest of r bytes is valid when 0 or more than a page (a tag page and at least
- * one data byte); a rest of 1..4096 is a cut inside the tag page, or one that left the tag page
- * and no data, and counts as one byte of its first chunk, so a read reaches it and fails (as v1).
+ * Both layouts have the same shape: a header area, then units of disk bytes holding plain
+ * plaintext bytes each, and a short last unit that costs overhead bytes more than its plaintext.
+ * v1: a unit is a chunk (4136 bytes for 4096; overhead nonce + tag). v2: a unit is a group (a tag
+ * page and 128 data pages, 528384 bytes for 512 KiB; overhead the tag page), whose last data page
+ * holds exactly the plaintext's length. A rest of 1..overhead bytes after the whole units holds no
+ * plaintext byte: a cut inside the chunk (v1) or inside or right after the tag page (v2). It
+ * counts as one byte of that unit's first chunk, so the kernel asks for it and the read fails
+ * with EIO; counted as none, a file cut there would read as a shorter file without an error.
  */
-static uint64_t plain_size_v2(uint64_t b)
+struct geometry {
+	uint64_t header, disk, plain, overhead;
+};
+
+static const struct geometry geometry_v1 = { FMT_DATA_OFFSET, FMT_CHUNK_DISK_SIZE, FMT_CHUNK_SIZE, FMT_CHUNK_OVERHEAD };
+static const struct geometry geometry_v2 = { FMT_V2_HEADER_AREA, FMT_V2_GROUP_DISK, FMT_V2_GROUP_PLAIN, FMT_V2_PAGE };
+
+static const struct geometry *geometry(enum fmt_layout layout)
 {
-	uint64_t data, full, rest;
-
-	if (b <= FMT_V2_HEADER_AREA)
-		return 0;
-	data = b - FMT_V2_HEADER_AREA;
-	full = data / FMT_V2_GROUP_DISK;
-	rest = data % FMT_V2_GROUP_DISK;
-	if (rest > 0 && rest <= FMT_V2_PAGE)
-		return full * FMT_V2_GROUP_PLAIN + 1;
-	return full * FMT_V2_GROUP_PLAIN + (rest ? rest - FMT_V2_PAGE : 0);
-}
-
-static bool backing_size_valid_v2(uint64_t b)
-{
-	uint64_t rest;
-
-	if (b == 0)
-		return true;
-	if (b < FMT_V2_HEADER_AREA)
-		return false;
-	rest = (b - FMT_V2_HEADER_AREA) % FMT_V2_GROUP_DISK;
-	return rest == 0 || rest > FMT_V2_PAGE;
-}
-
-static uint64_t backing_size_v2(uint64_t p)
-{
-	uint64_t full = p / FMT_V2_GROUP_PLAIN, rest = p % FMT_V2_GROUP_PLAIN;
-
-	return FMT_V2_HEADER_AREA + full * FMT_V2_GROUP_DISK + (rest ? FMT_V2_PAGE + rest : 0);
+	return layout == FMT_LAYOUT_V2 ? &geometry_v2 : &geometry_v1;
 }
 
 uint64_t fmt_header_area(enum fmt_layout layout)
 {
-	return layout == FMT_LAYOUT_V2 ? FMT_V2_HEADER_AREA : FMT_DATA_OFFSET;
+	return geometry(layout)->header;
 }
 
 uint64_t fmt_plain_size(enum fmt_layout layout, uint64_t backing_size)
 {
-	return layout == FMT_LAYOUT_V2 ? plain_size_v2(backing_size) : plain_size_v1(backing_size);
+	const struct geometry *g = geometry(layout);
+	uint64_t full, rest;
+
+	if (backing_size <= g->header)
+		return 0;
+	full = (backing_size - g->header) / g->disk;
+	rest = (backing_size - g->header) % g->disk;
+	if (rest > 0 && rest <= g->overhead)
+		return full * g->plain + 1;
+	return full * g->plain + (rest ? rest - g->overhead : 0);
 }
 
 bool fmt_backing_size_valid(enum fmt_layout layout, uint64_t backing_size)
 {
-	return layout == FMT_LAYOUT_V2 ? backing_size_valid_v2(backing_size) : backing_size_valid_v1(backing_size);
+	const struct geometry *g = geometry(layout);
+	uint64_t rest;
+
+	if (backing_size == 0)
+		return true;
+	if (backing_size < g->header)
+		return false;
+	rest = (backing_size - g->header) % g->disk;
+	return rest == 0 || rest > g->overhead;
 }
 
 uint64_t fmt_backing_size(enum fmt_layout layout, uint64_t plain_size)
 {
-	return layout == FMT_LAYOUT_V2 ? backing_size_v2(plain_size) : backing_size_v1(plain_size);
+	const struct geometry *g = geometry(layout);
+	uint64_t full = plain_size / g->plain, rest = plain_size % g->plain;
+
+	return g->header + full * g->disk + (rest ? rest + g->overhead : 0);
 }
 
 uint64_t fmt_max_plain_size(enum fmt_layout layout)
