@@ -1,4 +1,4 @@
-/* dekpool.c: keys for new files wrapped ahead of need by a few background threads, handed out once each */
+/* dekpool.c: keys for new files wrapped ahead of need by background threads, handed out once each; the pool grows with the create rate */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +14,8 @@
 
 #define BACKOFF_FIRST_MS 1000
 #define BACKOFF_MAX_MS   60000
+/* After this long without a create, the pool halves (down to its floor), wiping what is over. */
+#define IDLE_SHRINK_MS   30000
 
 /*
  * Lock order: lock -> the key slab's lock. lock is never held across a KMS call: a worker counts
@@ -24,12 +26,16 @@ struct dekpool {
 	struct kms *kms;
 	const char *volume;
 	struct keyslab *slab;
-	unsigned capacity;
-	unsigned low;                   /* refill starts below this many ready entries */
+	unsigned capacity;              /* the bound: -o dek_pool= */
+	unsigned floor;                 /* the size at rest: min(capacity, DEKPOOL_FLOOR) */
+	unsigned max_threads;           /* wraps in flight at most */
 
 	pthread_mutex_t lock;
 	pthread_cond_t work;            /* lock: something a worker waits for changed */
+	pthread_cond_t ready;           /* lock: an entry arrived or a wrap in flight ended */
 	struct dekpool_entry *ring;     /* lock: capacity entries, count ready from head */
+	unsigned target;                /* lock: floor..capacity, what the workers fill up to */
+	struct timespec shrink_at;      /* lock: CLOCK_MONOTONIC, halve target if no create till then */
 	unsigned head, count;           /* lock */
 	unsigned inflight;              /* lock: wraps under way */
 	uint64_t gen;                   /* lock: bumped by every drain */
@@ -40,9 +46,12 @@ struct dekpool {
 	unsigned backoff_ms;            /* lock: 0, or the wait after the last failed wrap */
 	struct timespec retry_at;       /* lock: CLOCK_MONOTONIC, when backoff_ms != 0 */
 
-	pthread_t threads[DEKPOOL_WORKERS];
-	unsigned nthreads;
+	unsigned idle;                  /* lock: workers waiting */
+	pthread_t threads[DEKPOOL_WORKERS_MAX];
+	unsigned nthreads;              /* lock: started, as wraps were wanted */
 };
+
+static void *worker(void *arg);
 
 /* The key itself is unusable: a wrapped entry made before must not give a file life now. */
 static bool key_unusable(int r)
@@ -86,6 +95,7 @@ static unsigned drain_locked(struct dekpool *p)
 	p->gen++;
 	p->filling = true;
 	pthread_cond_broadcast(&p->work);
+	pthread_cond_broadcast(&p->ready);
 	return n;
 }
 
@@ -96,7 +106,55 @@ static bool wants_wrap(const struct dekpool *p)
 		return false;
 	if (p->backoff_ms && (p->inflight > 0 || !bgthread_reached(&p->retry_at)))
 		return false;
-	return p->count + p->inflight < p->capacity;
+	return p->count + p->inflight < p->target;
+}
+
+/* Called with p->lock held: start workers while more wraps are wanted than workers are idle,
+ * up to max_threads. A pool at rest keeps the few it needed. */
+static void spawn_locked(struct dekpool *p)
+{
+	unsigned want;
+
+	if (p->stop || p->paused || !p->filling || p->backoff_ms)
+		return;
+	want = p->target > p->count + p->inflight ? p->target - p->count - p->inflight : 0;
+	while (p->idle < want && p->nthreads < p->max_threads) {
+		if (bgthread_start(&p->threads[p->nthreads], worker, p) < 0)
+			break;
+		p->nthreads++;
+		want--;
+	}
+}
+
+/* Called with p->lock held, by a create that found the pool low: the create rate outruns the
+ * pool, so the pool doubles (up to its bound) and refills. */
+static void grow_locked(struct dekpool *p)
+{
+	p->shrink_at = bgthread_deadline(IDLE_SHRINK_MS);
+	if (p->count >= p->target / 4 || p->target >= p->capacity)
+		return;
+	p->target = p->target * 2 < p->capacity ? p->target * 2 : p->capacity;
+	p->filling = true;
+	pthread_cond_broadcast(&p->work);
+	log_debug("dek pool: creates outrun the pool: up to %u keys ahead", p->target);
+}
+
+/* Called with p->lock held, by a worker: no create for IDLE_SHRINK_MS, so the pool halves back
+ * towards its floor; the keys over the new size are wiped (oldest first). */
+static void shrink_locked(struct dekpool *p)
+{
+	unsigned n = p->target / 2 > p->floor ? p->target / 2 : p->floor;
+
+	p->shrink_at = bgthread_deadline(IDLE_SHRINK_MS);
+	if (n >= p->target)
+		return;
+	p->target = n;
+	while (p->count > p->target) {
+		entry_wipe(p, &p->ring[p->head]);
+		p->head = (p->head + 1) % p->capacity;
+		p->count--;
+	}
+	log_debug("dek pool: idle: %u keys ahead", p->target);
 }
 
 /* Called with p->lock held, after a failed wrap. */
@@ -140,10 +198,16 @@ static void *worker(void *arg)
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
 		while (!p->stop && !wants_wrap(p)) {
+			p->idle++;
 			if (p->backoff_ms && p->inflight == 0 && !p->paused && p->filling)
 				pthread_cond_timedwait(&p->work, &p->lock, &p->retry_at);
+			else if (p->target > p->floor)
+				pthread_cond_timedwait(&p->work, &p->lock, &p->shrink_at);
 			else
 				pthread_cond_wait(&p->work, &p->lock);
+			p->idle--;
+			if (p->target > p->floor && bgthread_reached(&p->shrink_at))
+				shrink_locked(p);
 		}
 		if (p->stop)
 			break;
@@ -156,24 +220,25 @@ static void *worker(void *arg)
 
 		pthread_mutex_lock(&p->lock);
 		p->inflight--;
+		pthread_cond_broadcast(&p->ready);
 		if (r < 0) {
 			backoff_locked(p, r, &err);
 			continue;
 		}
 		recovered_locked(p);
-		if (gen != p->gen || p->paused || p->stop || p->count >= p->capacity) {
+		if (gen != p->gen || p->paused || p->stop || p->count >= p->target) {
 			entry_wipe(p, &e);
 			continue;
 		}
 		p->ring[(p->head + p->count) % p->capacity] = e;
 		p->count++;
 		sodium_memzero(&e, sizeof(e));
-		if (p->count + p->inflight >= p->capacity)
+		if (p->count + p->inflight >= p->target)
 			p->filling = false;
-		if (p->count == p->capacity && !p->announced) {
+		if (p->count == p->target && !p->announced) {
 			/* Once: the first full pool also says that wrapping works from this host. */
 			p->announced = true;
-			log_info("dek pool: %u keys for new files ready", p->capacity);
+			log_info("dek pool: %u keys for new files ready", p->target);
 		}
 	}
 	pthread_mutex_unlock(&p->lock);
@@ -181,12 +246,12 @@ static void *worker(void *arg)
 }
 
 int dekpool_new(struct kms *kms, const char *volume_uuid, struct keyslab *slab, unsigned capacity,
-		struct dekpool **ret)
+		unsigned workers, struct dekpool **ret)
 {
 	struct dekpool *p;
 	int r;
 
-	if (capacity > DEKPOOL_MAX)
+	if (capacity > DEKPOOL_MAX || workers < 1 || workers > DEKPOOL_WORKERS_MAX)
 		return -EINVAL;
 	p = calloc(1, sizeof(*p));
 	if (!p)
@@ -195,7 +260,9 @@ int dekpool_new(struct kms *kms, const char *volume_uuid, struct keyslab *slab, 
 	p->volume = volume_uuid;
 	p->slab = slab;
 	p->capacity = capacity;
-	p->low = capacity - capacity / 4;
+	p->floor = capacity < DEKPOOL_FLOOR ? capacity : DEKPOOL_FLOOR;
+	p->target = p->floor;
+	p->max_threads = workers;
 	p->filling = true;
 	if (capacity > 0) {
 		/* Plain memory: an entry's secret lives in its keyslab slot; the rest is not secret. */
@@ -207,19 +274,27 @@ int dekpool_new(struct kms *kms, const char *volume_uuid, struct keyslab *slab, 
 	}
 	pthread_mutex_init(&p->lock, NULL);
 	r = bgthread_cond_init(&p->work);
+	if (r == 0) {
+		r = bgthread_cond_init(&p->ready);
+		if (r < 0)
+			pthread_cond_destroy(&p->work);
+	}
 	if (r < 0) {
 		pthread_mutex_destroy(&p->lock);
 		free(p->ring);
 		free(p);
 		return r;
 	}
-	for (unsigned k = 0; k < DEKPOOL_WORKERS && k < capacity; k++) {
-		r = bgthread_start(&p->threads[k], worker, p);
+	p->shrink_at = bgthread_deadline(IDLE_SHRINK_MS);
+	if (capacity > 0) {
+		pthread_mutex_lock(&p->lock);
+		spawn_locked(p);
+		r = p->nthreads > 0 ? 0 : -EAGAIN;
+		pthread_mutex_unlock(&p->lock);
 		if (r < 0) {
 			dekpool_free(p);
 			return r;
 		}
-		p->nthreads++;
 	}
 	*ret = p;
 	return 0;
@@ -243,6 +318,7 @@ void dekpool_free(struct dekpool *p)
 	if (p->capacity)
 		log_info("dek pool: %u unused keys for new files wiped", n);
 	pthread_cond_destroy(&p->work);
+	pthread_cond_destroy(&p->ready);
 	pthread_mutex_destroy(&p->lock);
 	free(p->ring);
 	free(p);
@@ -255,18 +331,26 @@ int dekpool_get(struct dekpool *p, struct dekpool_entry *ret, struct kms_err *er
 
 	if (p->capacity > 0) {
 		pthread_mutex_lock(&p->lock);
+		/* Empty, but keys are on their way: one of them is sooner than a wrap of our own, and
+		 * makes no wrap more than the pool's bound. */
+		while (p->count == 0 && p->inflight > 0 && !p->paused && !p->stop)
+			pthread_cond_wait(&p->ready, &p->lock);
+		grow_locked(p);
 		if (p->count > 0 && !p->paused) {
 			*ret = p->ring[p->head];
 			sodium_memzero(&p->ring[p->head], sizeof(p->ring[p->head]));
 			p->head = (p->head + 1) % p->capacity;
 			p->count--;
-			if (!p->filling && p->count < p->low) {
+			/* Refill below three quarters of the pool. */
+			if (!p->filling && p->count < p->target - p->target / 4) {
 				p->filling = true;
 				pthread_cond_broadcast(&p->work);
 			}
+			spawn_locked(p);
 			pthread_mutex_unlock(&p->lock);
 			return 0;
 		}
+		spawn_locked(p);
 		pthread_mutex_unlock(&p->lock);
 	}
 	err->msg[0] = '\0';
@@ -302,5 +386,6 @@ void dekpool_pause(struct dekpool *p, bool paused)
 	pthread_mutex_lock(&p->lock);
 	p->paused = paused;
 	drain_locked(p);
+	spawn_locked(p);
 	pthread_mutex_unlock(&p->lock);
 }

@@ -11,7 +11,8 @@
 #include "keyslab.h"
 
 #define DEKPOOL_MAX     1024            /* largest -o dek_pool= */
-#define DEKPOOL_WORKERS 4               /* wraps in flight at most, per pool */
+#define DEKPOOL_FLOOR   32              /* a pool at rest holds min(dek_pool, this) */
+#define DEKPOOL_WORKERS_MAX 128         /* wraps in flight at most, per pool (-o kms_concurrency=) */
 
 /*
  * What a new file needs from the KMS, made before the file exists: creating a file is then one
@@ -27,19 +28,24 @@ struct dekpool_entry {
 struct dekpool;
 
 /*
- * A pool of capacity entries (0..DEKPOOL_MAX; 0: no pool, every dekpool_get wraps at once),
- * filled by up to DEKPOOL_WORKERS threads started here and refilled whenever fewer than three
- * quarters are left. kms, volume_uuid and slab must outlive the pool. Returns 0, -ENOMEM or the
- * errno of a thread that cannot be started.
+ * A pool of at most capacity entries (0..DEKPOOL_MAX; 0: no pool, every dekpool_get wraps at
+ * once). At rest it holds min(capacity, DEKPOOL_FLOOR); a create that finds it below a quarter
+ * doubles it (up to capacity), and 30 s without a create halve it back (the keys over are
+ * wiped). It is refilled whenever fewer than three quarters are left, by up to workers
+ * (1..DEKPOOL_WORKERS_MAX) threads in flight, started as wraps are wanted. So the wraps made
+ * are at most the files created plus capacity, plus what shrinking and locks wiped. kms,
+ * volume_uuid and slab must outlive the pool. Returns 0, -EINVAL, -ENOMEM or -EAGAIN (no
+ * thread could be started).
  */
 int dekpool_new(struct kms *kms, const char *volume_uuid, struct keyslab *slab, unsigned capacity,
-		struct dekpool **ret);
+		unsigned workers, struct dekpool **ret);
 /* Stop and join the workers (a wrap in flight is waited for), wipe every entry, log how many. */
 void dekpool_free(struct dekpool *p);
 
 /*
- * A ready entry, or, when none is (empty, disabled, paused), one wrapped now by the caller's
- * thread: a create never fails because the pool is empty. Returns 0 or a kms_wrap errno with
+ * A ready entry; when none is ready but wraps are in flight, the first of them to arrive; when
+ * none is coming (disabled, paused, backing off), one wrapped now by the caller's thread: a
+ * create never fails because the pool is empty. Returns 0 or a kms_wrap errno with
  * err filled (-ENOKEY, -EKEYREVOKED, -EKEYEXPIRED, ...).
  */
 int dekpool_get(struct dekpool *p, struct dekpool_entry *ret, struct kms_err *err);

@@ -35,6 +35,7 @@ struct loaded {
 	struct kms_wrapped rewrapped;   /* when was_rewrapped: to store in the other slot */
 	struct fmt_header hdr;          /* when was_rewrapped: the header it replaces */
 	uint8_t raw[FMT_HEADER_SIZE];   /* and its bytes as read */
+	char why[KMS_ERR_MAX];          /* a quiet load that failed: the KMS's words, for an open that waited */
 };
 
 /* A KMS or format failure as the errno a file operation answers with. */
@@ -194,6 +195,9 @@ static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, st
 	i = vol_keys_open(fs->kms, fs->vol.volume, &hs, dek, keys, &ld->rewrapped, &o);
 	slots_report(fs, label, &hs, &o, quiet);
 	if (i < 0) {
+		for (unsigned k = 0; k < o.tried; k++)
+			if (o.slot[k].why == VOL_SLOT_KMS || o.slot[k].why == VOL_SLOT_NO_UNWRAP)
+				snprintf(ld->why, sizeof(ld->why), "%s", o.slot[k].err.msg);
 		r = i;
 		goto out;
 	}
@@ -274,9 +278,11 @@ static bool install(struct keyfs *fs, struct kfs_inode *inode, uint64_t epoch, s
 	return true;
 }
 
-/* Called with keys_lock held by a thread that set keys_loading. */
-static void loading_done(struct kfs_inode *inode)
+/* Called with keys_lock held by a thread that set keys_loading; r: how the load ended. */
+static void loading_done(struct kfs_inode *inode, int r)
 {
+	inode->keys_load_err = r;
+	inode->keys_loads++;
 	inode->keys_loading = false;
 	pthread_cond_broadcast(&inode->keys_cond);
 }
@@ -286,12 +292,28 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 	struct loaded ld;
 	char label[64];
 	uint64_t epoch;
+	uint32_t loads;
+	bool waited;
 	int r;
 
 	pthread_mutex_lock(&inode->keys_lock);
 	for (;;) {
+		waited = inode->keys_loading;
+		loads = inode->keys_loads;
+		inode->keys_waiters += waited;
 		while (inode->keys_loading)
 			pthread_cond_wait(&inode->keys_cond, &inode->keys_lock);
+		inode->keys_waiters -= waited;
+		/* The load we waited for (a prefetch's: a foreground one holds content) failed: its
+		 * answer is ours, one unwrap per wrapped DEK even when it fails. An interrupted one
+		 * (a lock) is not an answer: the check below says what the lock does. */
+		if (waited && !inode->keys && inode->keys_loads == loads + 1 && inode->keys_load_err < 0 &&
+		    inode->keys_load_err != -ECANCELED && keystate_check(fs->ks, KS_OP_OPEN) == 0) {
+			r = inode->keys_load_err;
+			pthread_mutex_unlock(&inode->keys_lock);
+			keystate_poke(fs->ks, r);
+			return keystate_check(fs->ks, KS_OP_OPEN) < 0 ? keystate_check(fs->ks, KS_OP_OPEN) : file_errno(r);
+		}
 		/* Locking or locked: no key is loaded, and none is used once writes are refused. */
 		r = keystate_check(fs->ks, inode->keys ? KS_OP_WRITE : KS_OP_OPEN);
 		if (r < 0) {
@@ -329,12 +351,12 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 			/* The header changed under us (only a prefetch without the content lock can
 			 * see that happen to it, but be safe): load again. */
 			keyslab_free(&fs->slab, ld.keys);
-			loading_done(inode);
+			loading_done(inode, 0);
 			continue;
 		}
 		if (r == 0)
 			fill(inode, fd, cf);
-		loading_done(inode);
+		loading_done(inode, r);
 		pthread_mutex_unlock(&inode->keys_lock);
 		return r;
 	}
@@ -365,7 +387,7 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 	char proc[32], label[64];
 	struct loaded ld;
 	uint64_t epoch;
-	int fd, r;
+	int fd, r, answer = 0;
 
 	pthread_mutex_lock(&inode->keys_lock);
 	if (inode->keys || inode->keys_loading || keystate_check(fs->ks, KS_OP_OPEN) < 0) {
@@ -393,13 +415,19 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 	} else {
 		inode_label(inode, label, sizeof(label));
 		r = keys_load(fs, label, fd, true, &ld);
+		answer = r;
 		close(fd);
 	}
 
 	pthread_mutex_lock(&inode->keys_lock);
 	if (r == 0 && ld.keys)
 		install(fs, inode, epoch, &ld);
-	loading_done(inode);
+	/* An open is waiting for this load and takes its failure as its own: say it as the open
+	 * would have (a prefetch nobody waits for stays quiet). */
+	if (answer < 0 && answer != -ECANCELED && inode->keys_waiters > 0 && ld.why[0])
+		log_err("%s: %s", label, ld.why);
+	/* Only what the header and the KMS said is an answer to share; not our own fd trouble. */
+	loading_done(inode, answer);
 	pthread_mutex_unlock(&inode->keys_lock);
 	keyslab_free(&fs->slab, ld.keys);
 	return r;

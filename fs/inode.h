@@ -57,6 +57,12 @@ struct kfs_inode {
 	/* Open writable files (contents.c). With the writeback cache the kernel may hold dirty
 	 * pages of the inode only while one is open: it writes them back before each release. */
 	_Atomic unsigned writers;
+	/* keys_lock: the errno of the load that ended last (0: it worked), and a count of loads
+	 * ended: a thread that waited for a prefetch's load takes its failure rather than asking
+	 * the KMS again for the same wrapped DEK. */
+	int keys_load_err;
+	uint32_t keys_loads;
+	unsigned keys_waiters;          /* keys_lock: threads waiting for the load under way */
 };
 
 struct inode_table {

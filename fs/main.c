@@ -38,8 +38,8 @@
 #include "prefetch.h"
 
 /* Key Protect defaults of -o dek_pool= and -o prefetch= (the local keystore: 0 and 0). */
-#define DEFAULT_DEK_POOL 32
-#define DEFAULT_PREFETCH 64
+#define DEFAULT_DEK_POOL 64
+#define DEFAULT_PREFETCH 256
 
 static bool dir_is_empty(const char *path, int *ret_err)
 {
@@ -220,25 +220,29 @@ static int start_ahead(struct keyfs *fs, const struct keyfs_options *o)
 	bool remote = strcmp(fs->vol.kms, VOLDESC_KMS_LOCAL) != 0;
 	int pool = o->dek_pool >= 0 ? o->dek_pool : remote ? DEFAULT_DEK_POOL : 0;
 	int ahead = o->prefetch >= 0 ? o->prefetch : remote ? DEFAULT_PREFETCH : 0;
+	unsigned inflight = o->kms_concurrency > 0 ? (unsigned)o->kms_concurrency : KMS_CONCURRENCY_DEFAULT;
 	int r;
 
 	if (mount_ro(o))
 		pool = 0;
-	r = dekpool_new(fs->kms, fs->vol.volume, &fs->slab, (unsigned)pool, &fs->pool);
+	/* The pool's and the prefetcher's threads share the client's window of calls in flight. */
+	kms_set_concurrency(fs->kms, inflight);
+	r = dekpool_new(fs->kms, fs->vol.volume, &fs->slab, (unsigned)pool, inflight, &fs->pool);
 	if (r < 0) {
 		log_err("dek pool: %s", strerror(-r));
 		return KEYFS_EXIT_FAILURE;
 	}
 	fs->prefetch_max = (unsigned)ahead;
 	if (ahead > 0) {
-		r = prefetch_new(fs, &fs->prefetch);
+		r = prefetch_new(fs, inflight, &fs->prefetch);
 		if (r < 0) {
 			log_err("prefetch: %s", strerror(-r));
 			return KEYFS_EXIT_FAILURE;
 		}
 	}
 	if (pool > 0 || ahead > 0)
-		log_debug("keys ahead: a pool of %d for new files, up to %d per directory listing", pool, ahead);
+		log_debug("keys ahead: a pool of up to %d for new files, up to %d per directory listing, %u calls in flight",
+			  pool, ahead, inflight);
 	return 0;
 }
 

@@ -9,6 +9,7 @@
 
 #include "fs.h"
 #include "ops.h"
+#include "prefetch.h"
 
 int ops_stat(struct keyfs *fs, struct kfs_inode *i, struct stat *st)
 {
@@ -148,12 +149,19 @@ void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
 	struct keyfs *fs = fs_of(req);
 	struct fuse_entry_param e;
+	struct kfs_inode *i = NULL;
 	int r = -ENOENT;
 
 	/* No "." or "..": the kernel resolves them itself without FUSE_CAP_EXPORT_SUPPORT, and ".."
 	 * of the root would leave the backing dir. */
 	if (!is_reserved(parent, name) && !is_dot_or_dotdot(name))
-		r = ops_lookup(fs, inode_of(req, parent), name, &e, NULL);
+		r = ops_lookup(fs, inode_of(req, parent), name, &e, &i);
+	/* A file looked up is usually opened next: its key is unwrapped from now on, not from the
+	 * open on (the open waits for that one unwrap rather than making its own). */
+	if (r == 0 && fs->prefetch && prefetch_wanted(i)) {
+		inode_ref(&fs->table, i);
+		prefetch_add(fs->prefetch, i);
+	}
 	if (r == -ENOENT) {
 		/* A negative entry: the kernel remembers the miss for the timeout. */
 		memset(&e, 0, sizeof(e));

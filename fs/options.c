@@ -66,10 +66,11 @@ void options_help(FILE *f)
 	      "  -o poll=SEC         read the root key's state every SEC seconds, +-10 % (default 30)\n"
 	      "  -o grace=SEC        lock after SEC seconds without an answer from the key service\n"
 	      "                      (default 300; 0: at once)\n"
-	      "  -o dek_pool=N       keys for new files wrapped ahead (0-1024; default 32 for\n"
-	      "                      Key Protect, 0 for the local keystore)\n"
+	      "  -o dek_pool=N       keys for new files wrapped ahead, at most (0-1024; default 64\n"
+	      "                      for Key Protect, 0 for the local keystore)\n"
 	      "  -o prefetch=N       after a directory listing, unwrap ahead the keys of up to N\n"
-	      "                      of its files (0-1024; default 64 for Key Protect, 0 local)\n"
+	      "                      of its files (0-1024; default 256 for Key Protect, 0 local)\n"
+	      "  -o kms_concurrency=N  wraps and unwraps in flight at once (1-128; default 32)\n"
 	      "  -o shared           mount a volume other hosts mount too (every mount of it shared;\n"
 	      "                      the default for a volume made with 'keyfsctl init --shared');\n"
 	      "                      -o noshared: mount it alone\n"
@@ -185,6 +186,13 @@ static int one_option(struct keyfs_options *o, const char *opt)
 		return set_count(&o->dek_pool, "dek_pool", opt + 9, DEKPOOL_MAX);
 	if (strncmp(opt, "prefetch=", 9) == 0)
 		return set_count(&o->prefetch, "prefetch", opt + 9, PREFETCH_MAX);
+	if (strncmp(opt, "kms_concurrency=", 16) == 0) {
+		if (strcmp(opt + 16, "0") == 0) {
+			log_err("mount option 'kms_concurrency': '0' is not a number from 1 to %u", KMS_CONCURRENCY_MAX);
+			return -EINVAL;
+		}
+		return set_count(&o->kms_concurrency, "kms_concurrency", opt + 16, KMS_CONCURRENCY_MAX);
+	}
 	if (strncmp(opt, "keystore=", 9) == 0)
 		return set_path(&o->keystore, "keystore", opt + 9);
 	if (strncmp(opt, "apikey_file=", 12) == 0)
@@ -261,7 +269,7 @@ int options_parse(int argc, char *argv[], struct keyfs_options *ret)
 	int r;
 
 	memset(&o, 0, sizeof(o));
-	o.dek_pool = o.prefetch = -1;
+	o.dek_pool = o.prefetch = o.kms_concurrency = -1;
 	o.shared = -1;
 	o.shared_timeout = OPTIONS_SHARED_TIMEOUT_DEFAULT;
 	o.poll = KS_POLL_DEFAULT;

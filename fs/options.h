@@ -32,6 +32,7 @@ struct keyfs_options {
 	char *iam_endpoint;             /* -o iam_endpoint=URL */
 	int dek_pool;                   /* -o dek_pool=N, 0..DEKPOOL_MAX; -1: the kms's default */
 	int prefetch;                   /* -o prefetch=N, 0..PREFETCH_MAX; -1: the kms's default */
+	int kms_concurrency;            /* -o kms_concurrency=N, 1..KMS_CONCURRENCY_MAX; -1: the default */
 	int poll;                       /* -o poll=SEC, 1..KS_POLL_MAX: seconds between key state reads */
 	int grace;                      /* -o grace=SEC, 0..KS_GRACE_MAX: KMS outage tolerated unlocked */
 	char fuse[OPTIONS_FUSE_MAX];    /* FUSE mount options passed through, comma-separated */

@@ -1,4 +1,4 @@
-/* prefetch.c: a bounded queue of listed files whose DEKs a few threads unwrap before they are opened */
+/* prefetch.c: a bounded queue of listed or looked-up files whose DEKs threads unwrap before they are opened */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,8 +23,10 @@ struct prefetch {
 	bool stop;                      /* lock */
 	bool resting;                   /* lock: since a failure, until rest_until */
 	struct timespec rest_until;     /* lock */
-	pthread_t threads[PREFETCH_THREADS];
-	unsigned nthreads;
+	unsigned idle;                  /* lock: threads waiting for a file */
+	unsigned max_threads;           /* the unwraps in flight at most */
+	pthread_t threads[PREFETCH_THREADS_MAX];
+	unsigned nthreads;              /* lock: started (a mount that lists nothing starts none) */
 };
 
 static bool service_failed(int r)
@@ -64,8 +66,11 @@ static void *worker(void *arg)
 
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
-		while (!p->stop && p->count == 0)
+		while (!p->stop && p->count == 0) {
+			p->idle++;
 			pthread_cond_wait(&p->more, &p->lock);
+			p->idle--;
+		}
 		if (p->stop)
 			break;
 		i = p->queue[p->head];
@@ -89,14 +94,14 @@ static void *worker(void *arg)
 	return NULL;
 }
 
-int prefetch_new(struct keyfs *fs, struct prefetch **ret)
+int prefetch_new(struct keyfs *fs, unsigned threads, struct prefetch **ret)
 {
 	struct prefetch *p = calloc(1, sizeof(*p));
-	int r;
 
 	if (!p)
 		return -ENOMEM;
 	p->fs = fs;
+	p->max_threads = threads < 1 ? 1 : threads > PREFETCH_THREADS_MAX ? PREFETCH_THREADS_MAX : threads;
 	p->queue = calloc(PREFETCH_QUEUE, sizeof(*p->queue));
 	if (!p->queue) {
 		free(p);
@@ -104,14 +109,6 @@ int prefetch_new(struct keyfs *fs, struct prefetch **ret)
 	}
 	pthread_mutex_init(&p->lock, NULL);
 	pthread_cond_init(&p->more, NULL);
-	for (unsigned k = 0; k < PREFETCH_THREADS; k++) {
-		r = bgthread_start(&p->threads[k], worker, p);
-		if (r < 0) {
-			prefetch_free(p);
-			return r;
-		}
-		p->nthreads++;
-	}
 	*ret = p;
 	return 0;
 }
@@ -146,6 +143,7 @@ void prefetch_free(struct prefetch *p)
 	p->stop = true;
 	pthread_cond_broadcast(&p->more);
 	pthread_mutex_unlock(&p->lock);
+	/* No thread starts after stop: nthreads is final. */
 	for (unsigned k = 0; k < p->nthreads; k++)
 		pthread_join(p->threads[k], NULL);
 	/* No thread left: the queue is ours. */
@@ -166,6 +164,12 @@ void prefetch_add(struct prefetch *p, struct kfs_inode *inode)
 		p->queue[(p->head + p->count) % PREFETCH_QUEUE] = inode;
 		p->count++;
 		queued = true;
+		/* One more unwrap in flight while more files wait than threads are idle, up to the
+		 * bound: a mount that reads little keeps few threads. A thread that cannot be started
+		 * leaves the file to those there are (or to its open). */
+		if (p->count > p->idle && p->nthreads < p->max_threads &&
+		    bgthread_start(&p->threads[p->nthreads], worker, p) == 0)
+			p->nthreads++;
 		pthread_cond_signal(&p->more);
 	}
 	pthread_mutex_unlock(&p->lock);

@@ -1,17 +1,18 @@
-/* prefetch.h: unwrap ahead the DEKs of files a directory listing showed, on a few background threads */
+/* prefetch.h: unwrap ahead the DEKs of files a directory listing or a lookup showed, on background threads */
 #ifndef KEYFS_FS_PREFETCH_H
 #define KEYFS_FS_PREFETCH_H
 
 #include "fs.h"
 
 #define PREFETCH_MAX     1024           /* largest -o prefetch= (files per directory listing) */
-#define PREFETCH_THREADS 4              /* unwraps in flight at most */
+#define PREFETCH_THREADS_MAX 128        /* unwraps in flight at most (-o kms_concurrency=) */
 #define PREFETCH_QUEUE   4096           /* files waiting at most; more are not prefetched */
 
 struct prefetch;
 
-/* Start the threads. fs must outlive the prefetcher. Returns 0, -ENOMEM or a thread errno. */
-int prefetch_new(struct keyfs *fs, struct prefetch **ret);
+/* A prefetcher of up to threads (1..PREFETCH_THREADS_MAX) unwraps at once; its threads start as
+ * files are queued and stay. fs must outlive the prefetcher. Returns 0 or -ENOMEM. */
+int prefetch_new(struct keyfs *fs, unsigned threads, struct prefetch **ret);
 /* Stop and join the threads (an unwrap in flight is waited for) and drop what is queued. */
 void prefetch_free(struct prefetch *p);
 

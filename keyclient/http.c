@@ -18,14 +18,16 @@
 
 /*
  * Idle handles are kept so that their connections (TCP + TLS) are reused by the next call;
- * past this many, a returned handle is closed. Connections are not shared between handles
- * (libcurl does not support that across concurrent threads), TLS sessions and DNS are.
+ * past idle_max (http_set_idle_max: the client's concurrency, and never more than this), a
+ * returned handle is closed. Connections are not shared between handles (libcurl does not
+ * support that across concurrent threads), TLS sessions and DNS are.
  */
-#define POOL_IDLE_MAX   8
+#define POOL_IDLE_MAX   HTTP_IDLE_MAX
+#define POOL_IDLE_DEFAULT 8
 #define HEADER_LINE_MAX 256
 /* Sockets http_interrupt can shut down to wake a transfer at once; one beyond this is still
  * interrupted, at curl's next progress call (within about a second). */
-#define SOCKS_MAX       64
+#define SOCKS_MAX       (2 * HTTP_IDLE_MAX + 16)
 
 /*
  * The TLS session cache and DNS cache every handle of one generation shares. http_forget
@@ -71,6 +73,7 @@ struct http {
 	pthread_mutex_t pool_lock;
 	struct http_conn *idle[POOL_IDLE_MAX];
 	size_t nidle;
+	size_t idle_max;                /* pool_lock: 1..POOL_IDLE_MAX */
 	atomic_bool cancelled;
 	atomic_uint epoch;              /* bumped by http_interrupt */
 	pthread_mutex_t socks_lock;     /* guards socks; held across open/close of their fds */
@@ -162,6 +165,7 @@ int http_new(const struct http_settings *s, struct http **ret)
 		free(h);
 		return -ENOMEM;
 	}
+	h->idle_max = POOL_IDLE_DEFAULT;
 	pthread_mutex_init(&h->pool_lock, NULL);
 	pthread_mutex_init(&h->socks_lock, NULL);
 	for (int i = 0; i < SOCKS_MAX; i++)
@@ -261,7 +265,7 @@ void http_conn_put(struct http *h, struct http_conn *c)
 		sodium_memzero(c->scratch, HTTP_SCRATCH_SIZE);
 	pthread_mutex_lock(&h->pool_lock);
 	/* A handle of an older generation (http_forget ran while it was out) is closed. */
-	if (c->curl && c->body && c->scratch && c->share == h->share && h->nidle < POOL_IDLE_MAX) {
+	if (c->curl && c->body && c->scratch && c->share == h->share && h->nidle < h->idle_max) {
 		h->idle[h->nidle++] = c;
 		c = NULL;
 	} else {
@@ -270,6 +274,13 @@ void http_conn_put(struct http *h, struct http_conn *c)
 	pthread_mutex_unlock(&h->pool_lock);
 	conn_free(c);
 	share_free(gone);
+}
+
+void http_set_idle_max(struct http *h, size_t n)
+{
+	pthread_mutex_lock(&h->pool_lock);
+	h->idle_max = n < 1 ? 1 : n > POOL_IDLE_MAX ? POOL_IDLE_MAX : n;
+	pthread_mutex_unlock(&h->pool_lock);
 }
 
 void http_forget(struct http *h)

@@ -9,6 +9,7 @@
 /* Per-connection scratch memory (sodium_malloc) for secrets a caller builds: headers, form bodies. */
 #define HTTP_SCRATCH_SIZE 16384
 #define HTTP_WHY_MAX      256
+#define HTTP_IDLE_MAX     136     /* idle connections kept at most (the concurrency, and polls) */
 
 struct http_settings {
 	const char *ca_file;            /* extra trusted CA bundle, or NULL for the system store */
@@ -30,6 +31,9 @@ void http_free(struct http *h);
 /* Take a connection (an idle one, so its TLS session and socket are reused) and give it back. */
 int http_conn_get(struct http *h, struct http_conn **ret);
 void http_conn_put(struct http *h, struct http_conn *c);
+
+/* Keep at most n idle connections (1..HTTP_IDLE_MAX; default 8): one per call in flight. */
+void http_set_idle_max(struct http *h, size_t n);
 
 /* The connection's scratch buffer (HTTP_SCRATCH_SIZE bytes, locked, wiped by http_conn_put). */
 char *http_conn_scratch(struct http_conn *c);

@@ -27,6 +27,7 @@ struct kms_backend {
 	void (*forget)(void *state);    /* optional: wipe cached key material */
 	void (*cancel)(void *state);    /* optional: end calls under way and refuse new ones */
 	void (*interrupt)(void *state); /* optional: end calls under way; new ones proceed */
+	void (*set_concurrency)(void *state, unsigned n);      /* optional: see kms_set_concurrency */
 	void (*free)(void *state);
 };
 

@@ -148,6 +148,16 @@ void kms_interrupt(struct kms *k)
 		k->ops->interrupt(k->state);
 }
 
+void kms_set_concurrency(struct kms *k, unsigned n)
+{
+	if (n < 1)
+		n = 1;
+	if (n > KMS_CONCURRENCY_MAX)
+		n = KMS_CONCURRENCY_MAX;
+	if (k && k->ops->set_concurrency)
+		k->ops->set_concurrency(k->state, n);
+}
+
 const char *kms_key_id(const struct kms *k)
 {
 	return k->key_id;

@@ -47,6 +47,8 @@
 #define KP_URL_MAX              1024
 #define KP_AAD_STRING_MAX       255
 #define KP_RETRY_AFTER_MAX      60      /* seconds */
+#define KP_BUSY_RETRIES         10      /* attempts after a 429/503 with Retry-After: the service is pacing us */
+#define KP_CUT_MS               1000    /* the window is halved at most this often */
 #define KP_TOKEN_MARGIN         60      /* never use a token this close to its expiration */
 #define KP_DETAIL_MAX           160     /* service text quoted in a message */
 #define KP_CODE_MAX             63
@@ -96,6 +98,26 @@ struct kp {
 	 * unwrap begun after the forget succeeds: keyfs makes those only while unlocked. */
 	bool tok_nocache;
 	uint64_t forget_gen;            /* bumped by each forget */
+
+	/*
+	 * The gate: how many wraps and unwraps may be under way at once. gate_limit is an AIMD
+	 * window below gate_max: a 429 or 503 halves it (once per KP_CUT_MS, since calls in flight
+	 * together fail together) and, with a Retry-After, holds every new call until pause_until;
+	 * each gate_limit calls that worked widen it by one. Polls (metadata reads) do not pass the
+	 * gate: a busy service must not make a key state answer wait behind a queue of wraps.
+	 * gate_lock is a leaf, never held across an HTTP call.
+	 */
+	pthread_mutex_t gate_lock;
+	pthread_cond_t gate_cond;       /* gate_lock: a slot freed, the pause ended, an interrupt */
+	unsigned gate_max;              /* gate_lock */
+	unsigned gate_limit;            /* gate_lock: 1..gate_max */
+	unsigned gate_used;             /* gate_lock: calls holding a slot */
+	unsigned gate_ok;               /* gate_lock: calls that worked since the last widening */
+	int64_t gate_pause_until;       /* gate_lock: CLOCK_MONOTONIC ms, new calls wait until then */
+	int64_t gate_cut_at;            /* gate_lock: when the window was last halved */
+	uint64_t gate_epoch;            /* gate_lock: bumped by interrupt and cancel */
+	bool gate_cancelled;            /* gate_lock */
+	bool gate_busy_logged;          /* gate_lock: "asks to slow down" said, until the window is whole again */
 };
 
 /* One logical call: one correlation id across its retries and its token fetch. */
@@ -108,6 +130,7 @@ struct kp_call {
 	uint64_t token_gen;
 	uint64_t forget_gen;            /* kp->forget_gen when the call began */
 	bool nocache;                   /* kp->tok_nocache when the call began */
+	bool gated;                     /* holds a slot of the gate (wrap, unwrap) */
 };
 
 struct kp_detail {
@@ -316,6 +339,124 @@ static long retry_delay_ms(const struct kp *kp, unsigned retry, const struct htt
 static int token_header(struct kp_call *c, struct kms_err *err);
 static void token_invalidate(struct kp *kp, uint64_t gen);
 
+/* ---- the gate: calls in flight, AIMD on 429/503 ---- */
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Wait for a slot. Returns 0, or -ECANCELED when interrupted or cancelled meanwhile. */
+static int gate_enter(struct kp *kp)
+{
+	uint64_t epoch;
+	int64_t now;
+
+	pthread_mutex_lock(&kp->gate_lock);
+	epoch = kp->gate_epoch;
+	for (;;) {
+		if (kp->gate_cancelled || kp->gate_epoch != epoch) {
+			pthread_mutex_unlock(&kp->gate_lock);
+			return -ECANCELED;
+		}
+		now = mono_ms();
+		if (now < kp->gate_pause_until) {
+			int64_t until = kp->gate_pause_until;
+			struct timespec ts;
+
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			ts.tv_sec += (until - now) / 1000;
+			ts.tv_nsec += ((until - now) % 1000) * 1000000L;
+			if (ts.tv_nsec >= 1000000000L) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000L;
+			}
+			pthread_cond_timedwait(&kp->gate_cond, &kp->gate_lock, &ts);
+			continue;
+		}
+		if (kp->gate_used < kp->gate_limit)
+			break;
+		pthread_cond_wait(&kp->gate_cond, &kp->gate_lock);
+	}
+	kp->gate_used++;
+	pthread_mutex_unlock(&kp->gate_lock);
+	return 0;
+}
+
+static void gate_leave(struct kp *kp)
+{
+	pthread_mutex_lock(&kp->gate_lock);
+	kp->gate_used--;
+	pthread_cond_signal(&kp->gate_cond);
+	pthread_mutex_unlock(&kp->gate_lock);
+}
+
+/* What one attempt of a gated call was answered: a 429/503 narrows the window and may pause
+ * every new call; a success widens it again, one slot per window of successes. */
+static void gate_note(struct kp *kp, long status, long retry_after)
+{
+	int64_t now;
+
+	pthread_mutex_lock(&kp->gate_lock);
+	if (status == 429 || status == 503) {
+		now = mono_ms();
+		if (now - kp->gate_cut_at >= KP_CUT_MS) {
+			kp->gate_cut_at = now;
+			kp->gate_limit = kp->gate_limit > 1 ? kp->gate_limit / 2 : 1;
+			kp->gate_ok = 0;
+			if (!kp->gate_busy_logged) {
+				kp->gate_busy_logged = true;
+				log_info("key protect: the service asks to slow down (HTTP %ld): at most %u wraps and unwraps at once until it keeps up",
+					 status, kp->gate_limit);
+			}
+		}
+		if (retry_after >= 0) {
+			int64_t until = now + (retry_after > KP_RETRY_AFTER_MAX ? KP_RETRY_AFTER_MAX : retry_after) * 1000;
+
+			if (until > kp->gate_pause_until)
+				kp->gate_pause_until = until;
+		}
+	} else if (status >= 200 && status < 300 && kp->gate_limit < kp->gate_max) {
+		if (++kp->gate_ok >= kp->gate_limit) {
+			kp->gate_ok = 0;
+			kp->gate_limit++;
+			pthread_cond_broadcast(&kp->gate_cond);
+			if (kp->gate_limit == kp->gate_max && kp->gate_busy_logged) {
+				kp->gate_busy_logged = false;
+				log_info("key protect: the service keeps up again: %u wraps and unwraps at once", kp->gate_max);
+			}
+		}
+	}
+	pthread_mutex_unlock(&kp->gate_lock);
+}
+
+static void gate_wake(struct kp *kp, bool cancel)
+{
+	pthread_mutex_lock(&kp->gate_lock);
+	kp->gate_epoch++;
+	if (cancel)
+		kp->gate_cancelled = true;
+	pthread_cond_broadcast(&kp->gate_cond);
+	pthread_mutex_unlock(&kp->gate_lock);
+}
+
+static void kp_set_concurrency(void *state, unsigned n)
+{
+	struct kp *kp = state;
+
+	pthread_mutex_lock(&kp->gate_lock);
+	kp->gate_max = n;
+	kp->gate_limit = n;
+	kp->gate_ok = 0;
+	pthread_cond_broadcast(&kp->gate_cond);
+	pthread_mutex_unlock(&kp->gate_lock);
+	/* One idle connection per call in flight, and two more for polls and probes. */
+	http_set_idle_max(kp->http, n + 2);
+}
+
 /*
  * Send one request with the retry policy of shared/keyprotect-api.md. kms: add the bearer
  * token and instance headers, and on a 401 fetch a fresh token once and send again. Returns 0
@@ -358,13 +499,20 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		r = http_perform(c->conn, &rq, resp, why);
 		if (kms)
 			sodium_memzero(http_conn_scratch(c->conn), sizeof(KP_AUTH_PREFIX) + KP_TOKEN_MAX);
+		if (r == 0 && c->gated)
+			gate_note(kp, resp->status, resp->retry_after);
 		if (r == 0 && resp->status == 401 && kms && !refreshed) {
 			/* The token may have been revoked or expired early: one fresh token, one more try. */
 			token_invalidate(kp, c->token_gen);
 			refreshed = true;
 			continue;
 		}
-		if (!(r == 0 ? retryable_status(resp->status) : retryable_transport(r)) || retry >= kp->tun.retries)
+		if (!(r == 0 ? retryable_status(resp->status) : retryable_transport(r)))
+			break;
+		/* A service that paces us (429/503 with Retry-After) is not failing: it gets more
+		 * patience than one that breaks. A 429 is never a key state answer (LOCKING.md). */
+		if (retry >= (r == 0 && (resp->status == 429 || resp->status == 503) && resp->retry_after >= 0
+			      ? KP_BUSY_RETRIES : kp->tun.retries))
 			break;
 		sleep_ms(c, retry_delay_ms(kp, retry, resp, r == 0));
 		retry++;
@@ -613,6 +761,10 @@ static void call_end(struct kp_call *c)
 {
 	http_conn_put(c->kp->http, c->conn);
 	c->conn = NULL;
+	if (c->gated) {
+		c->gated = false;
+		gate_leave(c->kp);
+	}
 	/* Forgotten (locked): this call's connection, buffers and TLS session go now. */
 	if (c->nocache)
 		http_forget(c->kp->http);
@@ -857,11 +1009,21 @@ static int action_post(struct kp *kp, struct kp_call *c, const char *action, con
 		kms_err_set(err, "key protect: %s of key '%s' failed: out of memory", action, kp->key_id);
 		return -ENOMEM;
 	}
+	r = gate_enter(kp);
+	if (r < 0) {
+		kms_err_set(err, "key protect: %s of key '%s' %s", action, kp->key_id,
+			    http_cancelled(kp->http) ? "cancelled: shutting down" : "interrupted");
+		cJSON_free(body);
+		return r;
+	}
 	r = call_begin(kp, c, action, err);
 	if (r == 0) {
+		c->gated = true;
 		r = kp_send(c, "POST", url, kp->endpoint, true, true, body, strlen(body), resp, err);
 		if (r < 0)
 			call_end(c);
+	} else {
+		gate_leave(kp);
 	}
 	cJSON_free(body);
 	return r < 0 ? r : 0;
@@ -1108,6 +1270,8 @@ static void kp_free(void *state)
 	}
 	pthread_mutex_destroy(&kp->tok_lock);
 	pthread_cond_destroy(&kp->tok_cond);
+	pthread_mutex_destroy(&kp->gate_lock);
+	pthread_cond_destroy(&kp->gate_cond);
 	free(kp);
 }
 
@@ -1116,6 +1280,7 @@ static void kp_cancel(void *state)
 	struct kp *kp = state;
 
 	http_cancel(kp->http);
+	gate_wake(kp, true);
 	/* A thread waiting for another's token fetch wakes up and finds the cancel. */
 	pthread_mutex_lock(&kp->tok_lock);
 	pthread_cond_broadcast(&kp->tok_cond);
@@ -1143,6 +1308,8 @@ static void kp_interrupt(void *state)
 	struct kp *kp = state;
 
 	http_interrupt(kp->http);
+	/* A call waiting for a slot gives up, as one under way does. */
+	gate_wake(kp, false);
 	/* A call waiting for another's token fetch wakes up and finds the interrupt. */
 	pthread_mutex_lock(&kp->tok_lock);
 	pthread_cond_broadcast(&kp->tok_cond);
@@ -1158,6 +1325,7 @@ static const struct kms_backend keyprotect_backend = {
 	.forget = kp_forget,
 	.cancel = kp_cancel,
 	.interrupt = kp_interrupt,
+	.set_concurrency = kp_set_concurrency,
 	.free = kp_free,
 };
 
@@ -1388,6 +1556,10 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 	}
 	pthread_mutex_init(&kp->tok_lock, NULL);
 	pthread_cond_init(&kp->tok_cond, NULL);
+	pthread_mutex_init(&kp->gate_lock, NULL);
+	pthread_cond_init(&kp->gate_cond, NULL);
+	kp->gate_max = kp->gate_limit = KMS_CONCURRENCY_DEFAULT;
+	kp->gate_cut_at = INT64_MIN / 2;
 
 	if (!key[0]) {
 		kms_err_set(err, "the volume description names no key");
@@ -1494,6 +1666,7 @@ int kms_keyprotect_open(const struct kms_config *cfg, struct kms_backend_open *r
 		kms_err_set(err, "key protect: cannot set up HTTPS: %s", strerror(-r));
 		goto fail;
 	}
+	http_set_idle_max(kp->http, KMS_CONCURRENCY_DEFAULT + 2);
 	ret->ops = &keyprotect_backend;
 	ret->state = kp;
 	snprintf(ret->key_id, sizeof(ret->key_id), "%s", kp->key_id);

@@ -120,6 +120,17 @@ void kms_cancel(struct kms *k);
  * work as usual. A lock calls this so that it never waits for the key service. Thread-safe. */
 void kms_interrupt(struct kms *k);
 
+/*
+ * Wraps and unwraps under way at once, at most (Key Protect: each on a keep-alive HTTP/1.1
+ * connection of its own; the local keystore ignores it). The client starts at n and, when the
+ * service answers 429 or 503, halves its window and holds every new wrap and unwrap until the
+ * Retry-After has passed, then widens it by one per window of calls that worked (AIMD). Key state
+ * reads (polls) are never held back. n is clamped to 1..KMS_CONCURRENCY_MAX. Call before use.
+ */
+#define KMS_CONCURRENCY_DEFAULT 32
+#define KMS_CONCURRENCY_MAX     128
+void kms_set_concurrency(struct kms *k, unsigned n);
+
 /* Current state of the root key (enum kms_key_state). On success err may still carry a line
  * naming the answer (Key Protect: its correlation id), for the log of a transition. */
 int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err);

@@ -26,6 +26,9 @@ def main(argv=None):
     p.add_argument("--create-key", metavar="NAME", help="create a root key named NAME at start")
     p.add_argument("--token-ttl", type=int, default=3600, help="IAM token lifetime in seconds")
     p.add_argument("--latency-ms", type=int, default=0, help="delay every KMS answer by this much")
+    p.add_argument("--rate-limit", type=float, default=0, metavar="N",
+                   help="serve at most N KMS requests a second, 429 + Retry-After: 1 for the rest")
+    p.add_argument("--no-log", action="store_true", help="keep no request log (counters only: /_emu/stats)")
     p.add_argument("--too-early", action="store_true",
                    help="refuse enable/restore within 30 s of the previous action (REQ_TOO_EARLY_ERR)")
     a = p.parse_args(argv)
@@ -48,6 +51,9 @@ def main(argv=None):
     emu = Emulator(certs, apikeys=apikeys, instance=a.instance, host=a.host, port=a.port,
                    token_ttl=a.token_ttl, enforce_too_early=a.too_early, state_file=a.state_file,
                    latency_ms=a.latency_ms)
+    if a.rate_limit:
+        emu.set_rate_limit(a.rate_limit)
+    emu.quiet_log = a.no_log
     emu.start()
     out = ["endpoint=%s" % emu.url, "iam_endpoint=%s" % emu.url, "ca_file=%s" % certs.ca_file,
            "instance=%s" % emu.instance]

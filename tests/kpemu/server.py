@@ -351,6 +351,10 @@ class Emulator:
         self.errors = []
         self.connections = 0            # TCP connections accepted: shows connection reuse
         self.resets = 0                 # connections reset at accept while 'down'
+        self.call_counts = {}           # KMS requests by what they ask ("wrap", "unwrap", "metadata", ...)
+        self.rate_limited = 0           # KMS requests answered 429 by the rate limit
+        self.rate = None                # {"per_second", "burst", "retry_after", "tokens", "at"} or None
+        self.quiet_log = False          # True: keep no request log (a benchmark's thousands of calls)
         self._server = None
         self._thread = None
         if state_file and os.path.exists(state_file):
@@ -466,6 +470,41 @@ class Emulator:
         with self.lock:
             return any(f.kind == "down" and f.active() for f in self.faults)
 
+    def set_rate_limit(self, per_second, burst=None, retry_after=1):
+        """Serve at most per_second KMS requests a second (a token bucket of burst, default a tenth
+        of a second's worth, at least 1); the others get 429 with Retry-After: retry_after (seconds,
+        None: no header). per_second 0 or None: no limit. Polls count too, as at the service."""
+        with self.lock:
+            if not per_second:
+                self.rate = None
+                return
+            per_second = float(per_second)
+            if per_second <= 0:
+                raise ValueError("per_second must be positive")
+            burst = max(1.0, per_second / 10) if burst is None else float(burst)
+            self.rate = {"per_second": per_second, "burst": burst, "retry_after": retry_after,
+                         "tokens": burst, "at": time.monotonic()}
+
+    def _rate_ok(self):
+        """Called with the lock held: take a token, or False when the bucket is empty."""
+        r = self.rate
+        if r is None:
+            return True
+        now = time.monotonic()
+        r["tokens"] = min(r["burst"], r["tokens"] + (now - r["at"]) * r["per_second"])
+        r["at"] = now
+        if r["tokens"] >= 1:
+            r["tokens"] -= 1
+            return True
+        self.rate_limited += 1
+        return False
+
+    def kms_calls(self):
+        """KMS requests so far by what they asked: {"wrap": n, "unwrap": n, "metadata": n, ...}
+        (rate-limited and faulted ones included), without the request log's cost."""
+        with self.lock:
+            return dict(self.call_counts)
+
     def set_latency(self, ms, match="kms"):
         with self.lock:
             self.latency[match] = int(ms)
@@ -536,7 +575,13 @@ class Emulator:
                  "has_auth": "authorization" in (k.lower() for k in h.headers.keys()),
                  "correlation_id": h.headers.get("correlation-id"), "status": None, "fault": None}
         with self.lock:
-            self.log.append(entry)
+            if not self.quiet_log:
+                self.log.append(entry)
+            if kind == "kms":
+                what = path.rstrip("/").rsplit("/", 1)[-1] if "/actions/" in path or path.endswith("/metadata") \
+                    else "other"
+                self.call_counts[what] = self.call_counts.get(what, 0) + 1
+            limited = kind == "kms" and not self._rate_ok()
             latency = self.latency.get(kind, 0)
             # While down, nothing else happens: the request never reaches the service.
             fault = next((f for f in self.faults if f.kind == "down" and f.active()), None)
@@ -553,6 +598,13 @@ class Emulator:
                 f.hits += 1
                 fault = f
                 break
+        if limited and (fault is None or fault.kind != "down"):
+            # Pushed back at once, as a rate limiter in front of the service answers: no latency.
+            entry["fault"] = "ratelimit"
+            ra = self.rate["retry_after"] if self.rate else None
+            extra = {} if ra is None else {"Retry-After": str(ra)}
+            return self._send_json(h, 429, error_body(429, "TOO_MANY_REQUESTS_ERR", "rate limit exceeded"),
+                                   entry, extra)
         if latency and (fault is None or fault.kind != "down"):
             time.sleep(latency / 1000.0)
         if fault is not None:
@@ -963,7 +1015,20 @@ class Emulator:
                 if path == "/_emu/stats" and method == "GET":
                     return self._send_json(h, 200, {"connections": self.connections, "resets": self.resets,
                                                     "requests": len(self.log),
-                                                    "token_requests": len(self.token_requests())})
+                                                    "token_requests": len(self.token_requests()),
+                                                    "kms_calls": dict(self.call_counts),
+                                                    "rate_limited": self.rate_limited})
+                if path == "/_emu/stats" and method == "DELETE":
+                    self.call_counts = {}
+                    self.rate_limited = 0
+                    return self._send_json(h, 204, None)
+                if path == "/_emu/ratelimit" and method == "POST":
+                    self.set_rate_limit(doc.get("per_second"), doc.get("burst"), doc.get("retry_after", 1))
+                    return self._send_json(h, 200, {k: v for k, v in (self.rate or {}).items()
+                                                    if k in ("per_second", "burst", "retry_after")})
+                if path == "/_emu/log" and method == "POST":
+                    self.quiet_log = not bool(doc.get("keep", True))
+                    return self._send_json(h, 200, {"keep": not self.quiet_log})
                 if path == "/_emu/log" and method == "DELETE":
                     self.log = []
                     return self._send_json(h, 204, None)
