@@ -49,6 +49,7 @@
 #define KP_RETRY_AFTER_MAX      60      /* seconds */
 #define KP_BUSY_RETRIES         10      /* attempts after a 429/503 with Retry-After: the service is pacing us */
 #define KP_CUT_MS               1000    /* the window is halved at most this often */
+#define KP_GROW_MS              1000    /* and widened by one at most this often */
 #define KP_TOKEN_MARGIN         60      /* never use a token this close to its expiration */
 #define KP_DETAIL_MAX           160     /* service text quoted in a message */
 #define KP_CODE_MAX             63
@@ -102,10 +103,11 @@ struct kp {
 	/*
 	 * The gate: how many wraps and unwraps may be under way at once. gate_limit is an AIMD
 	 * window below gate_max: a 429 or 503 halves it (once per KP_CUT_MS, since calls in flight
-	 * together fail together) and, with a Retry-After, holds every new call until pause_until;
-	 * each gate_limit calls that worked widen it by one. Polls (metadata reads) do not pass the
-	 * gate: a busy service must not make a key state answer wait behind a queue of wraps.
-	 * gate_lock is a leaf, never held across an HTTP call.
+	 * together fail together); one that comes when the window is down to 1 also holds every
+	 * new call until its Retry-After has passed (the refused call itself always waits it out,
+	 * without holding a slot). gate_limit calls that worked, and KP_GROW_MS, widen it by one.
+	 * Polls (metadata reads) do not pass the gate: a busy service must not make a key state
+	 * answer wait behind a queue of wraps. gate_lock is a leaf, never held across an HTTP call.
 	 */
 	pthread_mutex_t gate_lock;
 	pthread_cond_t gate_cond;       /* gate_lock: a slot freed, the pause ended, an interrupt */
@@ -115,6 +117,7 @@ struct kp {
 	unsigned gate_ok;               /* gate_lock: calls that worked since the last widening */
 	int64_t gate_pause_until;       /* gate_lock: CLOCK_MONOTONIC ms, new calls wait until then */
 	int64_t gate_cut_at;            /* gate_lock: when the window was last halved */
+	int64_t gate_grown_at;          /* gate_lock: when it last changed */
 	uint64_t gate_epoch;            /* gate_lock: bumped by interrupt and cancel */
 	bool gate_cancelled;            /* gate_lock */
 	bool gate_busy_logged;          /* gate_lock: "asks to slow down" said, until the window is whole again */
@@ -403,9 +406,16 @@ static void gate_note(struct kp *kp, long status, long retry_after)
 	pthread_mutex_lock(&kp->gate_lock);
 	if (status == 429 || status == 503) {
 		now = mono_ms();
+		if (kp->gate_limit == 1 && retry_after >= 0) {
+			/* One call at a time is still too many: the whole client waits as asked. */
+			int64_t until = now + (retry_after > KP_RETRY_AFTER_MAX ? KP_RETRY_AFTER_MAX : retry_after) * 1000;
+
+			if (until > kp->gate_pause_until)
+				kp->gate_pause_until = until;
+		}
 		if (now - kp->gate_cut_at >= KP_CUT_MS) {
-			kp->gate_cut_at = now;
-			kp->gate_limit = kp->gate_limit > 1 ? kp->gate_limit / 2 : 1;
+			kp->gate_cut_at = kp->gate_grown_at = now;
+			kp->gate_limit = (kp->gate_limit + 1) / 2;
 			kp->gate_ok = 0;
 			if (!kp->gate_busy_logged) {
 				kp->gate_busy_logged = true;
@@ -413,15 +423,11 @@ static void gate_note(struct kp *kp, long status, long retry_after)
 					 status, kp->gate_limit);
 			}
 		}
-		if (retry_after >= 0) {
-			int64_t until = now + (retry_after > KP_RETRY_AFTER_MAX ? KP_RETRY_AFTER_MAX : retry_after) * 1000;
-
-			if (until > kp->gate_pause_until)
-				kp->gate_pause_until = until;
-		}
 	} else if (status >= 200 && status < 300 && kp->gate_limit < kp->gate_max) {
-		if (++kp->gate_ok >= kp->gate_limit) {
+		now = mono_ms();
+		if (++kp->gate_ok >= kp->gate_limit && now - kp->gate_grown_at >= KP_GROW_MS) {
 			kp->gate_ok = 0;
+			kp->gate_grown_at = now;
 			kp->gate_limit++;
 			pthread_cond_broadcast(&kp->gate_cond);
 			if (kp->gate_limit == kp->gate_max && kp->gate_busy_logged) {
@@ -514,7 +520,20 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		if (retry >= (r == 0 && (resp->status == 429 || resp->status == 503) && resp->retry_after >= 0
 			      ? KP_BUSY_RETRIES : kp->tun.retries))
 			break;
-		sleep_ms(c, retry_delay_ms(kp, retry, resp, r == 0));
+		if (c->gated) {
+			/* A refused or failed call waits without holding a slot: the others may go on. */
+			gate_leave(kp);
+			c->gated = false;
+			sleep_ms(c, retry_delay_ms(kp, retry, resp, r == 0));
+			if (gate_enter(kp) < 0) {
+				call_fail(c, err, "call to '%s' %s", site,
+					  http_cancelled(kp->http) ? "cancelled: shutting down" : "interrupted");
+				return -ECANCELED;
+			}
+			c->gated = true;
+		} else {
+			sleep_ms(c, retry_delay_ms(kp, retry, resp, r == 0));
+		}
 		retry++;
 	}
 	if (r == 0)

@@ -1,0 +1,305 @@
+# test_kms_concurrency.py: many Key Protect calls in flight: bounded by -o kms_concurrency, correct under faults, paced on 429, one unwrap per wrapped DEK
+#
+# What a user relies on, asserted from what the emulator saw: the calls in flight never exceed
+# the option and do reach it; concurrent creates under drops, 5xx, 429 and slow calls give every
+# file its own key and content; a rate-limited service slows the whole client down without a
+# file lost; a file reached through hard links or by racing opens is unwrapped once; an unmount
+# with dozens of calls hanging exits at once; several mounts of one key all lock within
+# poll + 1 s of its deletion.
+import collections
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from helpers import FUSERMOUNT, KEYFS, inspect_json, keyfsctl, read_file, run, wait_for, write_file
+from kpemu import Emulator
+
+HEADER_MIN = 512
+
+
+class CountingEmulator(Emulator):
+    """The emulator, also counting the wraps and unwraps being served at once (the peak), and
+    which file (aad[1]) each successful one was for."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.inflight = 0
+        self.peak = 0
+        self.done = []          # (action, file id hex) of every wrap/unwrap answered 200
+
+    def _action(self, role, kid, action, body):
+        if action not in ("wrap", "unwrap"):
+            return super()._action(role, kid, action, body)
+        try:
+            aad = json.loads(body or b"{}").get("aad")
+        except ValueError:
+            aad = None
+        fid = aad[1] if isinstance(aad, list) and len(aad) == 2 else None
+        out = super()._action(role, kid, action, body)
+        with self.lock:
+            self.done.append((action, fid))
+        return out
+
+    def _dispatch(self, h):
+        gated = "/actions/wrap" in h.path or "/actions/unwrap" in h.path
+        if gated:
+            with self.lock:
+                self.inflight += 1
+                self.peak = max(self.peak, self.inflight)
+        try:
+            return super()._dispatch(h)
+        finally:
+            if gated:
+                with self.lock:
+                    self.inflight -= 1
+
+    def reset_peak(self):
+        with self.lock:
+            self.peak = self.inflight
+
+    def served(self, action):
+        with self.lock:
+            return [f for a, f in self.done if a == action]
+
+
+@pytest.fixture
+def emu(emu_factory):
+    return emu_factory(CountingEmulator, key_name="keyfs-concurrency-root")
+
+
+@pytest.fixture
+def volume_kp(tmp_path, emu, apikey_file, kp_client_env):
+    backing = str(tmp_path / "backing")
+    keyfsctl("init", backing, "--kms", "keyprotect", "--endpoint", emu.url, "--instance", emu.instance,
+             "--key", emu.kid, "--iam-endpoint", emu.url, "--apikey-file", apikey_file,
+             "--ca-file", emu.ca_file)
+    return backing
+
+
+@pytest.fixture
+def kp_mount(mount, volume_kp, apikey_file):
+    def factory(*opts, backing=None, allow_errors=False):
+        return mount(backing=backing or volume_kp, opts=["apikey_file=" + apikey_file, *opts],
+                     allow_errors=allow_errors)
+    return factory
+
+
+def fill_dir(m, d, n):
+    os.mkdir(m.path(d))
+    data = {}
+    for k in range(n):
+        name = "%s/f%03d" % (d, k)
+        data[name] = ("%s says %d " % (name, k)).encode() * (1 + k % 7)
+        write_file(m.path(name), data[name])
+    return data
+
+
+def in_threads(n, fn):
+    errors = []
+    start = threading.Barrier(n)
+
+    def body(k):
+        try:
+            start.wait()
+            fn(k)
+        except BaseException as e:          # noqa: B902 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=body, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert not any(t.is_alive() for t in ts), "a thread is still blocked after 120 s"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("n", [6, 24])
+def test_unwraps_in_flight_reach_and_never_exceed_kms_concurrency(emu, kp_mount, n):
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    data = fill_dir(m, "d", 60)
+    m.umount()
+
+    emu.set_latency(150)
+    m = kp_mount("dek_pool=0", "kms_concurrency=%d" % n)
+    emu.reset_peak()
+    mark = len(emu.served("unwrap"))
+    # The listing queues the 60 files; the prefetch unwraps them n at a time.
+    assert len(os.listdir(m.path("d"))) == 60
+    wait_for(lambda: len(emu.served("unwrap")) - mark >= 60, timeout=30, what="60 keys unwrapped ahead")
+    assert emu.peak == n
+    for name, d in data.items():
+        assert read_file(m.path(name)) == d
+    assert len(emu.served("unwrap")) - mark == 60
+
+
+def test_concurrent_creates_under_faults_give_each_file_its_own_key(emu, kp_mount):
+    emu.set_latency(20)
+    # Dropped connections, 5xx, 429 with and without Retry-After, and slow calls, spread over
+    # the wraps of 16 concurrent creators (no pool: each create wraps its own key).
+    emu.add_fault("drop", count=4, skip=3, match="/actions/wrap")
+    emu.add_fault("status", status=503, count=4, skip=10, match="/actions/wrap", retry_after="0")
+    emu.add_fault("status", status=500, count=4, skip=20, match="/actions/wrap")
+    emu.add_fault("status", status=429, count=4, skip=30, match="/actions/wrap")
+    emu.add_fault("latency", ms=700, count=6, skip=40, match="/actions/wrap")
+    m = kp_mount("dek_pool=0", "prefetch=0", "kms_concurrency=8")
+    wmark = len(emu.served("wrap"))         # keyfsctl init's probe wrap is not a file's
+    names = ["t%02d/f%02d" % (t, k) for t in range(16) for k in range(10)]
+    for t in range(16):
+        os.mkdir(m.path("t%02d" % t))
+
+    def creator(t):
+        for k in range(10):
+            name = "t%02d/f%02d" % (t, k)
+            write_file(m.path(name), name.encode() * (k + 1))
+    in_threads(16, creator)
+    # Every fault was met, and still every create worked, exactly one served wrap per file.
+    assert [f.hits for f in emu.faults] == [4, 4, 4, 4, 6]
+    docs = inspect_json(*[m.bpath(n) for n in names])
+    ids = [d["file_id"] for d in docs]
+    assert len(set(ids)) == 160
+    assert len({d["wrapped_dek_sha256"] for d in docs}) == 160
+    assert collections.Counter(emu.served("wrap")[wmark:]) == collections.Counter(ids)
+    for n in names:
+        assert read_file(m.path(n)) == n.encode() * (int(n[-2:]) + 1)
+    m.umount()
+
+    # A fresh mount: every file reads its own content, one unwrap each, under faults again.
+    emu.add_fault("drop", count=3, skip=5, match="/actions/unwrap")
+    emu.add_fault("status", status=502, count=3, skip=15, match="/actions/unwrap")
+    emu.add_fault("latency", ms=700, count=4, skip=25, match="/actions/unwrap")
+    mark = len(emu.served("unwrap"))
+    m = kp_mount("dek_pool=0", "kms_concurrency=8")
+    got = {}
+
+    def reader(t):
+        for k in range(10):
+            name = "t%02d/f%02d" % (t, k)
+            got[name] = read_file(m.path(name))
+    in_threads(16, reader)
+    assert got == {n: n.encode() * (int(n[-2:]) + 1) for n in names}
+    assert collections.Counter(emu.served("unwrap")[mark:]) == collections.Counter(ids)
+
+
+def test_429_slows_the_whole_client_and_loses_nothing(emu, kp_mount):
+    emu.set_latency(10)
+    emu.set_rate_limit(25, retry_after=1)
+    m = kp_mount("kms_concurrency=32", "dek_pool=16")
+    names = ["r%d/f%02d" % (t, k) for t in range(6) for k in range(10)]
+    for t in range(6):
+        os.mkdir(m.path("r%d" % t))
+
+    def creator(t):
+        for k in range(10):
+            name = "r%d/f%02d" % (t, k)
+            write_file(m.path(name), name.encode())
+    in_threads(6, creator)
+    assert emu.rate_limited > 0
+    # The client said so, once per episode, and a 429 is no key state: the mount stays unlocked.
+    assert "the service asks to slow down (HTTP 429)" in m.stderr()
+    status = json.loads(keyfsctl("status", m.mnt, "--json").stdout)
+    assert status["state"] == "unlocked"
+    for n in names:
+        assert os.path.getsize(m.bpath(n)) >= HEADER_MIN
+    m.umount()
+    m = kp_mount("kms_concurrency=32")
+    for n in names:
+        assert read_file(m.path(n)) == n.encode()
+    assert len(inspect_json(*[m.bpath(n) for n in names])) == 60
+
+
+@pytest.mark.parametrize("prefetch", ["prefetch=0", "prefetch=256"])
+def test_one_unwrap_per_file_for_hard_links_and_racing_opens(emu, kp_mount, prefetch):
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    os.mkdir(m.path("a"))
+    os.mkdir(m.path("b"))
+    write_file(m.path("a/one"), b"one" * 100)
+    write_file(m.path("a/two"), b"two" * 100)
+    for k in range(3):
+        os.link(m.path("a/one"), m.path("b/one-%d" % k))
+    (one_id, two_id), _ = ([d["file_id"] for d in inspect_json(m.bpath("a/one"), m.bpath("a/two"))], None)
+    m.umount()
+
+    emu.set_latency(200)
+    m = kp_mount(prefetch)
+    mark = len(emu.served("unwrap"))
+    paths = ["a/one", "a/two"] + ["b/one-%d" % k for k in range(3)]
+
+    def opener(t):
+        p = paths[t % len(paths)]
+        assert read_file(m.path(p)) == (b"two" if p == "a/two" else b"one") * 100
+    in_threads(20, opener)
+    # Twenty opens racing over five names of two files: two unwraps, one per wrapped DEK.
+    assert sorted(emu.served("unwrap")[mark:]) == sorted([one_id, two_id])
+    # And a listing afterwards unwraps nothing more.
+    os.listdir(m.path("b"))
+    time.sleep(0.3)
+    assert sorted(emu.served("unwrap")[mark:]) == sorted([one_id, two_id])
+
+
+def test_unmount_with_many_calls_hanging_exits_at_once(emu, kp_mount):
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    fill_dir(m, "d", 80)
+    m.umount()
+    m = kp_mount("poll=1")
+    # Every call from now on hangs for 25 s: the listing's 32 unwraps ahead, the pool's refills
+    # and the poll are all stuck in one.
+    wait_for(lambda: "keys for new files ready" in m.stderr(), what="the dek pool to fill")
+    for k in range(8):
+        write_file(m.path("new%d" % k), b"x")
+    emu.add_fault("latency", ms=25000, count=-1, match="kms")
+    emu.reset_peak()
+    assert len(os.listdir(m.path("d"))) == 80
+    wait_for(lambda: emu.peak >= 32, timeout=10, what="32 calls hanging")
+    proc = m.proc
+    t0 = time.monotonic()
+    assert subprocess.run([FUSERMOUNT, "-u", m.mnt]).returncode == 0
+    assert proc.wait(timeout=20) == 0
+    took = time.monotonic() - t0
+    m.proc = None
+    assert took < 5, "daemon took %.1f s to exit after the unmount" % took
+
+
+def test_mounts_on_one_key_all_lock_within_poll_plus_1s(emu, kp_mount, tmp_path, apikey_file):
+    backings = []
+    for k in range(6):
+        b = str(tmp_path / ("vol%d" % k))
+        keyfsctl("init", b, "--kms", "keyprotect", "--endpoint", emu.url, "--instance", emu.instance,
+                 "--key", emu.kid, "--iam-endpoint", emu.url, "--apikey-file", apikey_file,
+                 "--ca-file", emu.ca_file)
+        backings.append(b)
+    mounts = [kp_mount("poll=1", "dek_pool=4", backing=b, allow_errors=True) for b in backings]
+    for k, m in enumerate(mounts):
+        write_file(m.path("f"), b"mount %d" % k)
+    for k, m in enumerate(mounts):
+        assert read_file(m.path("f")) == b"mount %d" % k
+    t0 = time.monotonic()
+    emu.key_action(emu.kid, "delete")
+    when = {}
+
+    def all_locked():
+        for k, m in enumerate(mounts):
+            if k not in when and "locked (key-destroyed)" in m.stderr():
+                when[k] = time.monotonic() - t0
+        return len(when) == len(mounts)
+    wait_for(all_locked, timeout=10, interval=0.02, what="every mount locked")
+    # poll=1 is jittered by 10 %: each mount locks within 1.1 + 1 s (and a little slack).
+    assert max(when.values()) < 2.1 + 0.4, when
+    for m in mounts:
+        with pytest.raises(OSError):
+            read_file(m.path("f"))
+
+
+def test_kms_concurrency_option_bounds(volume_kp, tmp_path, apikey_file):
+    mnt = str(tmp_path / "m")
+    os.mkdir(mnt)
+    for bad in ("0", "129", "-1", "x", ""):
+        r = run([KEYFS, volume_kp, mnt, "-f", "-o", "apikey_file=%s,kms_concurrency=%s" % (apikey_file, bad)])
+        assert r.returncode == 2, (bad, r.stderr)
+        assert "kms_concurrency" in r.stderr
+    r = run([KEYFS, "--help"])
+    assert "kms_concurrency=N" in r.stdout + r.stderr
