@@ -11,6 +11,7 @@
 
 #include "dekpool.h"
 #include "filekeys.h"
+#include "keycache.h"
 #include "keystate.h"
 
 /*
@@ -35,6 +36,7 @@ struct loaded {
 	struct kms_wrapped rewrapped;   /* when was_rewrapped: to store in the other slot */
 	struct fmt_header hdr;          /* when was_rewrapped: the header it replaces */
 	uint8_t raw[FMT_HEADER_SIZE];   /* and its bytes as read */
+	uint8_t header_hash[KEYCACHE_HASH_SIZE];        /* of the header that serves (keycache.h) */
 	char why[KMS_ERR_MAX];          /* a quiet load that failed: the KMS's words, for an open that waited */
 };
 
@@ -127,6 +129,7 @@ fail:
 	}
 	inode->header_slot = st.slot;
 	inode->header_generation = st.generation;
+	inode->header_hashed = false;   /* another header now: these keys are not kept once forgotten */
 	inode->header_epoch++;
 	log_info("%s: key re-wrapped with key version '%s'", label, w->key_version);
 	keystate_note_rotation(fs->ks, w->key_version);
@@ -164,10 +167,13 @@ static void slots_report(struct keyfs *fs, const char *label, const struct conte
 	}
 }
 
-/* Read the header of fd and unwrap its DEK. Called with no lock held: this is the KMS round
- * trip. Returns 0 (ld->keys NULL when the file has no header yet) or the errno of the header
- * read or of the KMS, unmapped (file_errno maps it for a file operation). */
-static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, struct loaded *ld)
+/* Read the header of fd and unwrap its DEK, or take back the keys kept since the kernel forgot
+ * the file, if they were opened from the header it still has (keycache.h). Called with no lock
+ * held: this is the KMS round trip. Returns 0 (ld->keys NULL when the file has no header yet)
+ * or the errno of the header read or of the KMS, unmapped (file_errno maps it for a file
+ * operation). */
+static int keys_load(struct keyfs *fs, const struct kfs_inode *inode, const char *label, int fd, bool quiet,
+		     struct loaded *ld)
 {
 	enum log_level lvl = quiet ? LOG_LEVEL_DEBUG : LOG_LEVEL_ERR;
 	struct content_headers hs;
@@ -185,6 +191,16 @@ static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, st
 			r == -EIO ? "damaged or truncated"
 			: r == -EPROTONOSUPPORT ? "format version or cipher unknown to this keyfs" : strerror(-r));
 		return r;
+	}
+	/* The newest header, the one vol_keys_open tries first: unchanged since its keys were kept. */
+	keycache_hash(hs.raw[0], ld->header_hash);
+	ld->keys = keycache_take(fs->table.keycache, inode->dev, inode->ino, hs.slot[0], ld->header_hash);
+	if (ld->keys) {
+		ld->slot = hs.slot[0];
+		ld->generation = hs.hdr[0].generation;
+		memcpy(ld->file_id, hs.hdr[0].file_id, FMT_FILE_ID_SIZE);
+		log_debug("%s: keys kept since the kernel forgot it: no unwrap", label);
+		return 0;
 	}
 	dek = keyslab_alloc(&fs->slab);
 	keys = keyslab_alloc(&fs->slab);
@@ -206,6 +222,7 @@ static int keys_load(struct keyfs *fs, const char *label, int fd, bool quiet, st
 			 hs.hdr[i].generation);
 	ld->slot = hs.slot[i];
 	ld->generation = hs.hdr[i].generation;
+	keycache_hash(hs.raw[i], ld->header_hash);
 	memcpy(ld->file_id, hs.hdr[i].file_id, FMT_FILE_ID_SIZE);
 	ld->was_rewrapped = o.was_rewrapped;
 	if (ld->was_rewrapped) {
@@ -257,6 +274,7 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 	ld->keys = keys;
 	ld->slot = 0;
 	ld->generation = 1;
+	keycache_hash(raw, ld->header_hash);
 	memcpy(ld->file_id, e.file_id, FMT_FILE_ID_SIZE);
 	return 0;
 }
@@ -271,6 +289,8 @@ static bool install(struct keyfs *fs, struct kfs_inode *inode, uint64_t epoch, s
 	inode->header_slot = ld->slot;
 	inode->header_generation = ld->generation;
 	memcpy(inode->file_id, ld->file_id, FMT_FILE_ID_SIZE);
+	memcpy(inode->header_hash, ld->header_hash, KEYCACHE_HASH_SIZE);
+	inode->header_hashed = true;
 	if (ld->was_rewrapped && !header_rewrite(fs, inode, ld))
 		return false;
 	inode->keys = ld->keys;
@@ -330,7 +350,7 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 		pthread_mutex_unlock(&inode->keys_lock);
 
 		inode_label(inode, label, sizeof(label));
-		r = keys_load(fs, label, fd, false, &ld);
+		r = keys_load(fs, inode, label, fd, false, &ld);
 		/* An empty file: a writer gives it its header. The caller holds content exclusively,
 		 * so nothing else writes this file meanwhile; a prefetch sees keys_loading and skips. */
 		if (r == 0 && !ld.keys && create)
@@ -414,7 +434,7 @@ int filekeys_prefetch(struct keyfs *fs, struct kfs_inode *inode)
 		memset(&ld, 0, sizeof(ld));
 	} else {
 		inode_label(inode, label, sizeof(label));
-		r = keys_load(fs, label, fd, true, &ld);
+		r = keys_load(fs, inode, label, fd, true, &ld);
 		answer = r;
 		close(fd);
 	}

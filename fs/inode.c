@@ -13,6 +13,9 @@
 #include "keyfs/log.h"
 
 #include "inode.h"
+#include "keycache.h"
+
+_Static_assert(sizeof(((struct kfs_inode *)0)->header_hash) == KEYCACHE_HASH_SIZE, "a header hash fits");
 
 /*
  * Why an fd cache. The kernel keeps a node for every file a walk has seen, and forgets them only
@@ -648,6 +651,10 @@ void inode_unref(struct inode_table *t, struct kfs_inode *i, uint64_t n)
 		parent = i->parent;
 		i->parent = NULL;
 		pthread_mutex_unlock(&t->lock);
+		/* Nobody else holds it: its keys may serve the open that comes for the same file. */
+		if (i->keys && i->header_hashed &&
+		    keycache_put(t->keycache, i->dev, i->ino, i->header_slot, i->header_hash, i->keys))
+			i->keys = NULL;
 		inode_release(t, i);
 		free(i);
 		i = parent;

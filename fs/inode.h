@@ -15,6 +15,7 @@
 #include "keyslab.h"
 
 struct file_handle;
+struct keycache;
 
 /*
  * One backing inode the kernel knows. Its FUSE node id is its address (FUSE_ROOT_ID for the root).
@@ -50,6 +51,10 @@ struct kfs_inode {
 	uint8_t file_id[FMT_FILE_ID_SIZE];
 	unsigned header_slot;           /* keys_lock: the slot whose header authenticated, */
 	uint32_t header_generation;     /* and its generation: a rewrite goes to the other slot */
+	/* keys_lock: a hash of that header's bytes (keycache.h), when header_hashed: what the keys
+	 * of a forgotten inode are kept under, for a load of the same header to take back. */
+	uint8_t header_hash[32];
+	bool header_hashed;
 	/* keys_lock. One thread at a time loads or creates the keys, without holding keys_lock
 	 * across the KMS call (filekeys.c); the others wait on keys_cond or, prefetching, skip. */
 	bool keys_loading;
@@ -72,6 +77,9 @@ struct inode_table {
 	size_t count;                   /* lock */
 	struct kfs_inode root;          /* never in the hash, never freed before the table */
 	struct keyslab *slab;           /* where inode keys go back to */
+	/* Where the keys of an inode the kernel forgot go, for a while (NULL: wiped at once). Set
+	 * before the session starts, cleared after it ends. */
+	struct keycache *keycache;
 	/* The fd cache (inode.c says why): at most fd_cap O_PATH fds, least recently used closed. */
 	struct kfs_inode *lru_head;     /* lock: most recently used */
 	struct kfs_inode *lru_tail;     /* lock: next to close */

@@ -9,6 +9,7 @@
 #include "bgthread.h"
 #include "dekpool.h"
 #include "filekeys.h"
+#include "keycache.h"
 #include "fs.h"
 #include "keystate.h"
 #include "lockdown.h"
@@ -82,7 +83,7 @@ static void lockdown(void *ctx, struct keystate *ks)
 {
 	struct keyfs *fs = ctx;
 	struct kfs_inode **inodes = NULL;
-	size_t n = 0, wiped = 0, pooled;
+	size_t n = 0, wiped = 0, pooled, kept;
 	unsigned long written = atomic_load(&fs->lock_writes), refused = atomic_load(&fs->lock_refused), late;
 	unsigned passes;
 
@@ -111,8 +112,12 @@ static void lockdown(void *ctx, struct keystate *ks)
 	invalidate(fs, inodes, n, PASS_ALL);
 	refused = atomic_load(&fs->lock_refused) - refused;
 	inode_table_release(&fs->table, inodes, n);
+	/* After the inodes: the keys of one our snapshot held last were wiped above; none is
+	 * kept from now on (keycache_put refuses while locking). */
+	kept = keycache_wipe(fs->table.keycache);
 	log_info("lock: caches of %zu files invalidated in %u write-back passes (%lu writes, %lu of them after "
-		 "the first pass), %zu file keys and %zu pooled keys wiped", n, passes, written, late, wiped, pooled);
+		 "the first pass), %zu file keys, %zu kept keys of forgotten files and %zu pooled keys wiped",
+		 n, passes, written, late, wiped, kept, pooled);
 	if (refused)
 		log_warn("lock: %lu cached writes made after the write-back were refused; their writers get EIO "
 			 "at fsync or close", refused);

@@ -35,6 +35,7 @@
 #include "notify.h"
 #include "fs.h"
 #include "options.h"
+#include "keycache.h"
 #include "prefetch.h"
 
 /* Key Protect defaults of -o dek_pool= and -o prefetch= (the local keystore: 0 and 0). */
@@ -237,6 +238,13 @@ static int start_ahead(struct keyfs *fs, const struct keyfs_options *o)
 		r = prefetch_new(fs, inflight, &fs->prefetch);
 		if (r < 0) {
 			log_err("prefetch: %s", strerror(-r));
+			return KEYFS_EXIT_FAILURE;
+		}
+		/* What the prefetch unwraps for a file the kernel forgets before its open is kept
+		 * (keycache.h), for as many files as may wait in its queue. */
+		r = keycache_new(&fs->slab, fs->ks, PREFETCH_QUEUE, &fs->table.keycache);
+		if (r < 0) {
+			log_err("key cache: %s", strerror(-r));
 			return KEYFS_EXIT_FAILURE;
 		}
 	}
@@ -546,6 +554,8 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 	fs->prefetch = NULL;
 	dekpool_free(fs->pool);
 	fs->pool = NULL;
+	keycache_free(fs->table.keycache);
+	fs->table.keycache = NULL;
 	/* No thread is left that could write a header (prefetch's rewraps were the last), and the
 	 * control socket is gone: a new mount of the volume may start while we wipe. */
 	if (fs->volume_lock_fd >= 0)

@@ -52,19 +52,6 @@ static bool resting_locked(struct prefetch *p)
 	return p->resting;
 }
 
-/* The kernel forgot the file while it waited here (it does, for files a readdirplus listed,
- * when it drops their entries): ours is the last reference, so keys loaded now would be wiped
- * with the inode as soon as we let go, and the open would unwrap them again for a new one. */
-static bool forgotten(struct prefetch *p, struct kfs_inode *i)
-{
-	uint64_t n;
-
-	pthread_mutex_lock(&p->fs->table.lock);
-	n = i->nlookup;
-	pthread_mutex_unlock(&p->fs->table.lock);
-	return n <= 1;
-}
-
 bool prefetch_wanted(struct kfs_inode *inode)
 {
 	return S_ISREG(inode->type) && filekeys_wanted(inode);
@@ -92,7 +79,10 @@ static void *worker(void *arg)
 		rest = resting_locked(p);
 		pthread_mutex_unlock(&p->lock);
 
-		r = rest || forgotten(p, i) ? 0 : filekeys_prefetch(p->fs, i);
+		/* A file the kernel forgot while it waited here (it does, for files a readdirplus
+		 * listed, under memory pressure) is loaded too: its keys go to the keycache when we
+		 * let go, and the open that looks it up again takes them from there. */
+		r = rest ? 0 : filekeys_prefetch(p->fs, i);
 		inode_unref(&p->fs->table, i, 1);
 
 		pthread_mutex_lock(&p->lock);

@@ -308,3 +308,88 @@ def test_kms_concurrency_option_bounds(volume_kp, tmp_path, apikey_file):
         assert "kms_concurrency" in r.stderr
     r = run([KEYFS, "--help"])
     assert "kms_concurrency=N" in r.stdout + r.stderr
+
+
+def keyed(m):
+    return json.loads(keyfsctl("status", m.mnt, "--json").stdout)["files_keyed"]
+
+
+def forget_all(m):
+    """Make the kernel forget every file inode of the mount (as memory pressure does), and wait
+    until keyfs got the forgets: no file holds keys any more."""
+    def dropped():
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+        return keyed(m) == 0
+    wait_for(dropped, timeout=20, interval=0.2, what="the kernel to forget every file")
+
+
+def listed_then_forgotten(emu, kp_mount, dirs=4, per_dir=30):
+    """A tree written on one mount; on a fresh one, listed, its keys unwrapped ahead, then
+    forgotten by the kernel before any file is opened. Returns the mount, the data, the file ids
+    by name and the unwrap mark before the listing."""
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    data = {}
+    for d in range(dirs):
+        data.update(fill_dir(m, "d%d" % d, per_dir))
+    names = sorted(data)
+    ids = dict(zip(names, (d["file_id"] for d in inspect_json(*[m.bpath(n) for n in names]))))
+    m.umount()
+
+    emu.set_latency(20)
+    m = kp_mount()
+    mark = len(emu.served("unwrap"))
+    for d in range(dirs):
+        assert len(os.listdir(m.path("d%d" % d))) == per_dir
+    wait_for(lambda: len(emu.served("unwrap")) - mark == len(names) and keyed(m) == len(names), timeout=30,
+             what="every listed file's key unwrapped ahead")
+    forget_all(m)
+    return m, data, ids, mark
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forcing the kernel to forget inodes needs root")
+def test_one_unwrap_per_file_when_the_kernel_forgets_listed_files_before_the_open(emu, kp_mount):
+    m, data, ids, mark = listed_then_forgotten(emu, kp_mount)
+    # Every file read after the kernel forgot it: the keys unwrapped for the listing serve.
+    for name, d in data.items():
+        assert read_file(m.path(name)) == d
+    assert collections.Counter(emu.served("unwrap")[mark:]) == collections.Counter(ids.values())
+    # Forgotten again after the reads: read again, still no unwrap.
+    forget_all(m)
+    for name, d in data.items():
+        assert read_file(m.path(name)) == d
+    assert collections.Counter(emu.served("unwrap")[mark:]) == collections.Counter(ids.values())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forcing the kernel to forget inodes needs root")
+def test_keys_kept_for_forgotten_files_are_wiped_by_a_lock(emu, kp_mount):
+    m, data, ids, mark = listed_then_forgotten(emu, kp_mount, dirs=2, per_dir=25)
+    keyfsctl("lock", m.mnt)
+    wait_for(lambda: "kept keys of forgotten files" in m.stderr(), what="the lock's wipe")
+    assert "50 kept keys of forgotten files" in m.stderr()
+    keyfsctl("unlock", m.mnt)
+    wait_for(lambda: json.loads(keyfsctl("status", m.mnt, "--json").stdout)["state"] == "unlocked",
+             what="unlocked")
+    for name, d in data.items():
+        assert read_file(m.path(name)) == d
+    # Nothing kept survived the lock: each file's key unwrapped once more.
+    assert collections.Counter(emu.served("unwrap")[mark:]) == collections.Counter(list(ids.values()) * 2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="forcing the kernel to forget inodes needs root")
+def test_a_file_replaced_while_forgotten_gets_no_stale_key(emu, kp_mount):
+    m, data, ids, mark = listed_then_forgotten(emu, kp_mount, dirs=1, per_dir=20)
+    # d0/f001's backing file, same inode, now holds d0/f002's bytes (header and all): its keys
+    # kept since the kernel forgot it are not this header's.
+    with open(m.bpath("d0/f002"), "rb") as f:
+        other = f.read()
+    ino = os.stat(m.bpath("d0/f001")).st_ino
+    with open(m.bpath("d0/f001"), "r+b") as f:
+        f.truncate(0)
+        f.write(other)
+    assert os.stat(m.bpath("d0/f001")).st_ino == ino
+    assert read_file(m.path("d0/f001")) == data["d0/f002"]
+    assert read_file(m.path("d0/f002")) == data["d0/f002"]
+    # f002's key served f002 from the cache; f001's new header was unwrapped (f002's id).
+    expect = list(ids.values()) + [ids["d0/f002"]]
+    assert collections.Counter(emu.served("unwrap")[mark:]) == collections.Counter(expect)
