@@ -379,13 +379,16 @@ unsigned dekpool_drain(struct dekpool *p)
 	return n;
 }
 
-void dekpool_pause(struct dekpool *p, bool paused)
+unsigned dekpool_pause(struct dekpool *p, bool paused)
 {
+	unsigned n;
+
 	if (!p || p->capacity == 0)
-		return;
+		return 0;
 	pthread_mutex_lock(&p->lock);
 	p->paused = paused;
-	drain_locked(p);
+	n = drain_locked(p);
 	spawn_locked(p);
 	pthread_mutex_unlock(&p->lock);
+	return n;
 }

@@ -89,8 +89,7 @@ static void lockdown(void *ctx, struct keystate *ks)
 
 	fs->refused_at_lock = refused;
 
-	pooled = dekpool_drain(fs->pool);
-	dekpool_pause(fs->pool, true);
+	pooled = dekpool_pause(fs->pool, true);
 	if (fs->prefetch)
 		prefetch_clear(fs->prefetch);
 	/* Every inode the kernel knows: it may have pages cached or mapped, however it was opened.

@@ -505,7 +505,9 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		r = http_perform(c->conn, &rq, resp, why);
 		if (kms)
 			sodium_memzero(http_conn_scratch(c->conn), sizeof(KP_AUTH_PREFIX) + KP_TOKEN_MAX);
-		if (r == 0 && c->gated)
+		/* The gate paces the key service; IAM's answers (a token fetch made for a wrap) do not
+		 * move it. */
+		if (r == 0 && c->gated && kms)
 			gate_note(kp, resp->status, resp->retry_after);
 		if (r == 0 && resp->status == 401 && kms && !refreshed) {
 			/* The token may have been revoked or expired early: one fresh token, one more try. */
@@ -520,8 +522,10 @@ static int kp_send(struct kp_call *c, const char *method, const char *url, const
 		if (retry >= (r == 0 && (resp->status == 429 || resp->status == 503) && resp->retry_after >= 0
 			      ? KP_BUSY_RETRIES : kp->tun.retries))
 			break;
-		if (c->gated) {
-			/* A refused or failed call waits without holding a slot: the others may go on. */
+		if (c->gated && kms) {
+			/* A refused or failed call waits without holding a slot: the others may go on.
+			 * Not a token fetch: calls holding slots wait for the token it brings (and so
+			 * does the poller), so giving up its slot could leave it without one, for good. */
 			gate_leave(kp);
 			c->gated = false;
 			sleep_ms(c, retry_delay_ms(kp, retry, resp, r == 0));

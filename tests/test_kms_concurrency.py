@@ -393,3 +393,36 @@ def test_a_file_replaced_while_forgotten_gets_no_stale_key(emu, kp_mount):
     # f002's key served f002 from the cache; f001's new header was unwrapped (f002's id).
     expect = list(ids.values()) + [ids["d0/f002"]]
     assert collections.Counter(emu.served("unwrap")[mark:]) == collections.Counter(expect)
+
+
+def test_a_token_fetch_that_meets_503s_does_not_stall_the_calls_waiting_for_it(emu, kp_mount):
+    # Two calls in flight at most; eight creators wrapping at once. The token expires, so the
+    # first wrap to see a 401 fetches a new one, and IAM answers 503 three times first: the
+    # other wraps wait for that token while holding their slots. The fetch must not queue for
+    # a slot behind them (which would stall every wrap and the poller's token with them).
+    m = kp_mount("dek_pool=0", "prefetch=0", "kms_concurrency=2", "poll=1")
+    for t in range(8):
+        os.mkdir(m.path("t%d" % t))
+    write_file(m.path("first"), b"token cached")
+    emu.set_latency(20)
+    emu.expire_tokens()
+    emu.add_fault("status", status=503, count=3, match="iam")
+    done = []
+
+    def creator(t):
+        for k in range(5):
+            write_file(m.path("t%d/f%d" % (t, k)), b"%d/%d" % (t, k))
+        done.append(t)
+    threads = [threading.Thread(target=creator, args=(t,), daemon=True) for t in range(8)]
+    for th in threads:
+        th.start()
+    wait_for(lambda: len(done) == 8, timeout=20, what="every create, through the token fetch's 503s")
+    assert emu.faults[0].hits == 3
+    for t in range(8):
+        for k in range(5):
+            assert read_file(m.path("t%d/f%d" % (t, k))) == b"%d/%d" % (t, k)
+    # The poller got its tokens too: the mount answers polls and stays unlocked.
+    since = time.time()
+    wait_for(lambda: any(e["t"] >= since and e["status"] == 200 for e in emu.requests(kind="kms", path="/metadata")),
+             timeout=5, what="a poll answered after the fetch")
+    assert json.loads(keyfsctl("status", m.mnt, "--json").stdout)["state"] == "unlocked"
