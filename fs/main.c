@@ -38,8 +38,9 @@
 #include "keycache.h"
 #include "prefetch.h"
 
-/* Key Protect defaults of -o dek_pool= and -o prefetch= (the local keystore: 0 and 0). */
-#define DEFAULT_DEK_POOL 64
+/* Key Protect defaults of -o dek_pool= and -o prefetch= (the local keystore: 0 and 0). The pool
+ * may hold twice the calls in flight: its refills fill the window while keys are still ready. */
+#define DEFAULT_DEK_POOL (2 * KMS_CONCURRENCY_DEFAULT)
 #define DEFAULT_PREFETCH 256
 
 static bool dir_is_empty(const char *path, int *ret_err)

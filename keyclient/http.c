@@ -24,6 +24,12 @@
  */
 #define POOL_IDLE_MAX   HTTP_IDLE_MAX
 #define POOL_IDLE_DEFAULT 8
+/* A burst leaves up to idle_max connections open; those not reused for this long are closed,
+ * down to POOL_IDLE_KEEP, at the next return of a handle (a poll at rest): a quiet mount keeps
+ * a connection or two, not one per call it once had in flight. The idle list is a stack, so
+ * the handles at its bottom are the ones the recent load did not need. */
+#define POOL_IDLE_TTL_MS 10000
+#define POOL_IDLE_KEEP   2
 #define HEADER_LINE_MAX 256
 /* Sockets http_interrupt can shut down to wake a transfer at once; one beyond this is still
  * interrupted, at curl's next progress call (within about a second). */
@@ -52,6 +58,7 @@ struct http_conn {
 	char *scratch;                  /* sodium_malloc, HTTP_SCRATCH_SIZE bytes */
 	char errbuf[CURL_ERROR_SIZE];
 	unsigned epoch;                 /* owner's interrupt epoch when the connection was taken */
+	int64_t idle_since;             /* owner's pool_lock: CLOCK_MONOTONIC ms, when it was put back */
 	atomic_bool busy;               /* a transfer is under way */
 };
 
@@ -252,9 +259,20 @@ int http_conn_get(struct http *h, struct http_conn **ret)
 	return 0;
 }
 
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 void http_conn_put(struct http *h, struct http_conn *c)
 {
-	struct http_share *gone = NULL;
+	struct http_conn *stale[POOL_IDLE_MAX];
+	struct http_share *gone = NULL, *old[POOL_IDLE_MAX];
+	size_t nstale = 0, nold = 0;
+	int64_t now;
 
 	if (!c)
 		return;
@@ -265,15 +283,32 @@ void http_conn_put(struct http *h, struct http_conn *c)
 		sodium_memzero(c->scratch, HTTP_SCRATCH_SIZE);
 	pthread_mutex_lock(&h->pool_lock);
 	/* A handle of an older generation (http_forget ran while it was out) is closed. */
+	now = mono_ms();
 	if (c->curl && c->body && c->scratch && c->share == h->share && h->nidle < h->idle_max) {
+		c->idle_since = now;
 		h->idle[h->nidle++] = c;
 		c = NULL;
 	} else {
 		gone = share_unref(c->share);
 	}
+	while (nstale < h->nidle && h->nidle - nstale > POOL_IDLE_KEEP &&
+	       now - h->idle[nstale]->idle_since >= POOL_IDLE_TTL_MS) {
+		if ((old[nold] = share_unref(h->idle[nstale]->share)))
+			nold++;
+		stale[nstale] = h->idle[nstale];
+		nstale++;
+	}
+	if (nstale) {
+		h->nidle -= nstale;
+		memmove(h->idle, h->idle + nstale, h->nidle * sizeof(h->idle[0]));
+	}
 	pthread_mutex_unlock(&h->pool_lock);
 	conn_free(c);
 	share_free(gone);
+	for (size_t i = 0; i < nstale; i++)
+		conn_free(stale[i]);
+	for (size_t i = 0; i < nold; i++)
+		share_free(old[i]);
 }
 
 void http_set_idle_max(struct http *h, size_t n)

@@ -426,3 +426,48 @@ def test_a_token_fetch_that_meets_503s_does_not_stall_the_calls_waiting_for_it(e
     wait_for(lambda: any(e["t"] >= since and e["status"] == 200 for e in emu.requests(kind="kms", path="/metadata")),
              timeout=5, what="a poll answered after the fetch")
     assert json.loads(keyfsctl("status", m.mnt, "--json").stdout)["state"] == "unlocked"
+
+
+def established(pid, port):
+    """TCP connections process pid has established to port."""
+    socks = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            socks.add(link[8:-1])
+    n = 0
+    for table in ("tcp", "tcp6"):
+        with open("/proc/%d/net/%s" % (pid, table)) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in socks:
+                    n += 1
+    return n
+
+
+def test_a_burst_of_calls_leaves_one_or_two_connections_at_rest(emu, kp_mount):
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    data = fill_dir(m, "d", 60)
+    m.umount()
+    emu.set_latency(150)
+    m = kp_mount("dek_pool=0", "kms_concurrency=12", "poll=1")
+    port = int(emu.url.rsplit(":", 1)[1].split("/")[0])
+    mark = len(emu.served("unwrap"))
+    peak = [0]
+
+    def unwrapped_all():
+        peak[0] = max(peak[0], established(m.proc.pid, port))
+        return len(emu.served("unwrap")) - mark == 60
+    assert len(os.listdir(m.path("d"))) == 60
+    wait_for(unwrapped_all, timeout=30, what="the listing's keys unwrapped")
+    # Twelve calls in flight, each on its own connection; at rest, after 10 s unused, the polls
+    # keep two of them.
+    assert peak[0] >= 12
+    wait_for(lambda: established(m.proc.pid, port) <= 2, timeout=20, interval=0.2,
+             what="the burst's connections closed")
+    for name, d in data.items():
+        assert read_file(m.path(name)) == d
