@@ -100,9 +100,20 @@ static unsigned drain_locked(struct dekpool *p)
 }
 
 /* Called with p->lock held. While backing off, one wrap at a time probes the service. */
+/* Wraps in flight at most now. Topping up the floor (at start, after an unlock, creates slower
+ * than the pool) is nobody's wait: a few calls do it, so that many mounts unlocking together
+ * do not flood the service (and their polls) with a window's worth each. A pool that grew
+ * because creates outran it uses the whole window. */
+static unsigned inflight_cap(const struct dekpool *p)
+{
+	if (p->target > p->floor || p->max_threads < DEKPOOL_REST_INFLIGHT)
+		return p->max_threads;
+	return DEKPOOL_REST_INFLIGHT;
+}
+
 static bool wants_wrap(const struct dekpool *p)
 {
-	if (p->stop || p->paused || !p->filling)
+	if (p->stop || p->paused || !p->filling || p->inflight >= inflight_cap(p))
 		return false;
 	if (p->backoff_ms && (p->inflight > 0 || !bgthread_reached(&p->retry_at)))
 		return false;
@@ -113,11 +124,13 @@ static bool wants_wrap(const struct dekpool *p)
  * up to max_threads. A pool at rest keeps the few it needed. */
 static void spawn_locked(struct dekpool *p)
 {
-	unsigned want;
+	unsigned want, cap = inflight_cap(p), room = p->inflight < cap ? cap - p->inflight : 0;
 
 	if (p->stop || p->paused || !p->filling || p->backoff_ms)
 		return;
 	want = p->target > p->count + p->inflight ? p->target - p->count - p->inflight : 0;
+	if (want > room)
+		want = room;
 	while (p->idle < want && p->nthreads < p->max_threads) {
 		if (bgthread_start(&p->threads[p->nthreads], worker, p) < 0)
 			break;

@@ -12,6 +12,7 @@
 
 #define DEKPOOL_MAX     1024            /* largest -o dek_pool= */
 #define DEKPOOL_FLOOR   32              /* a pool at rest holds min(dek_pool, this) */
+#define DEKPOOL_REST_INFLIGHT 4         /* wraps in flight while it only tops up its floor */
 #define DEKPOOL_WORKERS_MAX 128         /* wraps in flight at most, per pool (-o kms_concurrency=) */
 
 /*
@@ -32,7 +33,8 @@ struct dekpool;
  * once). At rest it holds min(capacity, DEKPOOL_FLOOR); a create that finds it below a quarter
  * doubles it (up to capacity), and 30 s without a create halve it back (the keys over are
  * wiped). It is refilled whenever fewer than three quarters are left, by up to workers
- * (1..DEKPOOL_WORKERS_MAX) threads in flight, started as wraps are wanted. So the wraps made
+ * (1..DEKPOOL_WORKERS_MAX) threads in flight, started as wraps are wanted; while it is at its
+ * floor (creates do not outrun it), by DEKPOOL_REST_INFLIGHT only. So the wraps made
  * are at most the files created plus capacity, plus what shrinking and locks wiped. kms,
  * volume_uuid and slab must outlive the pool. Returns 0, -EINVAL, -ENOMEM or -EAGAIN (no
  * thread could be started).
