@@ -471,3 +471,31 @@ def test_a_burst_of_calls_leaves_one_or_two_connections_at_rest(emu, kp_mount):
              what="the burst's connections closed")
     for name, d in data.items():
         assert read_file(m.path(name)) == d
+
+
+def test_the_pool_tops_up_with_few_calls_and_refills_a_burst_with_the_window(emu, kp_mount):
+    emu.set_latency(100)
+    emu.reset_peak()
+    mark = len(emu.served("wrap"))
+    m = kp_mount("kms_concurrency=32", "poll=1", "prefetch=0")
+    # Filling its floor of 32 at start is nobody's wait: four wraps at a time.
+    wait_for(lambda: "32 keys for new files ready" in m.stderr(), timeout=30, what="the pool full")
+    assert len(emu.served("wrap")) - mark == 32
+    assert emu.peak == 4
+    # So is the refill after an unlock (the lock wiped the pool).
+    keyfsctl("lock", m.mnt)
+    wait_for(lambda: "pooled keys wiped" in m.stderr(), what="the lock")
+    emu.reset_peak()
+    mark = len(emu.served("wrap"))
+    keyfsctl("unlock", m.mnt)
+    wait_for(lambda: len(emu.served("wrap")) - mark == 32, timeout=30, what="the pool refilled after the unlock")
+    assert emu.peak == 4
+    # Creates that outrun the pool get the whole window.
+    for t in range(8):
+        os.mkdir(m.path("t%d" % t))
+
+    def creator(t):
+        for k in range(20):
+            write_file(m.path("t%d/f%d" % (t, k)), b"%d" % k)
+    in_threads(8, creator)
+    assert emu.peak > 4
