@@ -5,7 +5,10 @@
 # file its own key and content; a rate-limited service slows the whole client down without a
 # file lost; a file reached through hard links or by racing opens is unwrapped once; an unmount
 # with dozens of calls hanging exits at once; several mounts of one key all lock within
-# poll + 1 s of its deletion.
+# poll + 1 s of its deletion; a file the kernel forgot between its listing and its open is not
+# unwrapped again (and a lock wipes the keys kept for it, a replaced file gets none); a token
+# fetch that meets 503s does not stall the calls waiting for it; the pool tops up its floor with
+# few calls; a burst's connections are closed at rest.
 import collections
 import json
 import os
@@ -129,7 +132,8 @@ def test_unwraps_in_flight_reach_and_never_exceed_kms_concurrency(emu, kp_mount,
     emu.reset_peak()
     mark = len(emu.served("unwrap"))
     # The listing queues the 60 files; the prefetch unwraps them n at a time. (A file the
-    # kernel forgets while queued, which it may do under memory pressure, is left to its open.)
+    # kernel forgets while queued, as it may under memory pressure, is unwrapped all the same:
+    # its keys wait in the key cache for its open.)
     assert len(os.listdir(m.path("d"))) == 60
     wait_for(lambda: len(emu.served("unwrap")) - mark >= n, timeout=30, what="%d keys unwrapped ahead" % n)
     time.sleep(0.5)
