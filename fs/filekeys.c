@@ -357,7 +357,7 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 			r = keys_create(fs, label, fd, &ld);
 		/* Another daemon of a shared volume gave it a header first: use that one. */
 		if (r == -EEXIST)
-			r = keys_load(fs, label, fd, false, &ld);
+			r = keys_load(fs, inode, label, fd, false, &ld);
 		/* The KMS says the key is unusable or access is denied: the mount finds out now. */
 		keystate_poke(fs->ks, r);
 		/* Locked meanwhile (a call under way is interrupted then): answer as the lock does. */
