@@ -607,9 +607,13 @@ static int host_status(bool json, bool prometheus)
 		printf("%-8s %-20s %-36s %s\n", "STATE", "REASON", "VOLUME", "MOUNTPOINT");
 		for (size_t i = 0; i < l.n; i++) {
 			const struct control_status *st = a[i].st;
+			/* The table's column is narrow: a mount nobody answers for says so in two words
+			 * (--json has the whole message). */
+			const char *why = st ? (st->reason[0] ? st->reason : "-")
+					  : strncmp(a[i].error, "no control socket", 17) == 0 ? "no daemon" : a[i].error;
 
 			printf("%-8s ", st ? (st->locked ? "locked" : "unlocked") : "unknown");
-			printf("%-20s ", clean(st ? (st->reason[0] ? st->reason : "-") : a[i].error, buf, 21));
+			printf("%-20s ", clean(why, buf, 21));
 			printf("%-36s ", st && st->volume[0] ? clean(st->volume, buf, sizeof(buf)) : "-");
 			puts(clean(a[i].mountpoint, buf, sizeof(buf)));
 		}
