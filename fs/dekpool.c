@@ -16,6 +16,9 @@
 #define BACKOFF_MAX_MS   60000
 /* After this long without a create, the pool halves (down to its floor), wiping what is over. */
 #define IDLE_SHRINK_MS   30000
+/* Creates closer together than this are a burst: the pool refills what each one takes at once,
+ * with the whole window, instead of topping up with a few calls. */
+#define BURST_MS         1000
 
 /*
  * Lock order: lock -> the key slab's lock. lock is never held across a KMS call: a worker counts
@@ -36,6 +39,8 @@ struct dekpool {
 	struct dekpool_entry *ring;     /* lock: capacity entries, count ready from head */
 	unsigned target;                /* lock: floor..capacity, what the workers fill up to */
 	struct timespec shrink_at;      /* lock: CLOCK_MONOTONIC, halve target if no create till then */
+	struct timespec take_window;    /* lock: a create before then follows the last one closely */
+	struct timespec burst_until;    /* lock: creates came in a burst: refills use the window till then */
 	unsigned head, count;           /* lock */
 	unsigned inflight;              /* lock: wraps under way */
 	uint64_t gen;                   /* lock: bumped by every drain */
@@ -103,10 +108,12 @@ static unsigned drain_locked(struct dekpool *p)
 /* Wraps in flight at most now. Topping up the floor (at start, after an unlock, creates slower
  * than the pool) is nobody's wait: a few calls do it, so that many mounts unlocking together
  * do not flood the service (and their polls) with a window's worth each. A pool that grew
- * because creates outran it uses the whole window. */
+ * because creates outran it, or creates that come in a burst (the second within BURST_MS of
+ * the first), use the whole window from the start: waiting for the pool to run low before
+ * widening cost a burst its first few hundred milliseconds. */
 static unsigned inflight_cap(const struct dekpool *p)
 {
-	if (p->target > p->floor || p->max_threads < DEKPOOL_REST_INFLIGHT)
+	if (p->target > p->floor || p->max_threads < DEKPOOL_REST_INFLIGHT || !bgthread_reached(&p->burst_until))
 		return p->max_threads;
 	return DEKPOOL_REST_INFLIGHT;
 }
@@ -120,8 +127,10 @@ static bool wants_wrap(const struct dekpool *p)
 	return p->count + p->inflight < p->target;
 }
 
-/* Called with p->lock held: start workers while more wraps are wanted than workers are idle,
- * up to max_threads. A pool at rest keeps the few it needed. */
+/* Called with p->lock held: wake one idle worker per wrap wanted (a worker that finishes a wrap
+ * goes on by itself, so without this the calls in flight would stay at what they were when the
+ * refill began), and start workers while more wraps are wanted than workers are idle, up to
+ * max_threads. A pool at rest keeps the few it needed. */
 static void spawn_locked(struct dekpool *p)
 {
 	unsigned want, cap = inflight_cap(p), room = p->inflight < cap ? cap - p->inflight : 0;
@@ -131,6 +140,8 @@ static void spawn_locked(struct dekpool *p)
 	want = p->target > p->count + p->inflight ? p->target - p->count - p->inflight : 0;
 	if (want > room)
 		want = room;
+	for (unsigned k = 0; k < want && k < p->idle; k++)
+		pthread_cond_signal(&p->work);
 	while (p->idle < want && p->nthreads < p->max_threads) {
 		if (bgthread_start(&p->threads[p->nthreads], worker, p) < 0)
 			break;
@@ -340,6 +351,7 @@ void dekpool_free(struct dekpool *p)
 int dekpool_get(struct dekpool *p, struct dekpool_entry *ret, struct kms_err *err)
 {
 	struct dekpool_entry e;
+	bool burst;
 	int r;
 
 	if (p->capacity > 0) {
@@ -349,13 +361,19 @@ int dekpool_get(struct dekpool *p, struct dekpool_entry *ret, struct kms_err *er
 		while (p->count == 0 && p->inflight > 0 && !p->paused && !p->stop)
 			pthread_cond_wait(&p->ready, &p->lock);
 		grow_locked(p);
+		burst = !bgthread_reached(&p->take_window);
+		p->take_window = bgthread_deadline(BURST_MS);
+		if (burst)
+			p->burst_until = p->take_window;
 		if (p->count > 0 && !p->paused) {
 			*ret = p->ring[p->head];
 			sodium_memzero(&p->ring[p->head], sizeof(p->ring[p->head]));
 			p->head = (p->head + 1) % p->capacity;
 			p->count--;
-			/* Refill below three quarters of the pool. */
-			if (!p->filling && p->count < p->target - p->target / 4) {
+			/* In a burst, every key taken is replaced at once (the pool must not run dry
+			 * before a refill that waited for a quarter of it comes back); a lone create
+			 * refills below three quarters of the pool. */
+			if (!p->filling && (burst || p->count < p->target - p->target / 4)) {
 				p->filling = true;
 				pthread_cond_broadcast(&p->work);
 			}

@@ -32,9 +32,11 @@ struct dekpool;
  * A pool of at most capacity entries (0..DEKPOOL_MAX; 0: no pool, every dekpool_get wraps at
  * once). At rest it holds min(capacity, DEKPOOL_FLOOR); a create that finds it below a quarter
  * doubles it (up to capacity), and 30 s without a create halve it back (the keys over are
- * wiped). It is refilled whenever fewer than three quarters are left, by up to workers
- * (1..DEKPOOL_WORKERS_MAX) threads in flight, started as wraps are wanted; while it is at its
- * floor (creates do not outrun it), by DEKPOOL_REST_INFLIGHT only. So the wraps made
+ * wiped). It is refilled whenever fewer than three quarters are left and, while creates come
+ * in a burst (less than a second apart), as soon as a key is taken, by up to workers
+ * (1..DEKPOOL_WORKERS_MAX) threads in flight, started as wraps are wanted: as many wraps in
+ * flight as keys are missing. While it is at its floor and creates are rare, by
+ * DEKPOOL_REST_INFLIGHT only. So the wraps made
  * are at most the files created plus capacity, plus what shrinking and locks wiped. kms,
  * volume_uuid and slab must outlive the pool. Returns 0, -EINVAL, -ENOMEM or -EAGAIN (no
  * thread could be started).
