@@ -1,4 +1,4 @@
-/* dirs.c: directory handles and listings, no key; a readdirplus queues the listed files for prefetch.c */
+/* dirs.c: directory handles and listings, no key; a readdirplus hands the listed files to prefetch.c */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -72,26 +72,57 @@ void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		dir_free(d);
 }
 
+/* A listed file to hand to the prefetcher once the reply is sent. */
+struct listed {
+	struct kfs_inode *inode;
+	bool later;                     /* past the first prefetch_max: waits for the window to slide */
+};
+
 /*
  * Files listed by a readdirplus are about to be opened, often all of them (cp -a, tar, grep -r):
  * queue the first prefetch_max regular files of a listing whose keys are not loaded for an
- * unwrap ahead, so that the opens do not pay one serial KMS round trip each. Each queued inode
- * holds one more reference, taken here, so a forget cannot free it while it waits.
+ * unwrap ahead, so that the opens do not pay one serial KMS round trip each, and hand the rest
+ * to the prefetcher to queue one per listed file opened (a sliding window). Each inode holds
+ * one more reference, taken here, so a forget cannot free it while it waits.
  */
 static void prefetch_note(struct keyfs *fs, struct kfs_dir *d, struct kfs_inode *child,
-			  struct kfs_inode ***pending, size_t *npending)
+			  struct listed **pending, size_t *npending)
 {
-	struct kfs_inode **grown;
+	struct listed *grown;
 
-	if (!fs->prefetch || d->prefetched >= fs->prefetch_max || !prefetch_wanted(child))
+	if (!fs->prefetch || !prefetch_wanted(child))
 		return;
 	grown = realloc(*pending, (*npending + 1) * sizeof(**pending));
 	if (!grown)
 		return;
 	*pending = grown;
 	inode_ref(&fs->table, child);
-	grown[(*npending)++] = child;
-	d->prefetched++;
+	grown[*npending].inode = child;
+	grown[*npending].later = d->prefetched >= fs->prefetch_max;
+	(*npending)++;
+	if (d->prefetched < fs->prefetch_max)
+		d->prefetched++;
+}
+
+/*
+ * A plain readdir: the kernel asks for one after the first batch of a listing unless the reader
+ * looked into it meanwhile (find and tar read the whole directory first), so a long listing's
+ * files past that batch get no inode for the kernel. One is made here for a regular file the
+ * listing would still hand to the prefetcher; our lookup reference is dropped once it holds its
+ * own.
+ */
+static void prefetch_note_plain(struct keyfs *fs, struct kfs_dir *d, struct kfs_inode *dir, const char *name,
+				struct listed **pending, size_t *npending)
+{
+	struct fuse_entry_param e;
+	struct kfs_inode *child = NULL;
+
+	if (d->prefetched >= fs->prefetch_max && !prefetch_later_room(fs->prefetch))
+		return;
+	if (ops_lookup(fs, dir, name, &e, &child) < 0 || !child)
+		return;
+	prefetch_note(fs, d, child, pending, npending);
+	inode_unref(&fs->table, child, 1);
 }
 
 /*
@@ -101,7 +132,7 @@ static void prefetch_note(struct keyfs *fs, struct kfs_dir *d, struct kfs_inode 
  * error is reported on the next call.
  */
 static ssize_t dir_fill(fuse_req_t req, struct kfs_dir *d, struct kfs_inode *dir, char *buf, size_t size, off_t off,
-			bool plus, struct kfs_inode ***pending, size_t *npending)
+			bool plus, struct listed **pending, size_t *npending)
 {
 	struct keyfs *fs = fs_of(req);
 	size_t rem = size;
@@ -169,9 +200,11 @@ static ssize_t dir_fill(fuse_req_t req, struct kfs_dir *d, struct kfs_inode *dir
 		p += len;
 		rem -= len;
 		d->offset = d->entry->d_off;
-		d->entry = NULL;
 		if (child)
 			prefetch_note(fs, d, child, pending, npending);
+		else if (!plus && fs->prefetch && d->entry->d_type == DT_REG)
+			prefetch_note_plain(fs, d, dir, name, pending, npending);
+		d->entry = NULL;
 	}
 	return err && rem == size ? -err : (ssize_t)(size - rem);
 }
@@ -180,7 +213,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
 		       bool plus)
 {
 	struct keyfs *fs = fs_of(req);
-	struct kfs_inode **pending = NULL;
+	struct listed *pending = NULL;
 	size_t npending = 0;
 	char *buf = malloc(size);
 	ssize_t n = buf ? dir_fill(req, dir_of(fi), inode_of(req, ino), buf, size, off, plus, &pending, &npending)
@@ -192,7 +225,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, s
 		fuse_reply_buf(req, buf, (size_t)n);
 	free(buf);
 	for (size_t k = 0; k < npending; k++)
-		prefetch_add(fs->prefetch, pending[k]);
+		prefetch_listed(fs->prefetch, pending[k].inode, pending[k].later);
 	free(pending);
 }
 

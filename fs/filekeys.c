@@ -13,6 +13,7 @@
 #include "filekeys.h"
 #include "keycache.h"
 #include "keystate.h"
+#include "prefetch.h"
 
 /*
  * The KMS call that unwraps (or wraps) a file's DEK is made without keys_lock: one thread marks
@@ -316,6 +317,8 @@ static int get(struct keyfs *fs, struct kfs_inode *inode, int fd, struct content
 	bool waited;
 	int r;
 
+	/* A file a listing queued for an unwrap ahead is used: the prefetch window slides. */
+	prefetch_opened(fs->prefetch, inode);
 	pthread_mutex_lock(&inode->keys_lock);
 	for (;;) {
 		waited = inode->keys_loading;

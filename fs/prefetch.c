@@ -1,5 +1,6 @@
 /* prefetch.c: a bounded queue of listed or looked-up files whose DEKs threads unwrap before they are opened */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -12,6 +13,19 @@
 /* After a failure that says the service or the key is unusable, prefetching rests this long:
  * opens still unwrap their own keys, and report the failure. */
 #define PAUSE_MS 10000
+
+/* A file waiting past its listing's window stays this long at most. */
+#define LATER_MS 30000
+
+struct later {
+	struct kfs_inode *inode;
+	struct timespec until;
+};
+
+struct ahead {
+	dev_t dev;
+	ino_t ino;                      /* 0: a free slot */
+};
 
 /* Lock order: lock is a leaf; it is never held across a KMS call or an inode_unref. */
 struct prefetch {
@@ -27,6 +41,20 @@ struct prefetch {
 	unsigned max_threads;           /* the unwraps in flight at most */
 	pthread_t threads[PREFETCH_THREADS_MAX];
 	unsigned nthreads;              /* lock: started (a mount that lists nothing starts none) */
+	/*
+	 * The sliding window. later: files listed past the first prefetch_max of their listing,
+	 * each holding a reference, queued one per listed file opened, and dropped unqueued after
+	 * LATER_MS (a listing nobody reads, ls of a big directory, pins nothing for long). ahead:
+	 * the backing (dev, ino) of listed files queued and not yet seen opened (an open may come
+	 * through another inode object, made by the open's own lookup after the kernel forgot the
+	 * listed one, or never knew it). Both FIFO rings of PREFETCH_QUEUE; a full later takes no
+	 * more, a full ahead forgets the oldest.
+	 */
+	struct later *later;            /* lock */
+	size_t later_head;              /* lock */
+	atomic_size_t later_count;      /* written under lock; read without it by prefetch_opened */
+	struct ahead *ahead;            /* lock */
+	size_t ahead_next;              /* lock: the slot the next queued file takes */
 };
 
 static bool service_failed(int r)
@@ -106,7 +134,12 @@ int prefetch_new(struct keyfs *fs, unsigned threads, struct prefetch **ret)
 	p->fs = fs;
 	p->max_threads = threads < 1 ? 1 : threads > PREFETCH_THREADS_MAX ? PREFETCH_THREADS_MAX : threads;
 	p->queue = calloc(PREFETCH_QUEUE, sizeof(*p->queue));
-	if (!p->queue) {
+	p->later = calloc(PREFETCH_QUEUE, sizeof(*p->later));
+	p->ahead = calloc(PREFETCH_QUEUE, sizeof(*p->ahead));
+	if (!p->queue || !p->later || !p->ahead) {
+		free(p->queue);
+		free(p->later);
+		free(p->ahead);
 		free(p);
 		return -ENOMEM;
 	}
@@ -119,6 +152,7 @@ int prefetch_new(struct keyfs *fs, unsigned threads, struct prefetch **ret)
 void prefetch_clear(struct prefetch *p)
 {
 	struct kfs_inode *i;
+	size_t n;
 
 	if (!p)
 		return;
@@ -126,13 +160,20 @@ void prefetch_clear(struct prefetch *p)
 	 * table's lock and may free the inode). */
 	for (;;) {
 		pthread_mutex_lock(&p->lock);
-		if (p->count == 0) {
+		n = atomic_load(&p->later_count);
+		if (p->count > 0) {
+			i = p->queue[p->head];
+			p->head = (p->head + 1) % PREFETCH_QUEUE;
+			p->count--;
+		} else if (n > 0) {
+			i = p->later[p->later_head].inode;
+			p->later_head = (p->later_head + 1) % PREFETCH_QUEUE;
+			atomic_store(&p->later_count, n - 1);
+		} else {
+			memset(p->ahead, 0, PREFETCH_QUEUE * sizeof(*p->ahead));
 			pthread_mutex_unlock(&p->lock);
 			return;
 		}
-		i = p->queue[p->head];
-		p->head = (p->head + 1) % PREFETCH_QUEUE;
-		p->count--;
 		pthread_mutex_unlock(&p->lock);
 		inode_unref(&p->fs->table, i, 1);
 	}
@@ -152,30 +193,122 @@ void prefetch_free(struct prefetch *p)
 	/* No thread left: the queue is ours. */
 	for (size_t k = 0; k < p->count; k++)
 		inode_unref(&p->fs->table, p->queue[(p->head + k) % PREFETCH_QUEUE], 1);
+	for (size_t k = 0; k < atomic_load(&p->later_count); k++)
+		inode_unref(&p->fs->table, p->later[(p->later_head + k) % PREFETCH_QUEUE].inode, 1);
 	pthread_cond_destroy(&p->more);
 	pthread_mutex_destroy(&p->lock);
 	free(p->queue);
+	free(p->later);
+	free(p->ahead);
 	free(p);
+}
+
+/* Called with p->lock held: queue inode (its reference goes with it), remembered in ahead when
+ * a listing queued it. Returns false when it cannot be queued (the caller drops the reference). */
+static bool add_locked(struct prefetch *p, struct kfs_inode *inode, bool listed)
+{
+	if (p->stop || p->count >= PREFETCH_QUEUE || resting_locked(p))
+		return false;
+	p->queue[(p->head + p->count) % PREFETCH_QUEUE] = inode;
+	p->count++;
+	if (listed) {
+		p->ahead[p->ahead_next] = (struct ahead){ .dev = inode->dev, .ino = inode->ino };
+		p->ahead_next = (p->ahead_next + 1) % PREFETCH_QUEUE;
+	}
+	/* One more unwrap in flight while more files wait than threads are idle, up to the
+	 * bound: a mount that reads little keeps few threads. A thread that cannot be started
+	 * leaves the file to those there are (or to its open). */
+	if (p->count > p->idle && p->nthreads < p->max_threads &&
+	    bgthread_start(&p->threads[p->nthreads], worker, p) == 0)
+		p->nthreads++;
+	pthread_cond_signal(&p->more);
+	return true;
 }
 
 void prefetch_add(struct prefetch *p, struct kfs_inode *inode)
 {
-	bool queued = false;
+	bool queued;
 
 	pthread_mutex_lock(&p->lock);
-	if (!p->stop && p->count < PREFETCH_QUEUE && !resting_locked(p)) {
-		p->queue[(p->head + p->count) % PREFETCH_QUEUE] = inode;
-		p->count++;
-		queued = true;
-		/* One more unwrap in flight while more files wait than threads are idle, up to the
-		 * bound: a mount that reads little keeps few threads. A thread that cannot be started
-		 * leaves the file to those there are (or to its open). */
-		if (p->count > p->idle && p->nthreads < p->max_threads &&
-		    bgthread_start(&p->threads[p->nthreads], worker, p) == 0)
-			p->nthreads++;
-		pthread_cond_signal(&p->more);
-	}
+	queued = add_locked(p, inode, false);
 	pthread_mutex_unlock(&p->lock);
 	if (!queued)
 		inode_unref(&p->fs->table, inode, 1);
+}
+
+/* Drop the files that waited past LATER_MS, one at a time (no reference dropped under lock). */
+static void later_expire(struct prefetch *p)
+{
+	struct kfs_inode *i;
+	size_t n;
+
+	while (atomic_load(&p->later_count) > 0) {
+		i = NULL;
+		pthread_mutex_lock(&p->lock);
+		n = atomic_load(&p->later_count);
+		if (n > 0 && bgthread_reached(&p->later[p->later_head].until)) {
+			i = p->later[p->later_head].inode;
+			p->later_head = (p->later_head + 1) % PREFETCH_QUEUE;
+			atomic_store(&p->later_count, n - 1);
+		}
+		pthread_mutex_unlock(&p->lock);
+		if (!i)
+			return;
+		inode_unref(&p->fs->table, i, 1);
+	}
+}
+
+bool prefetch_later_room(struct prefetch *p)
+{
+	return atomic_load(&p->later_count) < PREFETCH_QUEUE;
+}
+
+void prefetch_listed(struct prefetch *p, struct kfs_inode *inode, bool later)
+{
+	bool kept = false;
+	size_t n;
+
+	later_expire(p);
+	pthread_mutex_lock(&p->lock);
+	n = atomic_load(&p->later_count);
+	if (!later) {
+		kept = add_locked(p, inode, true);
+	} else if (!p->stop && n < PREFETCH_QUEUE) {
+		p->later[(p->later_head + n) % PREFETCH_QUEUE] = (struct later){
+			.inode = inode, .until = bgthread_deadline(LATER_MS) };
+		atomic_store(&p->later_count, n + 1);
+		kept = true;
+	}
+	pthread_mutex_unlock(&p->lock);
+	if (!kept)
+		inode_unref(&p->fs->table, inode, 1);
+}
+
+void prefetch_opened(struct prefetch *p, const struct kfs_inode *inode)
+{
+	struct kfs_inode *next = NULL;
+	size_t n;
+
+	/* Every read passes here: nothing to slide is the common case, and costs no lock. */
+	if (!p || atomic_load(&p->later_count) == 0)
+		return;
+	later_expire(p);
+	pthread_mutex_lock(&p->lock);
+	for (size_t k = 0; k < PREFETCH_QUEUE; k++) {
+		if (p->ahead[k].ino != inode->ino || p->ahead[k].dev != inode->dev)
+			continue;
+		p->ahead[k].ino = 0;
+		n = atomic_load(&p->later_count);
+		if (n == 0)
+			break;
+		next = p->later[p->later_head].inode;
+		p->later_head = (p->later_head + 1) % PREFETCH_QUEUE;
+		atomic_store(&p->later_count, n - 1);
+		if (add_locked(p, next, true))
+			next = NULL;
+		break;
+	}
+	pthread_mutex_unlock(&p->lock);
+	if (next)
+		inode_unref(&p->fs->table, next, 1);
 }

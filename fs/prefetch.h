@@ -27,7 +27,22 @@ bool prefetch_wanted(struct kfs_inode *inode);
  */
 void prefetch_add(struct prefetch *p, struct kfs_inode *inode);
 
-/* Drop every queued file (the mount is locked: no key is to be fetched now). */
+/*
+ * A file a directory listing showed, with one lookup reference taken for us as prefetch_add's.
+ * later false: queued now (the first prefetch_max of a listing); true: it waits (up to
+ * PREFETCH_QUEUE files, the rest are not prefetched; dropped after 30 s) and is queued when a
+ * file queued from a listing is opened, one for one, so a reader that goes through a listing longer than the
+ * window (find | xargs cat, tar c) finds about the window unwrapped ahead of it all the way.
+ */
+void prefetch_listed(struct prefetch *p, struct kfs_inode *inode, bool later);
+/* A file handed to prefetch_listed with later would be kept (a listing may skip the lookup). */
+bool prefetch_later_room(struct prefetch *p);
+
+/* The keys of inode are wanted by an open or a read: if a listing queued it, slide the window
+ * (queue the next file waiting). Cheap when no file waits. p may be NULL. */
+void prefetch_opened(struct prefetch *p, const struct kfs_inode *inode);
+
+/* Drop every queued and waiting file (the mount is locked: no key is to be fetched now). */
 void prefetch_clear(struct prefetch *p);
 
 #endif

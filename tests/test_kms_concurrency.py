@@ -503,3 +503,31 @@ def test_the_pool_tops_up_with_few_calls_and_refills_a_burst_with_the_window(emu
             write_file(m.path("t%d/f%d" % (t, k)), b"%d" % k)
     in_threads(8, creator)
     assert emu.peak > 4
+
+
+def test_a_listing_longer_than_the_window_is_unwrapped_ahead_all_the_way(emu, kp_mount):
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    data = fill_dir(m, "big", 40)
+    ids = {n: d["file_id"] for n, d in zip(sorted(data), inspect_json(*[m.bpath(n) for n in sorted(data)]))}
+    m.umount()
+
+    m = kp_mount("dek_pool=0", "prefetch=8")
+    mark = len(emu.served("unwrap"))
+    names = ["big/" + n for n in os.listdir(m.path("big"))]
+    assert sorted(names) == sorted(data)
+
+    def unwrapped():
+        return emu.served("unwrap")[mark:]
+    # The listing alone: the window, the first 8 in listing order.
+    wait_for(lambda: len(unwrapped()) >= 8, what="the window unwrapped ahead")
+    assert sorted(unwrapped()) == sorted(ids[n] for n in names[:8])
+    # Read in listing order (find | xargs cat, tar c): each file opened slides the window by one,
+    # so every file's key is unwrapped before its open, and 8 ahead of the reader, to the end.
+    for k, n in enumerate(names):
+        wait_for(lambda: ids[n] in unwrapped(), what="the key of %s unwrapped before its open" % n)
+        assert read_file(m.path(n)) == data[n]
+        want = min(len(names), 8 + k + 1)
+        wait_for(lambda: len(unwrapped()) >= want, what="the window slid to %d files" % want)
+        assert sorted(unwrapped()) == sorted(ids[x] for x in names[:want])
+    # One unwrap per file, none twice.
+    assert collections.Counter(unwrapped()) == collections.Counter(ids.values())
