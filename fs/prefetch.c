@@ -1,6 +1,7 @@
 /* prefetch.c: a bounded queue of listed or looked-up files whose DEKs threads unwrap before they are opened */
 #include <errno.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,13 @@ struct ahead {
 	dev_t dev;
 	ino_t ino;                      /* 0: a free slot */
 };
+
+static size_t ahead_bucket(dev_t dev, ino_t ino)
+{
+	uint64_t h = ((uint64_t)ino ^ ((uint64_t)dev << 32)) * 0x9e3779b97f4a7c15ULL;
+
+	return (size_t)(h >> 52) % PREFETCH_QUEUE;
+}
 
 /* Lock order: lock is a leaf; it is never held across a KMS call or an inode_unref. */
 struct prefetch {
@@ -55,6 +63,10 @@ struct prefetch {
 	atomic_size_t later_count;      /* written under lock; read without it by prefetch_opened */
 	struct ahead *ahead;            /* lock */
 	size_t ahead_next;              /* lock: the slot the next queued file takes */
+	/* lock: per bucket of ahead_bucket(), how many slots of ahead hold such a file (255:
+	 * at least that many, never lowered again): an open of a file not there (a re-read, a
+	 * file nobody listed) is told so without a walk through ahead. */
+	uint8_t ahead_in[PREFETCH_QUEUE];
 };
 
 static bool service_failed(int r)
@@ -171,6 +183,7 @@ void prefetch_clear(struct prefetch *p)
 			atomic_store(&p->later_count, n - 1);
 		} else {
 			memset(p->ahead, 0, PREFETCH_QUEUE * sizeof(*p->ahead));
+			memset(p->ahead_in, 0, sizeof(p->ahead_in));
 			pthread_mutex_unlock(&p->lock);
 			return;
 		}
@@ -212,7 +225,19 @@ static bool add_locked(struct prefetch *p, struct kfs_inode *inode, bool listed)
 	p->queue[(p->head + p->count) % PREFETCH_QUEUE] = inode;
 	p->count++;
 	if (listed) {
-		p->ahead[p->ahead_next] = (struct ahead){ .dev = inode->dev, .ino = inode->ino };
+		struct ahead *slot = &p->ahead[p->ahead_next];
+		uint8_t *in;
+
+		/* The oldest is forgotten when the ring is full. */
+		if (slot->ino) {
+			in = &p->ahead_in[ahead_bucket(slot->dev, slot->ino)];
+			if (*in < UINT8_MAX)
+				(*in)--;
+		}
+		*slot = (struct ahead){ .dev = inode->dev, .ino = inode->ino };
+		in = &p->ahead_in[ahead_bucket(inode->dev, inode->ino)];
+		if (*in < UINT8_MAX)
+			(*in)++;
 		p->ahead_next = (p->ahead_next + 1) % PREFETCH_QUEUE;
 	}
 	/* One more unwrap in flight while more files wait than threads are idle, up to the
@@ -287,17 +312,20 @@ void prefetch_listed(struct prefetch *p, struct kfs_inode *inode, bool later)
 void prefetch_opened(struct prefetch *p, const struct kfs_inode *inode)
 {
 	struct kfs_inode *next = NULL;
-	size_t n;
+	size_t n, b;
 
 	/* Every read passes here: nothing to slide is the common case, and costs no lock. */
 	if (!p || atomic_load(&p->later_count) == 0)
 		return;
 	later_expire(p);
+	b = ahead_bucket(inode->dev, inode->ino);
 	pthread_mutex_lock(&p->lock);
-	for (size_t k = 0; k < PREFETCH_QUEUE; k++) {
+	for (size_t k = 0; p->ahead_in[b] > 0 && k < PREFETCH_QUEUE; k++) {
 		if (p->ahead[k].ino != inode->ino || p->ahead[k].dev != inode->dev)
 			continue;
 		p->ahead[k].ino = 0;
+		if (p->ahead_in[b] < UINT8_MAX)
+			p->ahead_in[b]--;
 		n = atomic_load(&p->later_count);
 		if (n == 0)
 			break;
