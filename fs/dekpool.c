@@ -418,6 +418,8 @@ unsigned dekpool_pause(struct dekpool *p, bool paused)
 		return 0;
 	pthread_mutex_lock(&p->lock);
 	p->paused = paused;
+	/* A lock ends a burst: the first create after the unlock is a lone one again. */
+	p->take_window = p->burst_until = (struct timespec){ 0, 0 };
 	n = drain_locked(p);
 	spawn_locked(p);
 	pthread_mutex_unlock(&p->lock);
