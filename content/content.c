@@ -59,6 +59,46 @@ static uint8_t *scratch_get(size_t size)
 	return s->data;
 }
 
+/*
+ * Nonce randomness, from a per-thread pool that getrandom fills 4 KiB at a time: a 4 KiB write
+ * needs 16 bytes (v2) or 24 (v1), and a getrandom syscall per request was 3 % of the daemon's
+ * CPU in 4 KiB random writes. Every byte is handed out once. Nonces are public (they are stored
+ * in clear next to the chunk), so the pool needs no wiping; only their uniqueness matters, which
+ * is the kernel's CSPRNG's as before. A request larger than the pool draws directly.
+ */
+#define NONCE_POOL 4096
+
+static _Thread_local uint8_t nonce_pool[NONCE_POOL];
+static _Thread_local size_t nonce_left;
+static pthread_once_t nonce_once = PTHREAD_ONCE_INIT;
+
+/* A forked child (the only thread there is the one that forked) must not hand out what its
+ * parent will. */
+static void nonce_pool_forget(void)
+{
+	nonce_left = 0;
+}
+
+static void nonce_atfork(void)
+{
+	pthread_atfork(NULL, NULL, nonce_pool_forget);
+}
+
+static void nonce_random(uint8_t *out, size_t n)
+{
+	pthread_once(&nonce_once, nonce_atfork);
+	if (n > NONCE_POOL / 4) {
+		randombytes_buf(out, n);
+		return;
+	}
+	if (nonce_left < n) {
+		randombytes_buf(nonce_pool, sizeof(nonce_pool));
+		nonce_left = sizeof(nonce_pool);
+	}
+	memcpy(out, nonce_pool + (sizeof(nonce_pool) - nonce_left), n);
+	nonce_left -= n;
+}
+
 static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
 {
 	size_t done = 0;
@@ -336,7 +376,7 @@ static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t
 		uint8_t rnd[FMT_V2_RANDOM_SIZE], e[FMT_V2_ENTRY_SIZE];
 		int r;
 
-		randombytes_buf(rnd, sizeof(rnd));
+		nonce_random(rnd, sizeof(rnd));
 		fmt_chunk_seal_v2(f->keys, f->file_id, idx, rnd, pt, len, ct, e);
 		/* Data page first, then the entry: a crash in between leaves the old entry, under
 		 * which the new page does not authenticate (docs/FORMAT.md, crash behaviour). */
@@ -344,7 +384,7 @@ static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t
 		return r < 0 ? r : pwrite_full(f->fd, e, ES, fmt_v2_entry_offset(idx));
 	}
 
-	randombytes_buf(nonce, sizeof(nonce));
+	nonce_random(nonce, sizeof(nonce));
 	fmt_chunk_seal(f->keys, f->file_id, idx, nonce, pt, len, ct);
 	return pwrite_full(f->fd, ct, len + FMT_CHUNK_OVERHEAD, fmt_chunk_offset(idx));
 }
@@ -536,43 +576,81 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 }
 
 /*
- * v2 write of size bytes at off into a valid file of backing size b, plain size p. Chunks are
- * sealed into the scratch buffer, then per group one pwrite of their data pages and one of their
- * tag entries, in that order: a 4 KiB aligned write touches one data page and one entry.
+ * v2 writes. A request's chunks are sealed into the scratch buffer (data pages, then their tag
+ * entries), then written per group: one pwrite of the data pages and one of their entries, in
+ * that order, so a 4 KiB aligned write touches one data page and one entry.
  */
-static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t size, uint64_t off, uint64_t b,
-			uint64_t p)
+
+/* Where a v2 request's sealed chunks wait: data pages, then entries, then the random halves of
+ * their nonces. Per thread, so it survives from content_write_seal to content_write_sealed. */
+static uint8_t *v2_buffer(uint64_t nchunks, uint8_t **ents, uint8_t **rnd)
 {
-	uint64_t end = off + size, newp = end > p ? end : p, c0 = off / CS, c1 = (end - 1) / CS;
-	uint64_t nchunks = c1 - c0 + 1, rollback = b, first_new;
-	uint8_t *data, *ents, *rnd;
+	uint8_t *data = scratch_get(nchunks * (CS + ES + FMT_V2_RANDOM_SIZE));
+
+	if (data) {
+		*ents = data + nchunks * CS;
+		*rnd = *ents + nchunks * ES;
+	}
+	return data;
+}
+
+/* Before a v2 write of [off, end) into a file of backing size b, plain size p: past the end,
+ * the old partial last chunk becomes a full one padded with zeros, unless this write rewrites
+ * it; chunks in between are holes, and their entries in the old last group's tag page are
+ * cleared (a shrink may have left older ones there). *rollback: the backing size a failed
+ * write cuts the file back to. */
+static int write_v2_gap(const struct content_file *f, uint64_t off, uint64_t b, uint64_t p, uint64_t *rollback)
+{
+	uint64_t c0 = off / CS, first_new = (p + CS - 1) / CS;
 	int r;
 
-	/* Past the end: the old partial last chunk becomes a full one padded with zeros, unless
-	 * this write rewrites it; chunks in between are holes, and their entries in the old last
-	 * group's tag page are cleared (a shrink may have left older ones there). */
+	*rollback = b;
 	if (off > p && p % CS && p / CS < c0) {
 		r = chunk_resize(f, p / CS, p, FMT_CHUNK_SIZE);
 		if (r < 0)
 			return r;
-		rollback = fmt_backing_size(FMT_LAYOUT_V2, (p / CS + 1) * CS);
+		*rollback = fmt_backing_size(FMT_LAYOUT_V2, (p / CS + 1) * CS);
 	}
-	first_new = (p + CS - 1) / CS;
-	if (c0 > first_new) {
-		r = entries_clear(f, first_new, c0);
-		if (r < 0)
-			goto fail;
-	}
+	return c0 > first_new ? entries_clear(f, first_new, c0) : 0;
+}
 
-	data = scratch_get(nchunks * (CS + ES + FMT_V2_RANDOM_SIZE));
+/* Write the sealed chunks c0..c1 of a file of new plain size newp: per group, the data pages
+ * first, then their entries (docs/FORMAT.md, crash behaviour). */
+static int write_v2_put(const struct content_file *f, uint64_t c0, uint64_t c1, uint64_t newp, const uint8_t *data,
+			const uint8_t *ents)
+{
+	for (uint64_t a = c0; a <= c1;) {
+		uint64_t z = (a / GC + 1) * GC - 1 < c1 ? (a / GC + 1) * GC - 1 : c1;
+		int r = pwrite_full(f->fd, data + (a - c0) * CS, (size_t)((z - a) * CS + chunk_len(z, newp)),
+				    fmt_v2_page_offset(a));
+
+		if (r == 0)
+			r = pwrite_full(f->fd, ents + (a - c0) * ES, (size_t)(z - a + 1) * ES, fmt_v2_entry_offset(a));
+		if (r < 0)
+			return r;
+		a = z + 1;
+	}
+	return 0;
+}
+
+/* v2 write of size bytes at off into a valid file of backing size b, plain size p. */
+static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t size, uint64_t off, uint64_t b,
+			uint64_t p)
+{
+	uint64_t end = off + size, newp = end > p ? end : p, c0 = off / CS, c1 = (end - 1) / CS;
+	uint64_t nchunks = c1 - c0 + 1, rollback = b;
+	uint8_t *data, *ents, *rnd;
+	int r;
+
+	r = write_v2_gap(f, off, b, p, &rollback);
+	if (r < 0)
+		goto fail;
+	data = v2_buffer(nchunks, &ents, &rnd);
 	if (!data) {
 		r = -ENOMEM;
 		goto fail;
 	}
-	ents = data + nchunks * CS;
-	rnd = ents + nchunks * ES;
-	/* One getrandom for all nonces of the request rather than one per chunk. */
-	randombytes_buf(rnd, nchunks * FMT_V2_RANDOM_SIZE);
+	nonce_random(rnd, nchunks * FMT_V2_RANDOM_SIZE);
 
 	for (uint64_t i = c0; i <= c1; i++) {
 		uint64_t cstart = i * CS;
@@ -594,18 +672,9 @@ static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t 
 			sodium_memzero(pt, sizeof(pt));
 		}
 	}
-	for (uint64_t a = c0; a <= c1;) {
-		uint64_t z = (a / GC + 1) * GC - 1 < c1 ? (a / GC + 1) * GC - 1 : c1;
-
-		/* Data pages first, then their entries (docs/FORMAT.md, crash behaviour). */
-		r = pwrite_full(f->fd, data + (a - c0) * CS, (size_t)((z - a) * CS + chunk_len(z, newp)),
-				fmt_v2_page_offset(a));
-		if (r == 0)
-			r = pwrite_full(f->fd, ents + (a - c0) * ES, (size_t)(z - a + 1) * ES, fmt_v2_entry_offset(a));
-		if (r < 0)
-			goto fail;
-		a = z + 1;
-	}
+	r = write_v2_put(f, c0, c1, newp, data, ents);
+	if (r < 0)
+		goto fail;
 	return (ssize_t)size;
 fail:
 	/* Keep the file well-formed: a failed append (ENOSPC) must not leave a cut chunk. */
@@ -614,7 +683,105 @@ fail:
 	return r;
 }
 
+/* Whether a write of [off, off + size) to a v2 file of plain size p is made of whole chunks
+ * of the file as it will be, none of which needs its old contents: it starts on a chunk and
+ * ends on one, or at or past the end of the file. */
+static bool v2_sealable(uint64_t off, size_t size, uint64_t p)
+{
+	return off % CS == 0 && ((off + size) % CS == 0 || p <= off + size);
+}
+
+bool content_write_sealable(enum fmt_layout layout, size_t size, uint64_t off)
+{
+	return layout == FMT_LAYOUT_V2 && size > 0 && off % CS == 0 && off <= fmt_max_plain_size(layout) &&
+	       size <= fmt_max_plain_size(layout) - off;
+}
+
+int content_write_seal(const struct content_file *f, const void *buf, size_t size, uint64_t off,
+		       struct content_sealed *s)
+{
+	uint64_t b = 0, end = off + size, c0 = off / CS, c1 = (end - 1) / CS, nchunks = c1 - c0 + 1;
+	uint8_t *data, *ents, *rnd;
+	const uint8_t *in = buf;
+	int r;
+
+	s->ready = false;
+	if (!f->keys || !content_write_sealable(f->layout, size, off))
+		return -EAGAIN;
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	if (b == 0 || !fmt_backing_size_valid(f->layout, b) || !v2_sealable(off, size, fmt_plain_size(f->layout, b)))
+		return -EAGAIN;
+	data = v2_buffer(nchunks, &ents, &rnd);
+	if (!data)
+		return -ENOMEM;
+	nonce_random(rnd, nchunks * FMT_V2_RANDOM_SIZE);
+	fmt_chunk_hold();
+	/* Every chunk whole, the last one as long as the write leaves it (the file ends there). */
+	for (uint64_t i = c0; i <= c1; i++)
+		fmt_chunk_seal_v2(f->keys, f->file_id, i, rnd + (i - c0) * FMT_V2_RANDOM_SIZE, in + (i * CS - off),
+				  chunk_len(i, end), data + (i - c0) * CS, ents + (i - c0) * ES);
+	fmt_chunk_release();
+	s->keys = f->keys;
+	memcpy(s->file_id, f->file_id, FMT_FILE_ID_SIZE);
+	s->off = off;
+	s->size = size;
+	s->ready = true;
+	return 0;
+}
+
+ssize_t content_write_sealed(const struct content_file *f, const void *buf, size_t size, uint64_t off,
+			     struct content_sealed *s)
+{
+	uint64_t b = 0, p, end = off + size, rollback;
+	uint8_t *data, *ents, *rnd;
+	int r;
+
+	/* Sealed for these keys (the same header: a new one has a new random file id) and this
+	 * range, and the file still ends where the chunks need it to: else seal again. */
+	if (!s->ready || s->keys != f->keys || !f->keys || memcmp(s->file_id, f->file_id, FMT_FILE_ID_SIZE) != 0 ||
+	    s->off != off || s->size != size)
+		return content_write(f, buf, size, off);
+	s->ready = false;
+	r = backing_size(f->fd, &b);
+	if (r < 0)
+		return r;
+	if (b == 0 || !fmt_backing_size_valid(f->layout, b))
+		return content_write(f, buf, size, off);
+	p = fmt_plain_size(f->layout, b);
+	if (!v2_sealable(off, size, p))
+		return content_write(f, buf, size, off);
+	data = v2_buffer((end - 1) / CS - off / CS + 1, &ents, &rnd);    /* the buffer sealed into */
+	if (!data)
+		return -ENOMEM;
+	fmt_chunk_hold();
+	r = write_v2_gap(f, off, b, p, &rollback);
+	fmt_chunk_release();
+	if (r == 0)
+		r = write_v2_put(f, off / CS, (end - 1) / CS, end > p ? end : p, data, ents);
+	if (r == 0)
+		return (ssize_t)size;
+	/* Keep the file well-formed: a failed append (ENOSPC) must not leave a cut chunk. */
+	if (end > p && ftruncate(f->fd, (off_t)rollback) < 0)
+		return -errno;
+	return r;
+}
+
+static ssize_t write_any(const struct content_file *f, const void *buf, size_t size, uint64_t off);
+
 ssize_t content_write(const struct content_file *f, const void *buf, size_t size, uint64_t off)
+{
+	ssize_t n;
+
+	/* One cipher context for all the chunks of the request, wiped at its end. */
+	fmt_chunk_hold();
+	n = write_any(f, buf, size, off);
+	fmt_chunk_release();
+	return n;
+}
+
+static ssize_t write_any(const struct content_file *f, const void *buf, size_t size, uint64_t off)
 {
 	const uint8_t *in = buf;
 	uint64_t b = 0, p, end, newp, c0, c1, nchunks, rollback;
@@ -655,8 +822,7 @@ ssize_t content_write(const struct content_file *f, const void *buf, size_t size
 	if (!ct)
 		return -ENOMEM;
 	nonces = ct + nchunks * CDS;
-	/* One getrandom for all nonces of the request rather than one per chunk. */
-	randombytes_buf(nonces, nchunks * FMT_NONCE_SIZE);
+	nonce_random(nonces, nchunks * FMT_NONCE_SIZE);
 
 	w = ct;
 	for (uint64_t i = c0; i <= c1; i++) {

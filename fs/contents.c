@@ -24,6 +24,9 @@
 /* Open flags a user may pass on to the backing file; the rest is ours to decide (see file_open). */
 #define PASSED_OPEN_FLAGS (O_SYNC | O_DSYNC | O_NOATIME)
 
+/* Writes from this size on seal their chunks before they take the exclusive lock (file_write). */
+#define SEAL_AHEAD_MIN (64u << 10)
+
 /* An open regular file. Several may share one inode (and its content lock and keys). */
 struct kfs_file {
 	int fd;                         /* backing file: O_RDWR when writable, never O_APPEND */
@@ -47,6 +50,7 @@ enum contents_op {
 	C_CREATE,       /* the header of a new regular file */
 	C_READ,
 	C_WRITE,
+	C_SEAL,         /* a write's chunks sealed ahead, beside reads and other seals */
 	C_ALLOCATE,     /* fallocate that keeps the size (FALLOC_FL_KEEP_SIZE) */
 	C_SEEK,
 };
@@ -79,6 +83,7 @@ static const struct gate {
 	[C_CREATE]   = { true,  KS_OP_CREATE, LOCK_EXCLUSIVE, KEYS_OR_NEW },
 	[C_READ]     = { true,  KS_OP_READ,   LOCK_SHARED,    KEYS },
 	[C_WRITE]    = { true,  KS_OP_WRITE,  LOCK_EXCLUSIVE, KEYS_OR_NEW },
+	[C_SEAL]     = { true,  KS_OP_WRITE,  LOCK_SHARED,    KEYS },
 	[C_ALLOCATE] = { true,  KS_OP_WRITE,  LOCK_EXCLUSIVE, KEYS },
 	/* Holes and the size come from the backing layout: no key, and it works while locked. */
 	[C_SEEK]     = { false, KS_OP_READ,   LOCK_SHARED,    KEYS_NONE },
@@ -498,14 +503,27 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 {
 	struct kfs_inode *i = f->inode;
 	struct content_file cf;
+	struct content_sealed sealed = { .ready = false };
 	uint64_t pos = (uint64_t)off;
-	ssize_t n = contents_enter(fs, i, C_WRITE, f->fd, &cf);
+	ssize_t n;
 
+	/* Seal the chunks first under the shared lock, so that the writes of one file (the
+	 * write-back of its pages comes as many requests at once) encrypt on every core, and hold
+	 * the exclusive lock only to write them. Not for a shared mount (its byte-range locks are
+	 * taken under the exclusive lock) nor an emulated append (its offset is known only then).
+	 * Nor a small write: a second pass through the gate costs more than its sealing, and
+	 * reader-preferring rwlocks would let the seals of many small writes starve their writes. */
+	if (size >= SEAL_AHEAD_MIN && !fs->shared && !f->append && content_write_sealable(fs->vol.format, size, pos) &&
+	    contents_enter(fs, i, C_SEAL, f->fd, &cf) == 0) {
+		(void)content_write_seal(&cf, buf, size, pos, &sealed);
+		contents_leave(i, C_SEAL);
+	}
+	n = contents_enter(fs, i, C_WRITE, f->fd, &cf);
 	if (n < 0)
 		return n;
 	n = shared_write_begin(fs, f->fd, f->append, size, &pos);
 	if (n == 0) {
-		n = content_write(&cf, buf, size, pos);
+		n = sealed.ready ? content_write_sealed(&cf, buf, size, pos, &sealed) : content_write(&cf, buf, size, pos);
 		shared_end(fs, f->fd);
 	}
 	contents_leave(i, C_WRITE);

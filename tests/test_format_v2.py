@@ -189,3 +189,92 @@ def test_init_format_option(tmp_path, keystore):
              "--create-key", "--format", "3"])
     assert r.returncode == 2 and "--format '3': use 1 or 2" in r.stderr
     assert not os.path.exists(tmp_path / "b" / ".keyfs")
+
+
+@pytest.fixture
+def v2_direct(mount, tmp_path, keystore):
+    # No writeback cache: each pwrite below reaches keyfs as one WRITE of exactly its range.
+    return mount(backing=_volume(tmp_path, keystore, "v2d", 2), opts=("nowriteback",), allow_errors=True)
+
+
+def _pwrite(path, data, off):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, data, off) == len(data)
+    finally:
+        os.close(fd)
+
+
+def test_large_writes_at_the_edges(v2_direct):
+    # Writes of 64 KiB and more seal their chunks before they take the file's exclusive lock
+    # (contents.c): each case where that is allowed, and each where the write must read old
+    # contents instead, leaves exactly the bytes written, the holes, and the backing size.
+    p = v2_direct.path("f")
+    model = bytearray()
+    write_file(p, b"")
+
+    def put(data, off):
+        nonlocal model
+        _pwrite(p, data, off)
+        if off > len(model):
+            model += bytes(off - len(model))
+        model[off:off + len(data)] = data
+        assert read_file(p) == bytes(model)
+        assert os.stat(v2_direct.bpath("f")).st_size == V2.backing_size(len(model))
+
+    put(os.urandom(16 * CHUNK + 100), 0)                # ends inside a chunk, at the new end
+    put(os.urandom(16 * CHUNK), 256 * CHUNK)            # past the end: old partial chunk padded, holes
+    put(os.urandom(16 * CHUNK + 100), 0)                # ends inside a chunk of the file: merged
+    os.truncate(p, 16 * CHUNK + 5000)
+    model = model[:16 * CHUNK + 5000]
+    assert read_file(p) == bytes(model)
+    put(os.urandom(32 * CHUNK), 16 * CHUNK)             # rewrites the partial last chunk whole
+    put(os.urandom(130 * CHUNK), 126 * CHUNK)           # across a group boundary, growing
+    put(os.urandom(64 * CHUNK), 3 * CHUNK)              # inside the file
+
+
+def test_concurrent_large_writes_are_whole(v2_direct):
+    # Several threads write 128 KiB blocks over one another while another appends: each block
+    # reads back as exactly one of the writes made to it (a write is never mixed with another,
+    # nor torn into a chunk that fails), and the appended part as appended.
+    import threading
+
+    p = v2_direct.path("f")
+    blk, nblk = 32 * CHUNK, 16
+    write_file(p, bytes(blk * nblk))
+    written = [[bytes(blk)] for _ in range(nblk)]
+    lock = threading.Lock()
+    errors = []
+
+    def writer(seed):
+        rnd = random.Random(seed)
+        try:
+            for _ in range(40):
+                b = rnd.randrange(nblk)
+                data = os.urandom(blk)
+                with lock:
+                    written[b].append(data)
+                _pwrite(p, data, b * blk)
+        except Exception as e:          # noqa: BLE001 - reported below
+            errors.append(e)
+
+    tail = os.urandom(64 * blk // 4)
+
+    def appender():
+        try:
+            for i in range(0, len(tail), 4 * CHUNK * 5):
+                _pwrite(p, tail[i:i + 4 * CHUNK * 5], blk * nblk + i)
+        except Exception as e:          # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(4)] + [threading.Thread(target=appender)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    got = read_file(p)
+    assert len(got) == blk * nblk + len(tail)
+    for b in range(nblk):
+        assert got[b * blk:(b + 1) * blk] in written[b], "block %d is none of the writes made to it" % b
+    assert got[blk * nblk:] == tail

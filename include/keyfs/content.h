@@ -2,6 +2,7 @@
 #ifndef KEYFS_CONTENT_H
 #define KEYFS_CONTENT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -76,6 +77,32 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 /* Write size bytes at off, growing the file (with holes) as needed. Returns size or -errno.
  * On failure the file keeps its old size; chunks already rewritten may hold new data. */
 ssize_t content_write(const struct content_file *f, const void *buf, size_t size, uint64_t off);
+
+/*
+ * A write in two steps, so that its chunks are sealed outside the exclusive access a write
+ * needs (several requests of one file sealing at once on several cores): content_write_seal
+ * under shared access (as a read), then content_write_sealed under exclusive access, in the
+ * same thread (the sealed chunks wait in its scratch buffer). Only a v2 write that starts on a
+ * chunk and ends on one or at or past the end of the file needs no old contents to seal:
+ * content_write_sealable says whether it can be (the layout and the range alone), seal answers
+ * -EAGAIN when the file makes it not (no header, damaged, ends inside the last chunk written).
+ * content_write_sealed writes the sealed chunks if the keys, file id and range are the ones
+ * sealed for and the file still ends where they need it to, else it does content_write. Both
+ * return as content_write; s needs no release.
+ */
+struct content_sealed {
+	bool ready;
+	const struct fmt_keys *keys;
+	uint8_t file_id[FMT_FILE_ID_SIZE];
+	uint64_t off;
+	size_t size;
+};
+
+bool content_write_sealable(enum fmt_layout layout, size_t size, uint64_t off);
+int content_write_seal(const struct content_file *f, const void *buf, size_t size, uint64_t off,
+		       struct content_sealed *s);
+ssize_t content_write_sealed(const struct content_file *f, const void *buf, size_t size, uint64_t off,
+			     struct content_sealed *s);
 
 /* Set the plaintext size: shrink (re-sealing a cut chunk) or grow (sparse). */
 int content_truncate(const struct content_file *f, uint64_t size);

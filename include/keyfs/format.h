@@ -120,6 +120,12 @@ int fmt_chunk_open_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FIL
 /* Whether a v2 tag entry is a hole (32 zero bytes). */
 bool fmt_v2_entry_is_hole(const uint8_t entry[FMT_V2_ENTRY_SIZE]);
 
+/* Between fmt_chunk_hold and fmt_chunk_release (nested: the outermost release counts), the chunk
+ * calls of this thread share one OpenSSL context instead of making one per chunk; it is freed
+ * (wiped) at the release. Hold it for one request, never across a wait. */
+void fmt_chunk_hold(void);
+void fmt_chunk_release(void);
+
 /* Which implementation seals and opens chunks: "openssl" (HChaCha20 from libsodium, ChaCha20-Poly1305
  * from libcrypto) or "libsodium" (its XChaCha20-Poly1305, when libcrypto cannot give the cipher).
  * Both write the same bytes. Chunk calls use libcrypto: a program that installs OpenSSL allocators
