@@ -4,6 +4,7 @@
 import errno
 import os
 import random
+import threading
 
 import pytest
 
@@ -237,8 +238,6 @@ def test_concurrent_large_writes_are_whole(v2_direct):
     # Several threads write 128 KiB blocks over one another while another appends: each block
     # reads back as exactly one of the writes made to it (a write is never mixed with another,
     # nor torn into a chunk that fails), and the appended part as appended.
-    import threading
-
     p = v2_direct.path("f")
     blk, nblk = 32 * CHUNK, 16
     write_file(p, bytes(blk * nblk))
