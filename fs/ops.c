@@ -74,6 +74,14 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
 	 * (libfuse asks for this by default; a shared mount depends on it). */
 	if (fs->shared && (conn->capable & FUSE_CAP_AUTO_INVAL_DATA))
 		conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
+	/* POSIX ACLs kept on the backing files are enforced by the kernel, as on the backing
+	 * filesystem: without this flag it checks mode bits alone, so an ACL set through the mount
+	 * reads back but denies no one. It changes no request count: a getxattr of an ACL name
+	 * still reaches us every time (the kernel keeps ACLs for its permission checks only). Not
+	 * on a shared volume: the kernel keeps those with no timeout, and another host's change
+	 * must show within shared_timeout. */
+	if (!fs->shared && (conn->capable & FUSE_CAP_POSIX_ACL))
+		conn->want |= FUSE_CAP_POSIX_ACL;
 	if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
 		conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
 	/* Names go through *at() calls on per-inode fds and a locked table: lookups and readdirs in

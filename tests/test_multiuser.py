@@ -2,11 +2,12 @@
 import errno
 import os
 import stat
+import struct
 import tempfile
 
 import pytest
 
-from helpers import keyfsctl, need_root, py_as, read_file, write_file
+from helpers import expect_errno, keyfsctl, need_root, py_as, read_file, write_file
 
 U1, G1 = 12345, 12345
 U2, G2 = 12346, 12346
@@ -172,3 +173,85 @@ def test_no_allow_other_refuses_other_users(world_tmp, mount):
     write_file(m.path("f"), b"x")
     os.chmod(m.path("f"), 0o644)
     assert py_as(U1, G1, "os.stat(%r)" % m.path("f")) == ("errno", errno.EACCES)
+
+
+# ---- POSIX ACLs: kept on the backing file, read back exactly, and enforced ----
+
+ACL_ACCESS = "system.posix_acl_access"
+ACL_DEFAULT = "system.posix_acl_default"
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+ACL_UNDEF_ID = 0xFFFFFFFF
+
+
+def acl_value(*entries):
+    """The xattr value of a POSIX ACL (version 2): (tag, perm, id) entries, sorted as the kernel wants."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for t, p, i in entries)
+
+
+def acl_u1_none_u2_read():
+    """rw-r----- with U1 named and given nothing, U2 named and given read: the mode bits alone would let
+    neither read (other has nothing), so only U2's entry, honoured, lets U2 in."""
+    return acl_value((ACL_USER_OBJ, 6, ACL_UNDEF_ID), (ACL_USER, 0, U1), (ACL_USER, 4, U2),
+                     (ACL_GROUP_OBJ, 4, ACL_UNDEF_ID), (ACL_MASK, 4, ACL_UNDEF_ID), (ACL_OTHER, 0, ACL_UNDEF_ID))
+
+
+def read_as(uid, gid, path):
+    return py_as(uid, gid, "return open(%r, 'rb').read().decode()" % path)
+
+
+def test_acl_set_through_mount_reads_back_and_is_enforced(mu):
+    f = mu.path("acl")
+    write_file(f, b"for some")
+    os.chmod(f, 0o640)
+    assert read_as(U2, G2, f) == ("errno", errno.EACCES)
+    acl = acl_u1_none_u2_read()
+    os.setxattr(f, ACL_ACCESS, acl)
+    assert os.getxattr(f, ACL_ACCESS) == acl
+    assert os.getxattr(mu.bpath("acl"), ACL_ACCESS) == acl
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o640
+    assert read_as(U2, G2, f) == ("ok", "for some")
+    assert read_as(U1, G1, f) == ("errno", errno.EACCES)
+    # chmod moves the mask with the group bits: U2's entry now grants nothing.
+    os.chmod(f, 0o600)
+    masked = acl_value((ACL_USER_OBJ, 6, ACL_UNDEF_ID), (ACL_USER, 0, U1), (ACL_USER, 4, U2),
+                       (ACL_GROUP_OBJ, 4, ACL_UNDEF_ID), (ACL_MASK, 0, ACL_UNDEF_ID), (ACL_OTHER, 0, ACL_UNDEF_ID))
+    assert os.getxattr(f, ACL_ACCESS) == masked
+    assert read_as(U2, G2, f) == ("errno", errno.EACCES)
+    # Without the ACL the mode bits alone decide again.
+    os.removexattr(f, ACL_ACCESS)
+    expect_errno(errno.ENODATA, os.getxattr, f, ACL_ACCESS)
+    os.chmod(f, 0o644)
+    assert read_as(U1, G1, f) == ("ok", "for some")
+
+
+def test_acl_set_on_backing_side_reads_back_and_is_enforced(world_tmp, mount):
+    need_root()
+    keystore = os.path.join(world_tmp, "keystore")
+    backing = os.path.join(world_tmp, "backing")
+    keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key")
+    mnt = os.path.join(world_tmp, "mnt")
+    os.mkdir(mnt)
+    m = mount(backing=backing, mnt=mnt, opts=["allow_other", "default_permissions"])
+    os.chmod(m.mnt, 0o755)
+    write_file(m.path("f"), b"kept")
+    d = m.path("d")
+    os.mkdir(d, 0o755)
+    m.umount()
+    acl = acl_u1_none_u2_read()
+    dacl = acl_value((ACL_USER_OBJ, 7, ACL_UNDEF_ID), (ACL_USER, 5, U1), (ACL_GROUP_OBJ, 5, ACL_UNDEF_ID),
+                     (ACL_MASK, 5, ACL_UNDEF_ID), (ACL_OTHER, 5, ACL_UNDEF_ID))
+    bf = os.path.join(backing, "f")
+    os.chmod(bf, 0o640)
+    os.setxattr(bf, ACL_ACCESS, acl)
+    os.setxattr(os.path.join(backing, "d"), ACL_DEFAULT, dacl)
+    m = mount(backing=backing, mnt=mnt, opts=["allow_other", "default_permissions"])
+    assert os.getxattr(m.path("f"), ACL_ACCESS) == acl
+    assert os.getxattr(d, ACL_DEFAULT) == dacl
+    expect_errno(errno.ENODATA, os.getxattr, d, ACL_ACCESS)
+    assert read_as(U1, G1, m.path("f")) == ("errno", errno.EACCES)
+    assert read_as(U2, G2, m.path("f")) == ("ok", "kept")
+    # A file made in d inherits the default ACL, as the backing filesystem makes it.
+    write_file(os.path.join(d, "child"), b"x")
+    assert os.getxattr(os.path.join(d, "child"), ACL_ACCESS) == os.getxattr(os.path.join(backing, "d", "child"),
+                                                                         ACL_ACCESS)
+    assert read_as(U1, G1, os.path.join(d, "child")) == ("ok", "x")
