@@ -24,8 +24,10 @@ _Static_assert(sizeof(((struct kfs_inode *)0)->header_hash) == KEYCACHE_HASH_SIZ
  * lookup, create and mkdir failed with EMFILE. So an inode keeps its fd only while it is among the
  * fd_cap most recently used ones; the others are closed and opened again on demand:
  *
- * - by file handle: name_to_handle_at() when the inode is made, open_by_handle_at() on the
- *   backing root's mount. That needs CAP_DAC_READ_SEARCH (the daemon as root; the systemd unit
+ * - by file handle: name_to_handle_at() on the fd just before it is closed the first time (at
+ *   the lookup it cost every lookup a syscall and an allocation, for the few inodes that are ever
+ *   evicted; the name is kept until then, and stays the way back where no handle is given),
+ *   open_by_handle_at() on the backing root's mount. That needs CAP_DAC_READ_SEARCH (the daemon as root; the systemd unit
  *   keeps it in its bounding set) and a backing filesystem that gives handles. A handle names the
  *   inode itself, exactly like the fd it stands for: no name is resolved, so no symlink can be
  *   followed, and a rename in the backing dir changes nothing; a deleted file answers ESTALE.
@@ -130,6 +132,8 @@ static void lru_push(struct inode_table *t, struct kfs_inode *i)
 	t->lru_head = i;
 }
 
+static struct file_handle *handle_of(const struct inode_table *t, int fd);
+
 /* Close least recently used fds not in use until at most target are open. */
 static void shrink_locked(struct inode_table *t, size_t target)
 {
@@ -137,6 +141,11 @@ static void shrink_locked(struct inode_table *t, size_t target)
 		struct kfs_inode *i = t->lru_tail;
 
 		lru_remove(t, i);
+		if (i->handle_later) {
+			/* The one moment the handle is needed, from the fd that is this inode. */
+			i->handle = handle_of(t, i->fd);
+			i->handle_later = false;
+		}
 		close(i->fd);
 		i->fd = -1;
 		t->nfds--;
@@ -376,10 +385,11 @@ static int inode_new(struct inode_table *t, int fd, const struct stat *st, struc
 		free(i);
 		return r;
 	}
-	i->handle = handle_of(t, fd);
-	/* Without a handle, the name the lookup used (the parent's reference is taken when the
-	 * inode goes into the table). With neither, the fd is never evicted. */
-	if (!i->handle && parent && name) {
+	/* The handle comes at the first eviction (shrink_locked); until then, and when there is
+	 * none, the name the lookup used (the parent's reference is taken when the inode goes into
+	 * the table). With neither, the fd is never evicted. */
+	i->handle_later = t->mount_fd >= 0;
+	if (parent && name) {
 		i->name = strdup(name);
 		if (!i->name) {
 			inode_release(t, i);

@@ -35,10 +35,14 @@ struct kfs_inode {
 	int fd;
 	unsigned fd_users;              /* table lock: inode_fd() holders, open files included */
 	bool is_root;
+	/* table lock: the handle is still to be taken, when the fd is first evicted (most inodes
+	 * never are); the name is kept meanwhile, and stays the way back if that fails. */
+	bool handle_later;
 	struct kfs_inode *lru_prev;     /* table lock: on the fd cache's LRU list when fd >= 0 and */
 	struct kfs_inode *lru_next;     /* fd_users == 0; NULL links otherwise (or at an end) */
-	/* How an evicted fd is opened again: by file handle (immutable once set), or else by
-	 * parent and name (table lock; the inode holds a lookup reference on parent). */
+	/* How an evicted fd is opened again: by file handle (set under the table lock before the
+	 * fd is first closed, immutable from then on), or else by parent and name (table lock; the
+	 * inode holds a lookup reference on parent). */
 	struct file_handle *handle;
 	struct kfs_inode *parent;
 	char *name;
