@@ -260,6 +260,11 @@ void content_header_unlock(int fd)
 	(void)header_lock_op(fd, F_UNLCK);
 }
 
+int content_backing_size(int fd, uint64_t *ret_size)
+{
+	return backing_size(fd, ret_size);
+}
+
 int content_size(int fd, enum fmt_layout layout, uint64_t *ret_size)
 {
 	uint64_t b;
@@ -523,9 +528,13 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 	ssize_t n;
 	int r;
 
-	r = backing_size(f->fd, &b);
-	if (r < 0)
-		return r;
+	if (f->backing_size_known) {
+		b = f->backing_size;
+	} else {
+		r = backing_size(f->fd, &b);
+		if (r < 0)
+			return r;
+	}
 	p = fmt_plain_size(f->layout, b);
 	if (off >= p || size == 0)
 		return fmt_backing_size_valid(f->layout, b) || off < p ? 0 : -EIO;

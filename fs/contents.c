@@ -33,6 +33,12 @@ struct kfs_file {
 	bool writable;
 	bool append;                    /* O_APPEND, emulated: each write goes to the current end */
 	struct kfs_inode *inode;
+	/* The backing size as a read found it at inode->content_gen == size_gen (size_gen 0: none
+	 * yet; the generations start at 0 and a cached one is stored + 1). Spares each READ an
+	 * fstat; never kept on a shared mount, where other hosts change the file. */
+	pthread_mutex_t size_lock;
+	uint64_t size_gen;              /* size_lock */
+	uint64_t size;                  /* size_lock */
 };
 
 static struct kfs_file *file_of(const struct fuse_file_info *fi)
@@ -123,6 +129,10 @@ static int contents_enter(struct keyfs *fs, struct kfs_inode *i, enum contents_o
 		pthread_rwlock_rdlock(&i->content);
 	else if (g->lock != LOCK_NONE)
 		pthread_rwlock_wrlock(&i->content);
+	/* Whatever an exclusive holder does to the file, the read caches of its open files are
+	 * stale from here (no read runs until it leaves). */
+	if (g->lock == LOCK_EXCLUSIVE)
+		atomic_fetch_add(&i->content_gen, 1);
 	*cf = (struct content_file){ .fd = fd, .layout = fs->vol.format };
 	if (g->keys == KEYS_OR_NEW)
 		r = filekeys_get_or_create(fs, i, fd, cf);
@@ -151,6 +161,8 @@ static int file_new(struct keyfs *fs, int fd, struct kfs_inode *i, int flags, bo
 	 * of pages may also come through any writable handle, an O_APPEND one included. */
 	f->append = (flags & O_APPEND) != 0 && !fs->writeback_on;
 	f->inode = i;
+	pthread_mutex_init(&f->size_lock, NULL);
+	f->size_gen = 0;
 	if (writable)
 		atomic_fetch_add(&i->writers, 1);
 	*ret = f;
@@ -164,6 +176,7 @@ static void file_free(struct keyfs *fs, struct kfs_file *f)
 		atomic_fetch_sub(&f->inode->writers, 1);
 	close(f->fd);
 	fd_done(fs, f->inode);
+	pthread_mutex_destroy(&f->size_lock);
 	free(f);
 }
 
@@ -451,6 +464,26 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 }
 
 /*
+ * Give cf the backing size of f, from f's cache when no exclusive operation on the inode came
+ * since it was taken, else from fstat (then kept). Called holding content shared, so no write
+ * runs meanwhile. The size is no secret (stat shows the plaintext size it gives) and is used
+ * only past the key gate; a lock changes no file. On a failed fstat cf is left to content_read.
+ */
+static void file_size_cached(struct kfs_file *f, struct content_file *cf)
+{
+	uint64_t gen = atomic_load(&f->inode->content_gen) + 1;
+
+	pthread_mutex_lock(&f->size_lock);
+	if (f->size_gen != gen && content_backing_size(f->fd, &f->size) == 0)
+		f->size_gen = gen;
+	if (f->size_gen == gen) {
+		cf->backing_size = f->size;
+		cf->backing_size_known = true;
+	}
+	pthread_mutex_unlock(&f->size_lock);
+}
+
+/*
  * Read into buf (size bytes). Also through a descriptor opened before a lock: no plaintext once
  * locking began. Returns the byte count or -errno; on failure buf may hold plaintext of the
  * chunks opened before the one that did not authenticate: the caller wipes it either way.
@@ -463,6 +496,8 @@ static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_
 
 	if (n < 0)
 		return n;
+	if (cf.keys && !fs->shared)
+		file_size_cached(f, &cf);
 	if (cf.keys && (n = shared_read_begin(fs, f->fd, (uint64_t)off, size)) == 0) {
 		n = content_read(&cf, buf, size, (uint64_t)off);
 		shared_end(fs, f->fd);

@@ -66,6 +66,9 @@ struct kfs_inode {
 	/* Open writable files (contents.c). With the writeback cache the kernel may hold dirty
 	 * pages of the inode only while one is open: it writes them back before each release. */
 	_Atomic unsigned writers;
+	/* Bumped by every operation that takes content exclusive (contents.c): a read-side cache
+	 * of an open file (its backing size) is good only while this has not moved. */
+	_Atomic uint64_t content_gen;
 	/* keys_lock: the errno of the load that ended last (0: it worked), and a count of loads
 	 * ended: a thread that waited for a prefetch's load takes its failure rather than asking
 	 * the KMS again for the same wrapped DEK. */

@@ -22,6 +22,10 @@ struct content_file {
 	enum fmt_layout layout;                 /* the volume's: FMT_LAYOUT_V1 or FMT_LAYOUT_V2 */
 	const struct fmt_keys *keys;            /* in sodium_malloc memory */
 	uint8_t file_id[FMT_FILE_ID_SIZE];
+	/* content_read only: the backing file's size, when the caller knows it (a cache of its own,
+	 * valid while nothing changed the file); otherwise content_read asks fstat. */
+	bool backing_size_known;
+	uint64_t backing_size;
 };
 
 /* The header slots of one file that parse (structure only: authenticating needs the keys). */
@@ -67,6 +71,9 @@ int content_header_rewrite(int fd, unsigned slot, const uint8_t raw[FMT_HEADER_S
  */
 int content_header_lock(int fd);
 void content_header_unlock(int fd);
+
+/* Size of the backing file fd (fstat), for a caller that keeps it (content_file.backing_size). */
+int content_backing_size(int fd, uint64_t *ret_size);
 
 /* Plaintext size of the backing file fd in a volume of the given layout. */
 int content_size(int fd, enum fmt_layout layout, uint64_t *ret_size);
