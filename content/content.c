@@ -482,6 +482,7 @@ static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off,
 	uint64_t c0 = off / CS, c1 = (end - 1) / CS;
 	uint8_t ents[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
 	uint8_t head[FMT_CHUNK_SIZE], tail[FMT_CHUNK_SIZE];
+	bool head_used = false, tail_used = false;
 	int r = 0;
 
 	for (uint64_t a = c0; a <= c1;) {
@@ -498,6 +499,8 @@ static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off,
 		r = entries_read_before(f, a, (size_t)(z - a + 1), ents, fmt_v2_page_offset(a), want);
 		if (r < 0)
 			break;
+		head_used |= hpart;
+		tail_used |= tpart;
 		if (hpart)
 			iov[cnt++] = (struct iovec){ head, alen };
 		if (z > a || !hpart) {
@@ -548,8 +551,11 @@ static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off,
 			break;
 		a = z + 1;
 	}
-	sodium_memzero(head, sizeof(head));
-	sodium_memzero(tail, sizeof(tail));
+	/* Only a partial first or last chunk went through them (most reads use neither). */
+	if (head_used)
+		sodium_memzero(head, sizeof(head));
+	if (tail_used)
+		sodium_memzero(tail, sizeof(tail));
 	return r < 0 ? r : (ssize_t)(end - off);
 }
 
