@@ -443,13 +443,18 @@ static ssize_t preadv_full(int fd, struct iovec *iov, int cnt, uint64_t off)
 /* Set once the backing filesystem refused RWF_NOWAIT: then entries are read the plain way. */
 static atomic_bool nowait_unsupported;
 
+/* Data reads up to this long (random ones: FUSE sends 4 KiB when readahead is off) get their
+ * pages started ahead of a tag page miss. Longer ones are sequential and the backing file's own
+ * readahead is ahead of them; a WILLNEED there would read outside its window and its markers. */
+#define OVERLAP_MAX (32u << 10)
+
 /*
  * Read n tag entries of v2 chunks idx.. (one group) into e, for a read of the data pages
  * [doff, doff + dlen) that follows. The entries and the pages are two backing reads one after
  * the other; when the tag page is not cached (RWF_NOWAIT says so without waiting) the read of
  * the pages is started first (WILLNEED, asynchronous), so the two disk reads overlap instead of
  * adding up: a cold random 4 KiB read otherwise waits for its tag page, then for its data page.
- * A cached tag page costs nothing more than the plain pread.
+ * A cached tag page costs nothing more than the plain pread. Short reads only (OVERLAP_MAX).
  */
 static int entries_read_before(const struct content_file *f, uint64_t idx, size_t n, uint8_t *e, uint64_t doff,
 			       uint64_t dlen)
@@ -457,7 +462,7 @@ static int entries_read_before(const struct content_file *f, uint64_t idx, size_
 	struct iovec iov = { e, n * ES };
 	ssize_t r = -1;
 
-	if (!atomic_load_explicit(&nowait_unsupported, memory_order_relaxed)) {
+	if (dlen <= OVERLAP_MAX && !atomic_load_explicit(&nowait_unsupported, memory_order_relaxed)) {
 		do
 			r = preadv2(f->fd, &iov, 1, (off_t)fmt_v2_entry_offset(idx), RWF_NOWAIT);
 		while (r < 0 && errno == EINTR);
