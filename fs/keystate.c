@@ -608,21 +608,32 @@ int keystate_start(struct keystate *ks)
 	return 0;
 }
 
-void keystate_free(struct keystate *ks)
+void keystate_stop(struct keystate *ks)
 {
+	bool started;
+
 	if (!ks)
 		return;
 	pthread_mutex_lock(&ks->lock);
 	ks->stop = true;
+	started = ks->started;
+	ks->started = false;
 	pthread_cond_broadcast(&ks->wake);
 	pthread_cond_broadcast(&ks->decide);
 	pthread_cond_broadcast(&ks->applied);
 	pthread_cond_broadcast(&ks->calm);
 	pthread_mutex_unlock(&ks->lock);
-	if (ks->started) {
+	if (started) {
 		pthread_join(ks->poller_thread, NULL);
 		pthread_join(ks->lock_thread, NULL);
 	}
+}
+
+void keystate_free(struct keystate *ks)
+{
+	if (!ks)
+		return;
+	keystate_stop(ks);
 	pthread_cond_destroy(&ks->wake);
 	pthread_cond_destroy(&ks->decide);
 	pthread_cond_destroy(&ks->applied);

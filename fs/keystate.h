@@ -60,7 +60,12 @@ int keystate_new(const struct keystate_config *cfg, struct keystate **ret);
 /* Start the poller and the lock thread; the hooks must work from now on. Returns 0 or -errno. */
 int keystate_start(struct keystate *ks);
 
-/* Stop and join both threads. Call kms_cancel first, or a stalled poll is waited for. */
+/* Stop and join both threads; the state stays readable (keystate_check, keystate_locked) for
+ * the threads still finishing, which keystate_free must outlive. Call kms_cancel first, or a
+ * stalled poll is waited for. Idempotent. */
+void keystate_stop(struct keystate *ks);
+
+/* Stop (as keystate_stop) and free: only once no thread can look at the state any more. */
 void keystate_free(struct keystate *ks);
 
 /* 0 when op may go ahead now, else the error to answer (-ENOKEY, -EKEYREVOKED). Cheap: atomics. */

@@ -445,8 +445,9 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 	kms_cancel(fs->kms);
 	control_stop(fs->control);
 	fs->control = NULL;
-	keystate_free(fs->ks);
-	fs->ks = NULL;
+	/* Its lock thread needs the session, so it stops now; the state itself stays until the
+	 * prefetch, pool and key cache threads, which check it, are joined (main). */
+	keystate_stop(fs->ks);
 	audit_stop();
 	fuse_remove_signal_handlers(se);
 	fuse_session_destroy(se);
@@ -549,8 +550,7 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 
 	/* The session is gone: no request can queue a file or take a key any more. Join the
 	 * background threads before the inodes, keys and KMS they use go away. */
-	keystate_free(fs->ks);         /* when serve did not get to start it */
-	fs->ks = NULL;
+	keystate_stop(fs->ks);         /* when serve did not get to stop it */
 	prefetch_free(fs->prefetch);
 	fs->prefetch = NULL;
 	dekpool_free(fs->pool);
@@ -563,6 +563,8 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 		close(fs->volume_lock_fd);
 	fs->volume_lock_fd = -1;
 	inode_table_free(&fs->table);
+	keystate_free(fs->ks);         /* nothing checks it any more */
+	fs->ks = NULL;
 	keyslab_destroy(&fs->slab);
 	kms_free(fs->kms);
 	fs->kms = NULL;
