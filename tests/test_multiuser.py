@@ -225,13 +225,8 @@ def test_acl_set_through_mount_reads_back_and_is_enforced(mu):
 
 
 def test_acl_set_on_backing_side_reads_back_and_is_enforced(world_tmp, mount):
-    need_root()
-    keystore = os.path.join(world_tmp, "keystore")
-    backing = os.path.join(world_tmp, "backing")
-    keyfsctl("init", backing, "--kms", "local", "--keystore", keystore, "--key", "test", "--create-key")
-    mnt = os.path.join(world_tmp, "mnt")
-    os.mkdir(mnt)
-    m = mount(backing=backing, mnt=mnt, opts=["allow_other", "default_permissions"])
+    m = world_mount(world_tmp, mount, opts=["allow_other", "default_permissions"])
+    backing, mnt = m.backing, m.mnt
     os.chmod(m.mnt, 0o755)
     write_file(m.path("f"), b"kept")
     d = m.path("d")
