@@ -412,34 +412,6 @@ static int chunk_resize(const struct content_file *f, uint64_t idx, uint64_t p, 
 	return r;
 }
 
-/* preadv until every iovec is full or the file ends. Returns the bytes read or -errno. */
-static ssize_t preadv_full(int fd, struct iovec *iov, int cnt, uint64_t off)
-{
-	size_t done = 0;
-
-	while (cnt > 0) {
-		ssize_t n = preadv(fd, iov, cnt, (off_t)(off + done));
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			return -errno;
-		if (n == 0)
-			break;
-		done += (size_t)n;
-		while (cnt > 0 && (size_t)n >= iov->iov_len) {
-			n -= (ssize_t)iov->iov_len;
-			iov++;
-			cnt--;
-		}
-		if (cnt > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + n;
-			iov->iov_len -= (size_t)n;
-		}
-	}
-	return (ssize_t)done;
-}
-
 /* Set once the backing filesystem refused RWF_NOWAIT: then entries are read the plain way. */
 static atomic_bool nowait_unsupported;
 
@@ -517,7 +489,7 @@ static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off,
 		}
 		if (tpart)
 			iov[cnt++] = (struct iovec){ tail, zlen };
-		n = preadv_full(f->fd, iov, cnt, fmt_v2_page_offset(a));
+		n = util_preadv_full(f->fd, iov, cnt, fmt_v2_page_offset(a));
 		if (n < 0) {
 			r = (int)n;
 			break;

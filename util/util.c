@@ -270,12 +270,12 @@ void util_json_string(FILE *f, const char *s)
 	fputc('"', f);
 }
 
-ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off)
+ssize_t util_preadv_full(int fd, struct iovec *iov, int cnt, uint64_t off)
 {
 	size_t done = 0;
 
-	while (done < len) {
-		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
+	while (cnt > 0) {
+		ssize_t n = preadv(fd, iov, cnt, (off_t)(off + done));
 
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -284,8 +284,24 @@ ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off)
 		if (n == 0)
 			break;
 		done += (size_t)n;
+		while (cnt > 0 && (size_t)n >= iov->iov_len) {
+			n -= (ssize_t)iov->iov_len;
+			iov++;
+			cnt--;
+		}
+		if (cnt > 0) {
+			iov->iov_base = (uint8_t *)iov->iov_base + n;
+			iov->iov_len -= (size_t)n;
+		}
 	}
 	return (ssize_t)done;
+}
+
+ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+	struct iovec iov = { .iov_base = buf, .iov_len = len };
+
+	return len ? util_preadv_full(fd, &iov, 1, off) : 0;
 }
 
 int util_parent_real_path(const char *arg, char *out, size_t size)

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 /* Read a whole regular file (not a symlink) of at most max bytes, NUL-terminated, into a malloc'd buffer.
  * dirfd/path as for openat. Returns 0, -EFBIG when larger than max, or -errno. */
@@ -43,6 +44,10 @@ void util_hex(const uint8_t *in, size_t n, char *out);
 
 /* pread until len bytes or end of file, retrying on EINTR. Returns the byte count or -errno. */
 ssize_t util_pread_full(int fd, void *buf, size_t len, uint64_t off);
+
+/* preadv until every iovec is full or the file ends, retrying on EINTR; iov is advanced past
+ * what was read. Returns the byte count or -errno. */
+ssize_t util_preadv_full(int fd, struct iovec *iov, int cnt, uint64_t off);
 
 /* The absolute path of arg with every symlink resolved but in its last component, which is
  * not asked anything (a symlink stays a symlink, a dead mount answers nothing): the real path
