@@ -267,6 +267,13 @@ static void print_status(const struct control_status *st)
 	print_string("last poll: ", st->last_poll[0] ? st->last_poll : "never");
 	print_seconds("poll: ", st->poll);
 	print_seconds("grace: ", st->grace);
+	if (st->kms_wraps >= 0 && st->kms_unwraps >= 0 && st->kms_key_errors >= 0) {
+		char calls[96];
+
+		snprintf(calls, sizeof(calls), "%" PRId64 " wraps, %" PRId64 " unwraps, %" PRId64 " failed",
+			 st->kms_wraps, st->kms_unwraps, st->kms_key_errors);
+		print_clean("key service: ", calls);
+	}
 	print_string("backing: ", st->backing);
 	print_string("mountpoint: ", st->mountpoint);
 }
@@ -422,7 +429,10 @@ struct host_answer {
 	char error[CONTROL_ERROR_MAX];
 };
 
-enum prom_kind { P_UP, P_LOCKED, P_KEY_STATE, P_AGE, P_LAT, P_LAT_AVG, P_CALLS, P_ERRORS, P_FILES, P_DROPPED };
+enum prom_kind {
+	P_UP, P_LOCKED, P_KEY_STATE, P_AGE, P_LAT, P_LAT_AVG, P_CALLS, P_ERRORS, P_WRAPS, P_UNWRAPS, P_KEY_ERRORS,
+	P_FILES, P_DROPPED
+};
 
 static const struct {
 	const char *name, *type, *help;
@@ -435,6 +445,9 @@ static const struct {
 	[P_LAT_AVG] = { "keyfs_kms_call_latency_avg_seconds", "gauge", "Mean latency of the key state polls since the mount." },
 	[P_CALLS] = { "keyfs_kms_calls_total", "counter", "Key state polls made since the mount." },
 	[P_ERRORS] = { "keyfs_kms_errors_total", "counter", "Key state polls that got no definite answer." },
+	[P_WRAPS] = { "keyfs_kms_wraps_total", "counter", "Data keys wrapped by the key service since the mount (new files)." },
+	[P_UNWRAPS] = { "keyfs_kms_unwraps_total", "counter", "Data keys unwrapped by the key service since the mount (first opens)." },
+	[P_KEY_ERRORS] = { "keyfs_kms_key_errors_total", "counter", "Wraps and unwraps that failed (refused, unreachable or cancelled)." },
 	[P_FILES] = { "keyfs_files_with_keys_loaded", "gauge", "Files whose keys are loaded in the daemon now." },
 	[P_DROPPED] = { "keyfs_audit_events_dropped_total", "counter", "Audit events the daemon could not send." },
 };
@@ -480,6 +493,9 @@ static void print_prometheus(const struct host_answer *a, size_t n)
 				continue;
 			case P_CALLS: v = st->kms_calls; break;
 			case P_ERRORS: v = st->kms_errors; break;
+			case P_WRAPS: v = st->kms_wraps; break;
+			case P_UNWRAPS: v = st->kms_unwraps; break;
+			case P_KEY_ERRORS: v = st->kms_key_errors; break;
 			case P_FILES: v = st->files_keyed; break;
 			case P_DROPPED: v = st->audit_dropped; break;
 			default: break;

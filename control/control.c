@@ -173,6 +173,9 @@ static const struct member {
 	NUMBER(kms_latency_avg_ms, INT64_C(1) << 40),
 	NUMBER(files_keyed, INT64_C(1) << 52),
 	NUMBER(audit_dropped, INT64_C(1) << 52),
+	NUMBER(kms_wraps, INT64_C(1) << 52),
+	NUMBER(kms_unwraps, INT64_C(1) << 52),
+	NUMBER(kms_key_errors, INT64_C(1) << 52),
 #undef STRING
 #undef NUMBER
 };

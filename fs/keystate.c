@@ -651,6 +651,7 @@ static bool status_copy(char *dst, size_t size, const char *src)
 int keystate_status(struct keystate *ks, struct control_status *st)
 {
 	struct ks_verdict v;
+	struct kms_counts c;
 	bool cut = false;
 
 	memset(st, 0, sizeof(*st));
@@ -679,5 +680,9 @@ int keystate_status(struct keystate *ks, struct control_status *st)
 	pthread_mutex_unlock(&ks->lock);
 	st->files_keyed = ks->cfg.hooks.files_keyed ? (int64_t)ks->cfg.hooks.files_keyed(ks->cfg.hooks.ctx) : -1;
 	st->audit_dropped = (int64_t)audit_dropped();
+	kms_counts(ks->cfg.kms, &c);
+	st->kms_wraps = (int64_t)c.wraps;
+	st->kms_unwraps = (int64_t)c.unwraps;
+	st->kms_key_errors = (int64_t)c.failed;
 	return cut ? -ENAMETOOLONG : 0;
 }

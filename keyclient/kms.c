@@ -1,6 +1,7 @@
 /* kms.c: the one key-service interface: picks the backend a volume names and checks every call's arguments */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,7 @@ struct kms {
 	void *state;
 	char key_id[KMS_KEY_ID_MAX + 1];
 	char key[256];                  /* as the volume named it: kms_key_info of a local key */
+	_Atomic uint64_t wraps, unwraps, failed;        /* kms_counts */
 };
 
 void kms_err_set(struct kms_err *err, const char *fmt, ...)
@@ -177,7 +179,11 @@ int kms_wrap(struct kms *k, const uint8_t dek[KMS_DEK_SIZE], const char *const *
 	r = check_aad(aad, naad, err);
 	if (r < 0)
 		return r;
-	return k->ops->wrap(k->state, dek, aad, naad, ret, err);
+	atomic_fetch_add(&k->wraps, 1);
+	r = k->ops->wrap(k->state, dek, aad, naad, ret, err);
+	if (r < 0)
+		atomic_fetch_add(&k->failed, 1);
+	return r;
 }
 
 int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const *aad, size_t naad,
@@ -199,7 +205,18 @@ int kms_unwrap(struct kms *k, const uint8_t *blob, size_t len, const char *const
 	r = check_aad(aad, naad, err);
 	if (r < 0)
 		return r;
-	return k->ops->unwrap(k->state, blob, len, aad, naad, dek_out, rewrapped, ret_was_rewrapped, err);
+	atomic_fetch_add(&k->unwraps, 1);
+	r = k->ops->unwrap(k->state, blob, len, aad, naad, dek_out, rewrapped, ret_was_rewrapped, err);
+	if (r < 0)
+		atomic_fetch_add(&k->failed, 1);
+	return r;
+}
+
+void kms_counts(const struct kms *k, struct kms_counts *ret)
+{
+	ret->wraps = k ? atomic_load(&k->wraps) : 0;
+	ret->unwraps = k ? atomic_load(&k->unwraps) : 0;
+	ret->failed = k ? atomic_load(&k->failed) : 0;
 }
 
 int kms_key_info(struct kms *k, struct kms_key_info *ret, struct kms_err *err)

@@ -256,7 +256,8 @@ def test_control_answers_are_filtered(mount):
     # Members an older daemon does not send read as null; the key named by an alias gets its hint.
     assert json.loads(js.stdout) == dict(doc, volume=None, key_id=None, key_crn=None, last_good_age=None,
                                          kms_calls=None, kms_errors=None, kms_latency_ms=None,
-                                         kms_latency_avg_ms=None, files_keyed=None, audit_dropped=None)
+                                         kms_latency_avg_ms=None, files_keyed=None, audit_dropped=None,
+                                         kms_wraps=None, kms_unwraps=None, kms_key_errors=None)
     doc["key_id"] = "k" + NASTY
     with _fake_daemon(m.mnt, json.dumps(doc, ensure_ascii=False).encode()):
         st = run([KEYFSCTL, "status", m.mnt])

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import FUSERMOUNT, KEYFS, inspect_json, keyfsctl, read_file, run, wait_for, write_file
+from helpers import FUSERMOUNT, KEYFS, KEYFSCTL, inspect_json, keyfsctl, read_file, run, wait_for, write_file
 from kpemu import Emulator
 
 HEADER_MIN = 512
@@ -531,3 +531,42 @@ def test_a_listing_longer_than_the_window_is_unwrapped_ahead_all_the_way(emu, kp
         assert sorted(unwrapped()) == sorted(ids[x] for x in names[:want])
     # One unwrap per file, none twice.
     assert collections.Counter(unwrapped()) == collections.Counter(ids.values())
+
+
+def status_doc(mnt):
+    r = run([KEYFSCTL, "status", mnt, "--json"])
+    assert r.stderr == "", r
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_status_counts_the_wraps_and_unwraps_and_their_failures(emu, kp_mount):
+    # No pool and no prefetch: every wrap is a create's, every unwrap an open's.
+    m = kp_mount("dek_pool=0", "prefetch=0")
+    wraps = emu.kms_calls().get("wrap", 0)
+    for k in range(3):
+        write_file(m.path("f%d" % k), b"file %d" % k)
+    rc, doc = status_doc(m.mnt)
+    assert rc == 0 and (doc["kms_wraps"], doc["kms_unwraps"], doc["kms_key_errors"]) == (3, 0, 0), doc
+    assert emu.kms_calls().get("wrap", 0) - wraps == 3
+    text = run([KEYFSCTL, "status", m.mnt]).stdout
+    assert "key service: 3 wraps, 0 unwraps, 0 failed\n" in text, text
+    m.umount()
+
+    m = kp_mount("dek_pool=0", "prefetch=0", allow_errors=True)
+    assert read_file(m.path("f0")) == b"file 0" and read_file(m.path("f1")) == b"file 1"
+    # Polls hang from now on: only the refused unwrap can tell the mount the key is suspended.
+    emu.add_fault("latency", ms=25000, count=-1, match="/metadata")
+    emu.key_action(emu.kid, "disable")
+    try:
+        with pytest.raises(OSError):
+            read_file(m.path("f2"))
+        rc, doc = status_doc(m.mnt)
+        assert rc == 8 and doc["state"] == "locked", doc
+        assert (doc["kms_wraps"], doc["kms_unwraps"], doc["kms_key_errors"]) == (0, 3, 1), doc
+        prom = run([KEYFSCTL, "status", "--prometheus"]).stdout
+        mine = [l for l in prom.splitlines() if 'mountpoint="%s"' % os.path.realpath(m.mnt) in l]
+        assert any(l.startswith("keyfs_kms_unwraps_total{") and l.endswith("} 3") for l in mine), mine
+        assert any(l.startswith("keyfs_kms_key_errors_total{") and l.endswith("} 1") for l in mine), mine
+    finally:
+        emu.clear_faults()
+        emu.key_action(emu.kid, "enable")

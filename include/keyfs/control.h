@@ -19,7 +19,7 @@
  *   "status\n"  -> the status object (docs/LOCKING.md): state, reason, key, key_state, last_poll,
  *                  poll, grace, deactivated, backing, mountpoint, volume, key_id, key_crn,
  *                  last_good_age, kms_calls, kms_errors, kms_latency_ms, kms_latency_avg_ms,
- *                  files_keyed, audit_dropped
+ *                  files_keyed, audit_dropped, kms_wraps, kms_unwraps, kms_key_errors
  *   "lock\n"    -> the status object after a manual lock took effect (locking is complete)
  *   "unlock\n"  -> the status object after a manual unlock (the mount may stay locked for a
  *                  KMS reason, which "reason" then names)
@@ -84,6 +84,10 @@ struct control_status {
 	int64_t kms_latency_avg_ms;     /* over all polls */
 	int64_t files_keyed;            /* files whose keys are loaded now */
 	int64_t audit_dropped;          /* audit events dropped */
+	/* Added with the key service counts; older daemons send none: -1. */
+	int64_t kms_wraps;              /* wraps asked of the key service since the mount */
+	int64_t kms_unwraps;            /* unwraps asked */
+	int64_t kms_key_errors;         /* of those wraps and unwraps, how many failed */
 };
 
 /* The answer line for st (JSON and "\n", members in the order above; strings that are not UTF-8

@@ -81,6 +81,13 @@ void kms_free(struct kms *k);
 /* The key id written into file headers (local: the key's uuid; keyprotect: the key id). */
 const char *kms_key_id(const struct kms *k);
 
+/* Wraps and unwraps asked of the service since kms_open, and how many of them failed (refused,
+ * unreachable or cancelled): status figures. Thread-safe; the counts only grow. */
+struct kms_counts {
+	uint64_t wraps, unwraps, failed;
+};
+void kms_counts(const struct kms *k, struct kms_counts *ret);
+
 /* Who the key is, as the service knows it now: a key named by alias or CRN resolves to its id. */
 struct kms_key_info {
 	char id[KMS_KEY_ID_MAX + 1];    /* the key's uuid (local: its uuid) */

@@ -16,7 +16,8 @@ static const char doc_line[] =
 	"\"backing\":\"/srv/data.keyfs\",\"mountpoint\":\"/srv/data\","
 	"\"volume\":\"2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f\",\"key_id\":\"0b5b4d0e-6c0a-4a8f-9d6e-3f1c2b7a9e10\","
 	"\"key_crn\":null,\"last_good_age\":4,\"kms_calls\":120,\"kms_errors\":0,\"kms_latency_ms\":12,"
-	"\"kms_latency_avg_ms\":15,\"files_keyed\":3,\"audit_dropped\":0}\n";
+	"\"kms_latency_avg_ms\":15,\"files_keyed\":3,\"audit_dropped\":0,\"kms_wraps\":41,\"kms_unwraps\":1200,"
+	"\"kms_key_errors\":2}\n";
 
 static struct control_status doc(void)
 {
@@ -26,7 +27,7 @@ static struct control_status doc(void)
 		.backing = "/srv/data.keyfs", .mountpoint = "/srv/data",
 		.volume = "2f1b6c1e-8a7d-4c3b-9e2f-0a1b2c3d4e5f", .key_id = "0b5b4d0e-6c0a-4a8f-9d6e-3f1c2b7a9e10",
 		.last_good_age = 4, .kms_calls = 120, .kms_errors = 0, .kms_latency_ms = 12, .kms_latency_avg_ms = 15,
-		.files_keyed = 3, .audit_dropped = 0,
+		.files_keyed = 3, .audit_dropped = 0, .kms_wraps = 41, .kms_unwraps = 1200, .kms_key_errors = 2,
 	};
 	return st;
 }
