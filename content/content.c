@@ -536,7 +536,7 @@ static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off,
 	return r < 0 ? r : (ssize_t)(end - off);
 }
 
-ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint64_t off)
+static ssize_t read_chunks(const struct content_file *f, void *buf, size_t size, uint64_t off)
 {
 	uint64_t b = 0, p, end, c0, c1, boff, bend;
 	uint8_t *ct, *out = buf;
@@ -597,6 +597,17 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 		}
 	}
 	return (ssize_t)(end - off);
+}
+
+ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint64_t off)
+{
+	ssize_t n;
+
+	/* The chunks of one request share one cipher context, freed (wiped) when it ends. */
+	fmt_chunk_hold();
+	n = read_chunks(f, buf, size, off);
+	fmt_chunk_release();
+	return n;
 }
 
 /*

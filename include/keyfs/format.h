@@ -122,7 +122,7 @@ bool fmt_v2_entry_is_hole(const uint8_t entry[FMT_V2_ENTRY_SIZE]);
 
 /* Between fmt_chunk_hold and fmt_chunk_release (nested: the outermost release counts), the chunk
  * calls of this thread share one OpenSSL context instead of making one per chunk; it is freed
- * (wiped) at the release. Hold it for one request, never across a wait. */
+ * (wiped) at the release. Hold it for one request, never from one request to the next. */
 void fmt_chunk_hold(void);
 void fmt_chunk_release(void);
 
