@@ -219,6 +219,7 @@ static void *worker(void *arg)
 	uint64_t gen;
 	int r;
 
+	kms_thread_ahead();
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
 		while (!p->stop && !wants_wrap(p)) {
@@ -418,8 +419,11 @@ unsigned dekpool_pause(struct dekpool *p, bool paused)
 		return 0;
 	pthread_mutex_lock(&p->lock);
 	p->paused = paused;
-	/* A lock ends a burst: the first create after the unlock is a lone one again. */
+	/* A lock ends a burst and what creates grew the pool to: after the unlock the pool tops up
+	 * its floor with a few calls, and the first create is a lone one again. */
 	p->take_window = p->burst_until = (struct timespec){ 0, 0 };
+	if (paused)
+		p->target = p->floor;
 	n = drain_locked(p);
 	spawn_locked(p);
 	pthread_mutex_unlock(&p->lock);

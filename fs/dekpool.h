@@ -59,7 +59,7 @@ int dekpool_get(struct dekpool *p, struct dekpool_entry *ret, struct kms_err *er
 unsigned dekpool_drain(struct dekpool *p);
 
 /* Paused: drained at once and not refilled until unpaused (the mount is locked); a burst of
- * creates ends with it. Drained in the same step, so no refill starts in between (a lock must
+ * creates ends with it, and the pool is back to its floor. Drained in the same step, so no refill starts in between (a lock must
  * not start a burst of wraps). Returns how many entries were wiped. */
 unsigned dekpool_pause(struct dekpool *p, bool paused);
 

@@ -104,6 +104,7 @@ static void *worker(void *arg)
 	bool rest;
 	int r;
 
+	kms_thread_ahead();
 	pthread_mutex_lock(&p->lock);
 	for (;;) {
 		while (!p->stop && p->count == 0) {

@@ -31,6 +31,9 @@ struct kms_backend {
 	void (*free)(void *state);
 };
 
+/* Whether this thread called kms_thread_ahead: its calls leave room for the ones someone waits for. */
+bool kms_thread_is_ahead(void);
+
 /* Most associated strings any caller passes (keyfs passes two: volume uuid and file id). */
 #define KMS_AAD_MAX 8
 

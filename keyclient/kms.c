@@ -150,6 +150,18 @@ void kms_interrupt(struct kms *k)
 		k->ops->interrupt(k->state);
 }
 
+static _Thread_local bool thread_ahead;
+
+void kms_thread_ahead(void)
+{
+	thread_ahead = true;
+}
+
+bool kms_thread_is_ahead(void)
+{
+	return thread_ahead;
+}
+
 void kms_set_concurrency(struct kms *k, unsigned n)
 {
 	if (n < 1)

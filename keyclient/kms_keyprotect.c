@@ -107,7 +107,9 @@ struct kp {
 	 * new call until its Retry-After has passed (the refused call itself always waits it out,
 	 * without holding a slot). gate_limit calls that worked, and KP_GROW_MS, widen it by one.
 	 * Polls (metadata reads) do not pass the gate: a busy service must not make a key state
-	 * answer wait behind a queue of wraps. gate_lock is a leaf, never held across an HTTP call.
+	 * answer wait behind a queue of wraps. Calls made ahead of need (the DEK pool, prefetch)
+	 * take at most three quarters of the window, so one that someone waits for finds a slot.
+	 * gate_lock is a leaf, never held across an HTTP call.
 	 */
 	pthread_mutex_t gate_lock;
 	pthread_cond_t gate_cond;       /* gate_lock: a slot freed, the pause ended, an interrupt */
@@ -352,9 +354,16 @@ static int64_t mono_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Slots a call made ahead of need may take: all but a quarter of the window (kms_thread_ahead). */
+static unsigned gate_ahead_limit(const struct kp *kp)
+{
+	return kp->gate_limit - kp->gate_limit / 4;
+}
+
 /* Wait for a slot. Returns 0, or -ECANCELED when interrupted or cancelled meanwhile. */
 static int gate_enter(struct kp *kp)
 {
+	bool ahead = kms_thread_is_ahead();
 	uint64_t epoch;
 	int64_t now;
 
@@ -380,7 +389,7 @@ static int gate_enter(struct kp *kp)
 			pthread_cond_timedwait(&kp->gate_cond, &kp->gate_lock, &ts);
 			continue;
 		}
-		if (kp->gate_used < kp->gate_limit)
+		if (kp->gate_used < (ahead ? gate_ahead_limit(kp) : kp->gate_limit))
 			break;
 		pthread_cond_wait(&kp->gate_cond, &kp->gate_lock);
 	}
@@ -393,7 +402,8 @@ static void gate_leave(struct kp *kp)
 {
 	pthread_mutex_lock(&kp->gate_lock);
 	kp->gate_used--;
-	pthread_cond_signal(&kp->gate_cond);
+	/* Every waiter: one made ahead of need may not take the slot, one waited for may. */
+	pthread_cond_broadcast(&kp->gate_cond);
 	pthread_mutex_unlock(&kp->gate_lock);
 }
 

@@ -141,6 +141,15 @@ void kms_interrupt(struct kms *k);
 #define KMS_CONCURRENCY_MAX     128
 void kms_set_concurrency(struct kms *k, unsigned n);
 
+/*
+ * Calls from the calling thread are made ahead of need (keys wrapped for files not yet created,
+ * unwrapped for files not yet opened): they may take at most three quarters of the window, so a
+ * wrap or unwrap someone waits for (an open, a create that found the pool empty) never queues
+ * behind a refill or a prefetch, even when the service stalls them all. A worker thread calls
+ * this once, at its start.
+ */
+void kms_thread_ahead(void);
+
 /* Current state of the root key (enum kms_key_state). On success err may still carry a line
  * naming the answer (Key Protect: its correlation id), for the log of a transition. */
 int kms_key_state(struct kms *k, int *ret_state, struct kms_err *err);
