@@ -20,6 +20,10 @@
 /* One record, either form: every field bounded (paths PATH_MAX), so it always fits. */
 #define RECORD_MAX      (3 * 4096 + 4096)
 #define QUEUE_MAX       64
+/* A journal socket that is full (its queue holds 10 datagrams unless systemd raised
+ * net.unix.max_dgram_qlen) is given this long to take a record, by the emitter only. */
+#define JOURNAL_WAIT_MS 500
+#define JOURNAL_RETRY_MS 5
 
 /* Fixed for good: docs/AUDIT.md lists them, journalctl queries name them. */
 static const struct {
@@ -64,6 +68,7 @@ static struct {
 	unsigned long long dropped;     /* lock */
 	bool drop_logged;               /* lock */
 	const char *drop_why;           /* lock: the first drop, for the emitter to log */
+	bool journal_stuck;             /* emitter: the last record timed out on a full journal */
 } A = { .fd = -1, .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
 
 const char *audit_kind_name(enum audit_kind kind)
@@ -300,14 +305,33 @@ static void dropped(const char *why)
 		log_warn("audit: an event was dropped (%s); further drops are counted, not logged", why);
 }
 
-static void send_record(const char *buf, size_t len)
+/*
+ * One record to the sink. may_wait: the caller is the emitter, nobody's request, so a journal
+ * that is only behind gets up to JOURNAL_WAIT_MS to take it; one that took nothing for that long
+ * is stuck, and the records after it are dropped at once until one goes through again (a sink
+ * that takes nothing must cost the mount nothing, and the queue is what absorbs a burst).
+ */
+static void send_record(const char *buf, size_t len, bool may_wait)
 {
 	if (A.journal) {
-		ssize_t n = sendto(A.fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL, (const struct sockaddr *)&A.addr,
-				   sizeof(A.addr));
+		unsigned waited = 0;
+		ssize_t n;
+		int e = 0;
 
+		for (;;) {
+			n = sendto(A.fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL, (const struct sockaddr *)&A.addr,
+				   sizeof(A.addr));
+			e = n < 0 ? errno : 0;
+			if (n >= 0 || (e != EAGAIN && e != EWOULDBLOCK) || !may_wait || A.journal_stuck ||
+			    waited >= JOURNAL_WAIT_MS)
+				break;
+			usleep(JOURNAL_RETRY_MS * 1000);
+			waited += JOURNAL_RETRY_MS;
+		}
+		if (may_wait)
+			A.journal_stuck = e == EAGAIN || e == EWOULDBLOCK;
 		if (n < 0)
-			dropped(strerror(errno));
+			dropped(strerror(e));
 		return;
 	}
 	if (A.syslog) {
@@ -347,7 +371,7 @@ static void *emitter(void *arg)
 			A.head = (A.head + 1) % QUEUE_MAX;
 			A.count--;
 			pthread_mutex_unlock(&A.lock);
-			send_record(buf, len);
+			send_record(buf, len, true);
 			pthread_mutex_lock(&A.lock);
 		} else {
 			A.head = (A.head + 1) % QUEUE_MAX;
@@ -443,6 +467,6 @@ void audit_emit(const struct audit_event *ev)
 	}
 	len = format(ev, inline_buf, RECORD_MAX);
 	if (len)
-		send_record(inline_buf, len);
+		send_record(inline_buf, len, false);
 	free(inline_buf);
 }
