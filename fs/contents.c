@@ -27,6 +27,11 @@
 /* Writes from this size on seal their chunks before they take the exclusive lock (file_write). */
 #define SEAL_AHEAD_MIN (64u << 10)
 
+/* Writes from this size on (a write-back of sequential data comes in max_write pieces) start the
+ * backing file's write-out every WRITEOUT_EVERY bytes (writeout_note). */
+#define WRITEOUT_REQUEST_MIN (128u << 10)
+#define WRITEOUT_EVERY (8u << 20)
+
 /* An open regular file. Several may share one inode (and its content lock and keys). */
 struct kfs_file {
 	int fd;                         /* backing file: O_RDWR when writable, never O_APPEND */
@@ -39,6 +44,7 @@ struct kfs_file {
 	pthread_mutex_t size_lock;
 	uint64_t size_gen;              /* size_lock */
 	uint64_t size;                  /* size_lock */
+	_Atomic uint64_t unstarted;     /* bytes of large writes since the write-out was last started */
 };
 
 static struct kfs_file *file_of(const struct fuse_file_info *fi)
@@ -580,6 +586,28 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 	return n;
 }
 
+/*
+ * Large writes start the write-out of the backing file's dirty pages every WRITEOUT_EVERY bytes,
+ * without waiting for it. Left alone, those pages wait for the fsync (or the kernel's 30 s) that
+ * follows a big write, and the disk starts only once every chunk is sealed; started here, the
+ * disk writes while the next chunks are sealed, and the fsync finds little left. Small writes
+ * (random 4 KiB) are left to the kernel: their pages may well be written again soon. Before the
+ * reply: a write-back's file may be released as soon as it is answered.
+ */
+static void writeout_note(struct kfs_file *f, size_t n)
+{
+	uint64_t before;
+
+	if (n < WRITEOUT_REQUEST_MIN)
+		return;
+	before = atomic_fetch_add(&f->unstarted, n);
+	if (before >= WRITEOUT_EVERY || before + n < WRITEOUT_EVERY)
+		return;
+	atomic_store(&f->unstarted, 0);
+	/* A hint: if it fails, the kernel writes the pages out later, as it would have anyway. */
+	(void)sync_file_range(f->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+}
+
 void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	struct keyfs *fs = fs_of(req);
@@ -593,10 +621,12 @@ void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_
 		atomic_fetch_add(&fs->lock_refused, 1);
 		n = -EIO;
 	}
-	if (n < 0)
+	if (n < 0) {
 		fuse_reply_err(req, (int)-n);
-	else
-		fuse_reply_write(req, (size_t)n);
+		return;
+	}
+	writeout_note(file_of(fi), (size_t)n);
+	fuse_reply_write(req, (size_t)n);
 }
 
 /* flush, release and fsync move no plaintext: they pass no gate and work while locked. */

@@ -390,3 +390,53 @@ def test_seek_data_sees_cached_writes_of_another_descriptor(mount, opts):
             os.close(r)
     finally:
         os.close(w)
+
+
+def cachestat(path):
+    """(dirty, under write-back) pages of a file in the page cache: the cachestat syscall (Linux 6.5)."""
+    if platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("cachestat's syscall number is known here for x86_64 and aarch64 only")
+    nr = 451
+    libc = ctypes.CDLL(None, use_errno=True)
+    rng = struct.pack("QQ", 0, 0)           # the whole file
+    out = ctypes.create_string_buffer(5 * 8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        r = libc.syscall(nr, fd, ctypes.c_char_p(rng), out, 0)
+        if r < 0:
+            e = ctypes.get_errno()
+            if e == errno.ENOSYS:
+                pytest.skip("this kernel has no cachestat (Linux 6.5)")
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+    _, dirty, writeback, _, _ = struct.unpack("5Q", out.raw)
+    return dirty, writeback
+
+
+WRITEOUT_EVERY = 8 << 20        # fs/contents.c
+
+
+@pytest.mark.parametrize("opts", [(), ("nowriteback",)], ids=["writeback", "nowriteback"])
+def test_a_big_write_starts_the_backing_write_out_as_it_goes(mount, opts):
+    """fs/contents.c, writeout_note: large writes start the backing file's write-out every 8 MiB, so
+    an fsync after a big write finds at most the last 8 MiB (and their tag pages) still dirty."""
+    m = mount(opts=opts)
+    mib = b"\x5a" * (1 << 20)
+    fd = os.open(m.path("big"), os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        for _ in range(40):
+            os.write(fd, mib)
+        # What the kernel still caches on the mount's side goes to keyfs now, without an fsync
+        # (which would write the backing file out too): sync_file_range on the mount's file.
+        libc = ctypes.CDLL(None, use_errno=True)
+        wait_write_wait = 1 | 2 | 4         # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+        assert libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), wait_write_wait) == 0
+        assert cachestat(m.path("big"))[0] == 0
+        dirty, _ = cachestat(m.bpath("big"))
+    finally:
+        os.close(fd)
+    assert os.stat(m.path("big")).st_size == 40 << 20
+    # Old: every one of the backing file's 10,000-odd pages of data waits for an fsync.
+    assert dirty * 4096 <= WRITEOUT_EVERY + (1 << 20), "%d backing pages still dirty" % dirty
+    assert read_file(m.path("big")) == mib * 40
