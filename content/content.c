@@ -126,6 +126,16 @@ static int backing_size(int fd, uint64_t *ret)
 	return 0;
 }
 
+/* The backing size of f: the caller's when it knows it (content_file), else fstat. */
+static int file_backing_size(const struct content_file *f, uint64_t *ret)
+{
+	if (f->backing_size_known) {
+		*ret = f->backing_size;
+		return 0;
+	}
+	return backing_size(f->fd, ret);
+}
+
 int content_headers_read(int fd, enum fmt_layout layout, struct content_headers *ret)
 {
 	uint8_t area[FMT_V2_HEADER_AREA];
@@ -543,13 +553,9 @@ static ssize_t read_chunks(const struct content_file *f, void *buf, size_t size,
 	ssize_t n;
 	int r;
 
-	if (f->backing_size_known) {
-		b = f->backing_size;
-	} else {
-		r = backing_size(f->fd, &b);
-		if (r < 0)
-			return r;
-	}
+	r = file_backing_size(f, &b);
+	if (r < 0)
+		return r;
 	p = fmt_plain_size(f->layout, b);
 	if (off >= p || size == 0)
 		return fmt_backing_size_valid(f->layout, b) || off < p ? 0 : -EIO;
@@ -743,7 +749,7 @@ int content_write_seal(const struct content_file *f, const void *buf, size_t siz
 	s->ready = false;
 	if (!f->keys || !content_write_sealable(f->layout, size, off))
 		return -EAGAIN;
-	r = backing_size(f->fd, &b);
+	r = file_backing_size(f, &b);
 	if (r < 0)
 		return r;
 	if (b == 0 || !fmt_backing_size_valid(f->layout, b) || !v2_sealable(off, size, fmt_plain_size(f->layout, b)))
@@ -779,7 +785,7 @@ ssize_t content_write_sealed(const struct content_file *f, const void *buf, size
 	    s->off != off || s->size != size)
 		return content_write(f, buf, size, off);
 	s->ready = false;
-	r = backing_size(f->fd, &b);
+	r = file_backing_size(f, &b);
 	if (r < 0)
 		return r;
 	if (b == 0 || !fmt_backing_size_valid(f->layout, b))
@@ -827,7 +833,7 @@ static ssize_t write_any(const struct content_file *f, const void *buf, size_t s
 		return 0;
 	if (off > fmt_max_plain_size(f->layout) || size > fmt_max_plain_size(f->layout) - off)
 		return -EFBIG;
-	r = backing_size(f->fd, &b);
+	r = file_backing_size(f, &b);
 	if (r < 0)
 		return r;
 	if (b == 0)

@@ -490,6 +490,50 @@ static void file_size_cached(struct kfs_file *f, struct content_file *cf)
 }
 
 /*
+ * A write's view of the same cache, under content exclusive (contents_enter has bumped
+ * content_gen once, for this write): f's size is good if it was taken right before that bump,
+ * else fstat. An empty file is never taken from the cache: contents_enter may just have given
+ * it its header. Not on a shared mount (other hosts change the file).
+ */
+static void file_size_for_write(struct kfs_file *f, struct content_file *cf)
+{
+	uint64_t gen = atomic_load(&f->inode->content_gen);
+
+	pthread_mutex_lock(&f->size_lock);
+	if (f->size_gen != gen || f->size == 0) {
+		f->size_gen = 0;
+		if (content_backing_size(f->fd, &f->size) == 0)
+			f->size_gen = gen;
+	}
+	if (f->size_gen == gen) {
+		cf->backing_size = f->size;
+		cf->backing_size_known = true;
+	}
+	pthread_mutex_unlock(&f->size_lock);
+}
+
+/* After the write of size bytes at pos answered n, still under content exclusive: the size it
+ * left (content.h) for the reads and the next write, or none after a failure. */
+static void file_size_written(struct kfs_file *f, const struct content_file *cf, ssize_t n, uint64_t pos,
+			      size_t size)
+{
+	uint64_t gen = atomic_load(&f->inode->content_gen) + 1;
+
+	pthread_mutex_lock(&f->size_lock);
+	if (n >= 0 && cf->backing_size_known && f->size_gen == gen - 1) {
+		uint64_t p = fmt_plain_size(cf->layout, f->size);
+
+		/* An empty write checks nothing and changes nothing (the size may be a damaged one). */
+		if (size > 0)
+			f->size = fmt_backing_size(cf->layout, pos + size > p ? pos + size : p);
+		f->size_gen = gen;
+	} else {
+		f->size_gen = 0;
+	}
+	pthread_mutex_unlock(&f->size_lock);
+}
+
+/*
  * Read into buf (size bytes). Also through a descriptor opened before a lock: no plaintext once
  * locking began. Returns the byte count or -errno; on failure buf may hold plaintext of the
  * chunks opened before the one that did not authenticate: the caller wipes it either way.
@@ -556,17 +600,23 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 	 * reader-preferring rwlocks would let the seals of many small writes starve their writes. */
 	if (size >= SEAL_AHEAD_MIN && !fs->shared && !f->append && content_write_sealable(fs->vol.format, size, pos) &&
 	    contents_enter(fs, i, C_SEAL, f->fd, &cf) == 0) {
+		if (cf.keys)
+			file_size_cached(f, &cf);
 		(void)content_write_seal(&cf, buf, size, pos, &sealed);
 		contents_leave(i, C_SEAL);
 	}
 	n = contents_enter(fs, i, C_WRITE, f->fd, &cf);
 	if (n < 0)
 		return n;
+	if (!fs->shared)
+		file_size_for_write(f, &cf);
 	n = shared_write_begin(fs, f->fd, f->append, size, &pos);
 	if (n == 0) {
 		n = sealed.ready ? content_write_sealed(&cf, buf, size, pos, &sealed) : content_write(&cf, buf, size, pos);
 		shared_end(fs, f->fd);
 	}
+	if (!fs->shared)
+		file_size_written(f, &cf, n, pos, size);
 	contents_leave(i, C_WRITE);
 	/* Accepted while a lock is under way: a dirty page written back with the keys. */
 	if (n >= 0 && keystate_locked(fs->ks))

@@ -22,8 +22,10 @@ struct content_file {
 	enum fmt_layout layout;                 /* the volume's: FMT_LAYOUT_V1 or FMT_LAYOUT_V2 */
 	const struct fmt_keys *keys;            /* in sodium_malloc memory */
 	uint8_t file_id[FMT_FILE_ID_SIZE];
-	/* content_read only: the backing file's size, when the caller knows it (a cache of its own,
-	 * valid while nothing changed the file); otherwise content_read asks fstat. */
+	/* content_read and the writes (content_write, _seal, _sealed): the backing file's size,
+	 * when the caller knows it (a cache of its own, valid while nothing changed the file);
+	 * otherwise they ask fstat. A write that succeeds leaves the file at
+	 * fmt_backing_size(layout, max(old plain size, off + size)); a failed one, unknown. */
 	bool backing_size_known;
 	uint64_t backing_size;
 };
