@@ -136,6 +136,208 @@ static int file_backing_size(const struct content_file *f, uint64_t *ret)
 	return backing_size(f->fd, ret);
 }
 
+/*
+ * The tag cache (v2, exclusive mounts): whole tag pages of recently touched groups, so that a
+ * read whose tag page is cached needs only the pread of its data pages, and a write rewrites
+ * its tag page whole (page-aligned: the backing filesystem never reads it from disk first).
+ * Keyed by (content_file.tags_id, group): the caller gives a file an id no other file had and
+ * changes it whenever the file's tag entries change outside content_write (truncate,
+ * fallocate, a new header), so a page of an old id is never found again and just ages out.
+ * Every path here that changes entries under an id updates its cached page, or forgets the
+ * id's pages when the backing state is unknown (a failed write). Global, bounded (LRU), one
+ * mutex: entries are copied in and out under it, never used in place. Tags are not secret.
+ */
+#define TAGS_MAX_PAGES 1024u            /* 4 MiB: the tag pages of 512 MiB of data */
+#define TAGS_BUCKETS   2048u
+
+struct tag_page {
+	struct tag_page *hnext;         /* hash chain */
+	struct tag_page *prev, *next;   /* LRU list, most recent first */
+	uint64_t id, group;
+	uint8_t ents[FMT_V2_PAGE];
+};
+
+static pthread_mutex_t tags_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct tag_page *tags_hash[TAGS_BUCKETS];        /* tags_lock */
+static struct tag_page *tags_head, *tags_tail;           /* tags_lock */
+static size_t tags_count;                                /* tags_lock */
+static _Atomic uint64_t tags_next_id = 1;
+
+uint64_t content_tags_id(void)
+{
+	return atomic_fetch_add(&tags_next_id, 1);
+}
+
+static size_t tags_bucket(uint64_t id, uint64_t group)
+{
+	uint64_t h = (id * 0x9e3779b97f4a7c15ull) ^ (group * 0xc2b2ae3d27d4eb4full);
+
+	return (size_t)(h >> 32) & (TAGS_BUCKETS - 1);
+}
+
+static void tags_lru_unlink(struct tag_page *t)
+{
+	if (t->prev)
+		t->prev->next = t->next;
+	else
+		tags_head = t->next;
+	if (t->next)
+		t->next->prev = t->prev;
+	else
+		tags_tail = t->prev;
+	t->prev = t->next = NULL;
+}
+
+static void tags_lru_front(struct tag_page *t)
+{
+	t->prev = NULL;
+	t->next = tags_head;
+	if (tags_head)
+		tags_head->prev = t;
+	tags_head = t;
+	if (!tags_tail)
+		tags_tail = t;
+}
+
+static void tags_hash_unlink(struct tag_page *t)
+{
+	struct tag_page **pp = &tags_hash[tags_bucket(t->id, t->group)];
+
+	while (*pp && *pp != t)
+		pp = &(*pp)->hnext;
+	if (*pp)
+		*pp = t->hnext;
+}
+
+/* The cached page of (id, group), made the most recent; NULL when not cached. tags_lock held. */
+static struct tag_page *tags_find(uint64_t id, uint64_t group)
+{
+	struct tag_page *t = tags_hash[tags_bucket(id, group)];
+
+	while (t && !(t->id == id && t->group == group))
+		t = t->hnext;
+	if (t && t != tags_head) {
+		tags_lru_unlink(t);
+		tags_lru_front(t);
+	}
+	return t;
+}
+
+/* Copy n entries of chunks idx.. (one group) of f out of the cache. Returns true on a hit. */
+static bool tags_get(const struct content_file *f, uint64_t idx, size_t n, uint8_t *e)
+{
+	struct tag_page *t;
+
+	if (!f->tags_id)
+		return false;
+	pthread_mutex_lock(&tags_lock);
+	t = tags_find(f->tags_id, idx / GC);
+	if (t)
+		memcpy(e, t->ents + (idx % GC) * ES, n * ES);
+	pthread_mutex_unlock(&tags_lock);
+	return t != NULL;
+}
+
+/* The whole cached tag page of group g of f into page. Returns true on a hit. */
+static bool tags_get_page(const struct content_file *f, uint64_t g, uint8_t page[FMT_V2_PAGE])
+{
+	return tags_get(f, g * GC, GC, page);
+}
+
+/* Cache page as the tag page of group g of f, as the backing file holds it now. */
+static void tags_put_page(const struct content_file *f, uint64_t g, const uint8_t page[FMT_V2_PAGE])
+{
+	struct tag_page *t;
+
+	if (!f->tags_id)
+		return;
+	pthread_mutex_lock(&tags_lock);
+	t = tags_find(f->tags_id, g);
+	if (!t) {
+		if (tags_count >= TAGS_MAX_PAGES) {
+			/* Full: the least recently used page becomes this one. */
+			t = tags_tail;
+			tags_hash_unlink(t);
+			tags_lru_unlink(t);
+		} else {
+			t = malloc(sizeof(*t));
+			if (!t)
+				goto out;
+			tags_count++;
+		}
+		t->id = f->tags_id;
+		t->group = g;
+		t->hnext = tags_hash[tags_bucket(t->id, g)];
+		tags_hash[tags_bucket(t->id, g)] = t;
+		tags_lru_front(t);
+	}
+	memcpy(t->ents, page, FMT_V2_PAGE);
+out:
+	pthread_mutex_unlock(&tags_lock);
+}
+
+/* Entries of chunks idx..idx+n-1 (one group) of f now hold e (NULL: zeros, holes) in the
+ * backing file: a cached page of theirs follows. */
+static void tags_note(const struct content_file *f, uint64_t idx, size_t n, const uint8_t *e)
+{
+	struct tag_page *t;
+
+	if (!f->tags_id)
+		return;
+	pthread_mutex_lock(&tags_lock);
+	t = tags_find(f->tags_id, idx / GC);
+	if (t && e)
+		memcpy(t->ents + (idx % GC) * ES, e, n * ES);
+	else if (t)
+		memset(t->ents + (idx % GC) * ES, 0, n * ES);
+	pthread_mutex_unlock(&tags_lock);
+}
+
+/* Forget every cached page of id: what the backing file holds is not known any more. */
+static void tags_forget(uint64_t id)
+{
+	struct tag_page *t, *next;
+
+	if (!id)
+		return;
+	pthread_mutex_lock(&tags_lock);
+	for (t = tags_head; t; t = next) {
+		next = t->next;
+		if (t->id != id)
+			continue;
+		tags_hash_unlink(t);
+		tags_lru_unlink(t);
+		tags_count--;
+		free(t);
+	}
+	pthread_mutex_unlock(&tags_lock);
+}
+
+void content_tags_drop_all(void)
+{
+	struct tag_page *t, *next;
+
+	pthread_mutex_lock(&tags_lock);
+	for (t = tags_head; t; t = next) {
+		next = t->next;
+		free(t);
+	}
+	memset(tags_hash, 0, sizeof(tags_hash));
+	tags_head = tags_tail = NULL;
+	tags_count = 0;
+	pthread_mutex_unlock(&tags_lock);
+}
+
+size_t content_tags_cached(void)
+{
+	size_t n;
+
+	pthread_mutex_lock(&tags_lock);
+	n = tags_count;
+	pthread_mutex_unlock(&tags_lock);
+	return n;
+}
+
 int content_headers_read(int fd, enum fmt_layout layout, struct content_headers *ret)
 {
 	uint8_t area[FMT_V2_HEADER_AREA];
@@ -325,12 +527,18 @@ static int entries_clear(const struct content_file *f, uint64_t from, uint64_t t
 {
 	static const uint8_t zeros[FMT_V2_GROUP_CHUNKS * FMT_V2_ENTRY_SIZE];
 	uint64_t gend = (from / GC + 1) * GC;
+	int r;
 
 	if (from % GC == 0 || from >= to)
 		return 0;
 	if (to > gend)
 		to = gend;
-	return pwrite_full(f->fd, zeros, (size_t)(to - from) * ES, fmt_v2_entry_offset(from));
+	r = pwrite_full(f->fd, zeros, (size_t)(to - from) * ES, fmt_v2_entry_offset(from));
+	if (r == 0)
+		tags_note(f, from, (size_t)(to - from), NULL);
+	else
+		tags_forget(f->tags_id);
+	return r;
 }
 
 /* Read and open chunk idx of a file of plain size p into pt (FMT_CHUNK_SIZE bytes). */
@@ -344,7 +552,7 @@ static int chunk_load(const struct content_file *f, uint64_t idx, uint64_t p, ui
 		uint8_t e[FMT_V2_ENTRY_SIZE];
 		ssize_t n;
 
-		r = entries_read(f, idx, 1, e);
+		r = tags_get(f, idx, 1, e) ? 0 : entries_read(f, idx, 1, e);
 		if (r < 0)
 			return r;
 		n = util_pread_full(f->fd, pt, len, fmt_v2_page_offset(idx));
@@ -397,7 +605,13 @@ static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t
 		/* Data page first, then the entry: a crash in between leaves the old entry, under
 		 * which the new page does not authenticate (docs/FORMAT.md, crash behaviour). */
 		r = pwrite_full(f->fd, ct, len, fmt_v2_page_offset(idx));
-		return r < 0 ? r : pwrite_full(f->fd, e, ES, fmt_v2_entry_offset(idx));
+		if (r == 0)
+			r = pwrite_full(f->fd, e, ES, fmt_v2_entry_offset(idx));
+		if (r == 0)
+			tags_note(f, idx, 1, e);
+		else
+			tags_forget(f->tags_id);
+		return r;
 	}
 
 	nonce_random(nonce, sizeof(nonce));
@@ -441,21 +655,40 @@ static atomic_bool nowait_unsupported;
 static int entries_read_before(const struct content_file *f, uint64_t idx, size_t n, uint8_t *e, uint64_t doff,
 			       uint64_t dlen)
 {
-	struct iovec iov = { e, n * ES };
+	/* With the tag cache on, a miss reads the whole tag page (one syscall as well) and keeps it. */
+	uint8_t page[FMT_V2_PAGE];
+	bool whole = f->tags_id != 0;
+	struct iovec iov = whole ? (struct iovec){ page, sizeof(page) } : (struct iovec){ e, n * ES };
+	off_t at = (off_t)(whole ? fmt_v2_group_offset(idx / GC) : fmt_v2_entry_offset(idx));
 	ssize_t r = -1;
 
+	if (tags_get(f, idx, n, e))
+		return 0;
 	if (dlen <= OVERLAP_MAX && !atomic_load_explicit(&nowait_unsupported, memory_order_relaxed)) {
 		do
-			r = preadv2(f->fd, &iov, 1, (off_t)fmt_v2_entry_offset(idx), RWF_NOWAIT);
+			r = preadv2(f->fd, &iov, 1, at, RWF_NOWAIT);
 		while (r < 0 && errno == EINTR);
-		if (r == (ssize_t)(n * ES))
-			return 0;
+		if (r == (ssize_t)iov.iov_len)
+			goto got;
 		if (r < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS))
 			atomic_store(&nowait_unsupported, true);
 		else
 			(void)posix_fadvise(f->fd, (off_t)doff, (off_t)dlen, POSIX_FADV_WILLNEED);
 	}
-	return entries_read(f, idx, n, e);
+	if (!whole)
+		return entries_read(f, idx, n, e);
+	/* The tag page lies before the data pages read next: a file that ends inside it is cut. */
+	r = util_pread_full(f->fd, page, sizeof(page), (uint64_t)at);
+	if (r < 0)
+		return (int)r;
+	if (r != (ssize_t)sizeof(page))
+		return -EIO;
+got:
+	if (whole) {
+		tags_put_page(f, idx / GC, page);
+		memcpy(e, page + (idx % GC) * ES, n * ES);
+	}
+	return 0;
 }
 
 /*
@@ -655,10 +888,38 @@ static int write_v2_gap(const struct content_file *f, uint64_t off, uint64_t b, 
 	return c0 > first_new ? entries_clear(f, first_new, c0) : 0;
 }
 
-/* Write the sealed chunks c0..c1 of a file of new plain size newp: per group, the data pages
- * first, then their entries (docs/FORMAT.md, crash behaviour). */
-static int write_v2_put(const struct content_file *f, uint64_t c0, uint64_t c1, uint64_t newp, const uint8_t *data,
-			const uint8_t *ents)
+/*
+ * Write n entries e of chunks a.. (one group) of a file whose backing size was b before the
+ * write began. With the tag cache, the whole tag page: the cached one, or the backing one read
+ * now (zeros when it lay past the end), with the entries put in; the bytes of the other entries
+ * are rewritten unchanged (docs/FORMAT.md, crash behaviour). Else just the entries.
+ */
+static int entries_write(const struct content_file *f, uint64_t a, size_t n, const uint8_t *e, uint64_t b)
+{
+	uint8_t page[FMT_V2_PAGE];
+	uint64_t g = a / GC, at = fmt_v2_group_offset(g);
+	int r;
+
+	if (!f->tags_id)
+		return pwrite_full(f->fd, e, n * ES, fmt_v2_entry_offset(a));
+	if (!tags_get_page(f, g, page)) {
+		ssize_t k = at >= b ? 0 : util_pread_full(f->fd, page, sizeof(page), at);
+
+		if (k < 0)
+			return (int)k;
+		memset(page + k, 0, sizeof(page) - (size_t)k);
+	}
+	memcpy(page + (a % GC) * ES, e, n * ES);
+	r = pwrite_full(f->fd, page, sizeof(page), at);
+	if (r == 0)
+		tags_put_page(f, g, page);
+	return r;
+}
+
+/* Write the sealed chunks c0..c1 of a file of new plain size newp, backing size b before the
+ * write: per group, the data pages first, then their entries (docs/FORMAT.md, crash behaviour). */
+static int write_v2_put(const struct content_file *f, uint64_t c0, uint64_t c1, uint64_t newp, uint64_t b,
+			const uint8_t *data, const uint8_t *ents)
 {
 	for (uint64_t a = c0; a <= c1;) {
 		uint64_t z = (a / GC + 1) * GC - 1 < c1 ? (a / GC + 1) * GC - 1 : c1;
@@ -666,7 +927,7 @@ static int write_v2_put(const struct content_file *f, uint64_t c0, uint64_t c1, 
 				    fmt_v2_page_offset(a));
 
 		if (r == 0)
-			r = pwrite_full(f->fd, ents + (a - c0) * ES, (size_t)(z - a + 1) * ES, fmt_v2_entry_offset(a));
+			r = entries_write(f, a, (size_t)(z - a + 1), ents + (a - c0) * ES, b);
 		if (r < 0)
 			return r;
 		a = z + 1;
@@ -713,11 +974,13 @@ static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t 
 			sodium_memzero(pt, sizeof(pt));
 		}
 	}
-	r = write_v2_put(f, c0, c1, newp, data, ents);
+	r = write_v2_put(f, c0, c1, newp, b, data, ents);
 	if (r < 0)
 		goto fail;
 	return (ssize_t)size;
 fail:
+	/* What the failed write left in the tag pages is not known. */
+	tags_forget(f->tags_id);
 	/* Keep the file well-formed: a failed append (ENOSPC) must not leave a cut chunk. */
 	if (newp > p && ftruncate(f->fd, (off_t)rollback) < 0)
 		return -errno;
@@ -800,9 +1063,10 @@ ssize_t content_write_sealed(const struct content_file *f, const void *buf, size
 	r = write_v2_gap(f, off, b, p, &rollback);
 	fmt_chunk_release();
 	if (r == 0)
-		r = write_v2_put(f, off / CS, (end - 1) / CS, end > p ? end : p, data, ents);
+		r = write_v2_put(f, off / CS, (end - 1) / CS, end > p ? end : p, b, data, ents);
 	if (r == 0)
 		return (ssize_t)size;
+	tags_forget(f->tags_id);
 	/* Keep the file well-formed: a failed append (ENOSPC) must not leave a cut chunk. */
 	if (end > p && ftruncate(f->fd, (off_t)rollback) < 0)
 		return -errno;

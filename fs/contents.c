@@ -155,6 +155,33 @@ static int contents_enter(struct keyfs *fs, struct kfs_inode *i, enum contents_o
 
 /* ---- regular files ---- */
 
+/*
+ * The tag cache id of i for a read or write (content.h), given one on first use; 0 (no cache)
+ * on a shared mount, where other hosts change the tag pages, and on a v1 volume (no tag pages).
+ * Called holding i->content (readers may race to give it one: the first wins).
+ */
+static uint64_t inode_tags_id(const struct keyfs *fs, struct kfs_inode *i)
+{
+	uint64_t id, none = 0;
+
+	if (fs->shared || fs->vol.format != FMT_LAYOUT_V2)
+		return 0;
+	id = atomic_load(&i->tags_id);
+	if (id)
+		return id;
+	id = content_tags_id();
+	if (!atomic_compare_exchange_strong(&i->tags_id, &none, id))
+		id = none;
+	return id;
+}
+
+/* i's tag entries change outside content_write (holding i->content exclusively): its cached tag
+ * pages are never found again (they age out of the cache), the next read or write gets a new id. */
+static void inode_tags_forget(struct kfs_inode *i)
+{
+	atomic_store(&i->tags_id, 0);
+}
+
 static int file_new(struct keyfs *fs, int fd, struct kfs_inode *i, int flags, bool writable, struct kfs_file **ret)
 {
 	struct kfs_file *f = malloc(sizeof(*f));
@@ -213,6 +240,7 @@ static int file_truncate(struct keyfs *fs, struct kfs_inode *i, int fd, uint64_t
 
 	if (r < 0)
 		return r;
+	inode_tags_forget(i);
 	r = shared_all_begin(fs, fd);
 	if (r == 0) {
 		r = cf.keys || size ? content_truncate(&cf, size) : filekeys_drop_header(fs, i, fd);
@@ -548,6 +576,8 @@ static ssize_t file_read(struct keyfs *fs, struct kfs_file *f, size_t size, off_
 		return n;
 	if (cf.keys && !fs->shared)
 		file_size_cached(f, &cf);
+	if (cf.keys)
+		cf.tags_id = inode_tags_id(fs, i);
 	if (cf.keys && (n = shared_read_begin(fs, f->fd, (uint64_t)off, size)) == 0) {
 		n = content_read(&cf, buf, size, (uint64_t)off);
 		shared_end(fs, f->fd);
@@ -610,6 +640,7 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 		return n;
 	if (!fs->shared)
 		file_size_for_write(f, &cf);
+	cf.tags_id = inode_tags_id(fs, i);
 	n = shared_write_begin(fs, f->fd, f->append, size, &pos);
 	if (n == 0) {
 		n = sealed.ready ? content_write_sealed(&cf, buf, size, pos, &sealed) : content_write(&cf, buf, size, pos);
@@ -717,6 +748,7 @@ static int file_fallocate(struct keyfs *fs, struct kfs_file *f, int mode, off_t 
 	r = contents_enter(fs, f->inode, op, f->fd, &cf);
 	if (r < 0)
 		return r;
+	inode_tags_forget(f->inode);
 	r = shared_all_begin(fs, f->fd);
 	if (r == 0) {
 		r = content_fallocate(&cf, mode, (uint64_t)off, (uint64_t)len);

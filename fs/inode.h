@@ -69,6 +69,9 @@ struct kfs_inode {
 	/* Bumped by every operation that takes content exclusive (contents.c): a read-side cache
 	 * of an open file (its backing size) is good only while this has not moved. */
 	_Atomic uint64_t content_gen;
+	/* The file's id in content.c's tag cache (content.h), 0 until a read or write gives it one
+	 * (contents.c); set to 0 by whatever changes its tag entries otherwise (truncate, fallocate). */
+	_Atomic uint64_t tags_id;
 	/* keys_lock: the errno of the load that ended last (0: it worked), and a count of loads
 	 * ended: a thread that waited for a prefetch's load takes its failure rather than asking
 	 * the KMS again for the same wrapped DEK. */

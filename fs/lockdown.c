@@ -114,6 +114,8 @@ static void lockdown(void *ctx, struct keystate *ks)
 	/* After the inodes: the keys of one our snapshot held last were wiped above; none is
 	 * kept from now on (keycache_put refuses while locking). */
 	kept = keycache_wipe(fs->table.keycache);
+	/* The v2 tag pages cached for reads and writes (content.h): no use while locked. */
+	content_tags_drop_all();
 	log_info("lock: caches of %zu files invalidated in %u write-back passes (%lu writes, %lu of them after "
 		 "the first pass), %zu file keys, %zu kept keys of forgotten files and %zu pooled keys wiped",
 		 n, passes, written, late, wiped, kept, pooled);

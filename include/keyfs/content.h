@@ -28,7 +28,21 @@ struct content_file {
 	 * fmt_backing_size(layout, max(old plain size, off + size)); a failed one, unknown. */
 	bool backing_size_known;
 	uint64_t backing_size;
+	/* v2: the file's key in the tag cache (content_tags_id), 0 for none. Reads and writes
+	 * (content_read, content_write, _sealed) then keep its tag pages cached and write tag
+	 * pages whole. The caller owns the id: it must give the file a new one (or 0) whenever
+	 * something other than these changes its tag entries (truncate, fallocate, a new or
+	 * dropped header, another host), and use it only while it holds the content lock (shared
+	 * for reads, exclusive for the rest). Never on a shared mount. */
+	uint64_t tags_id;
 };
+
+/* A tag cache id no file had before (never 0). */
+uint64_t content_tags_id(void);
+/* Free every cached tag page (a lock: the cache holds nothing of use while locked). */
+void content_tags_drop_all(void);
+/* Tag pages cached now (at most 1024, 4 KiB each). */
+size_t content_tags_cached(void);
 
 /* The header slots of one file that parse (structure only: authenticating needs the keys). */
 struct content_headers {
