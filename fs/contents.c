@@ -196,6 +196,7 @@ static int file_new(struct keyfs *fs, int fd, struct kfs_inode *i, int flags, bo
 	f->inode = i;
 	pthread_mutex_init(&f->size_lock, NULL);
 	f->size_gen = 0;
+	atomic_init(&f->unstarted, 0);
 	if (writable)
 		atomic_fetch_add(&i->writers, 1);
 	*ret = f;
