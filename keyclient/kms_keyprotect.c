@@ -108,7 +108,7 @@ struct kp {
 	 * without holding a slot). gate_limit calls that worked, and KP_GROW_MS, widen it by one.
 	 * Polls (metadata reads) do not pass the gate: a busy service must not make a key state
 	 * answer wait behind a queue of wraps. Calls made ahead of need (the DEK pool, prefetch)
-	 * take at most three quarters of the window, so one that someone waits for finds a slot.
+	 * leave KMS_WAITED_SLOTS of the window (a quarter of a smaller one) to calls someone waits for.
 	 * gate_lock is a leaf, never held across an HTTP call.
 	 */
 	pthread_mutex_t gate_lock;
@@ -354,10 +354,13 @@ static int64_t mono_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Slots a call made ahead of need may take: all but a quarter of the window (kms_thread_ahead). */
+/* Slots a call made ahead of need may take: all but KMS_WAITED_SLOTS, or a quarter of a smaller
+ * window (kms_thread_ahead). */
 static unsigned gate_ahead_limit(const struct kp *kp)
 {
-	return kp->gate_limit - kp->gate_limit / 4;
+	unsigned keep = kp->gate_limit / 4 < KMS_WAITED_SLOTS ? kp->gate_limit / 4 : KMS_WAITED_SLOTS;
+
+	return kp->gate_limit - keep;
 }
 
 /* Wait for a slot. Returns 0, or -ECANCELED when interrupted or cancelled meanwhile. */

@@ -131,11 +131,12 @@ def test_unwraps_in_flight_reach_and_never_exceed_kms_concurrency(emu, kp_mount,
     m = kp_mount("dek_pool=0", "kms_concurrency=%d" % n)
     emu.reset_peak()
     mark = len(emu.served("unwrap"))
-    # The listing queues the 60 files; the prefetch unwraps them n - n/4 at a time: calls made
-    # ahead of need leave a quarter of the window to the ones someone waits for. (A file the
+    # The listing queues the 60 files; the prefetch unwraps them n - min(n/4, 4) at a time: calls
+    # made ahead of need leave 4 slots (a quarter of a smaller window) to the ones someone waits
+    # for (include/keyfs/kms.h, KMS_WAITED_SLOTS). (A file the
     # kernel forgets while queued, as it may under memory pressure, is unwrapped all the same:
     # its keys wait in the key cache for its open.)
-    ahead = n - n // 4
+    ahead = n - min(n // 4, 4)
     assert len(os.listdir(m.path("d"))) == 60
     wait_for(lambda: len(emu.served("unwrap")) - mark >= ahead, timeout=30, what="%d keys unwrapped ahead" % ahead)
     time.sleep(0.5)
@@ -486,7 +487,7 @@ def test_a_burst_of_calls_leaves_one_or_two_connections_at_rest(emu, kp_mount):
         return len(emu.served("unwrap")) - mark == 60
     assert len(os.listdir(m.path("d"))) == 60
     wait_for(unwrapped_all, timeout=30, what="the listing's keys unwrapped")
-    # Nine calls in flight (the prefetch's three quarters of 12), each on its own connection; at
+    # Nine calls in flight (12 less the 3 kept for calls someone waits for), each on its own connection; at
     # rest, after 10 s unused, the polls keep two of them.
     assert peak[0] >= 9
     wait_for(lambda: established(m.proc.pid, port) <= 2, timeout=20, interval=0.2,
@@ -536,7 +537,7 @@ def test_the_pool_tops_up_with_few_calls_and_refills_a_burst_with_the_window(emu
 
 
 def test_an_open_finds_a_slot_while_the_pools_wraps_hang(emu, kp_mount):
-    # Calls made ahead of need take at most three quarters of the window (include/keyfs/kms.h,
+    # Calls made ahead of need leave a quarter of a small window free (include/keyfs/kms.h,
     # kms_thread_ahead): with a window of 4, the pool's refill gets 3 and an open's unwrap the
     # fourth, even while every wrap hangs.
     m = kp_mount("kms_concurrency=4", "prefetch=0")

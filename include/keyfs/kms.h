@@ -143,11 +143,15 @@ void kms_set_concurrency(struct kms *k, unsigned n);
 
 /*
  * Calls from the calling thread are made ahead of need (keys wrapped for files not yet created,
- * unwrapped for files not yet opened): they may take at most three quarters of the window, so a
- * wrap or unwrap someone waits for (an open, a create that found the pool empty) never queues
- * behind a refill or a prefetch, even when the service stalls them all. A worker thread calls
+ * unwrapped for files not yet opened): they leave KMS_WAITED_SLOTS slots of the window free
+ * (a quarter of a smaller one), so a wrap or unwrap someone waits for (an open, a create that
+ * found the pool empty) never queues behind a refill or a prefetch, even when the service
+ * stalls them all. Few suffice: the daemon's 10 request threads are all that can wait at once,
+ * and every slot held back from calls made ahead costs their rate (a quarter of 64 cost
+ * `find | xargs cat` at 20 ms a fifth of its files/s). A worker thread calls
  * this once, at its start.
  */
+#define KMS_WAITED_SLOTS 4
 void kms_thread_ahead(void);
 
 /* Current state of the root key (enum kms_key_state). On success err may still carry a line
