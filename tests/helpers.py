@@ -4,6 +4,7 @@ import ctypes
 import glob
 import hashlib
 import json
+import mmap
 import os
 import pty
 import re
@@ -206,6 +207,16 @@ def py_as(uid, gid, body, groups=()):
 def write_file(path, data, mode="wb"):
     with open(path, mode) as f:
         f.write(data)
+
+
+def direct_pread(fd, size, off):
+    """An O_DIRECT read needs an aligned buffer: an anonymous mapping is page aligned."""
+    buf = mmap.mmap(-1, size)
+    try:
+        n = os.preadv(fd, [buf], off)
+        return bytes(buf[:n])
+    finally:
+        buf.close()
 
 
 def read_file(path):

@@ -4,21 +4,10 @@
 # entries_read_before) return the exact bytes. Reads go O_DIRECT so each one reaches the daemon
 # (the kernel's page cache would otherwise answer them and hide the daemon's side).
 import errno
-import mmap
 import os
 import random
 
-from helpers import KEYFSCTL, need_root, read_file, run, write_file
-
-
-def _direct_pread(fd, size, off):
-    """An O_DIRECT read needs an aligned buffer: an anonymous mapping is page aligned."""
-    buf = mmap.mmap(-1, size)
-    try:
-        n = os.preadv(fd, [buf], off)
-        return bytes(buf[:n])
-    finally:
-        buf.close()
+from helpers import KEYFSCTL, direct_pread, need_root, read_file, run, write_file
 
 
 def test_read_after_another_handle_grows_and_shrinks_the_file(mount):
@@ -28,8 +17,8 @@ def test_read_after_another_handle_grows_and_shrinks_the_file(mount):
     fd = os.open(m.path("f"), os.O_RDONLY | os.O_DIRECT)
     try:
         # Fills the cache: backing size of one 4 KiB chunk.
-        assert _direct_pread(fd, 8192, 0) == first
-        assert _direct_pread(fd, 4096, 4096) == b""
+        assert direct_pread(fd, 8192, 0) == first
+        assert direct_pread(fd, 4096, 4096) == b""
         # Grown through another handle, written back to the daemon.
         w = os.open(m.path("f"), os.O_WRONLY)
         try:
@@ -37,16 +26,16 @@ def test_read_after_another_handle_grows_and_shrinks_the_file(mount):
             os.fsync(w)
         finally:
             os.close(w)
-        assert _direct_pread(fd, 4 * 4096, 4096) == more
-        assert _direct_pread(fd, 4096, 4 * 4096) == more[3 * 4096:]
+        assert direct_pread(fd, 4 * 4096, 4096) == more
+        assert direct_pread(fd, 4096, 4 * 4096) == more[3 * 4096:]
         # Shrunk by path: a cached size would read past the new end (or fail the shorter file).
         os.truncate(m.path("f"), 4096 + 10)
-        assert _direct_pread(fd, 8192, 0) == first + more[:10]
-        assert _direct_pread(fd, 4096, 8192) == b""
+        assert direct_pread(fd, 8192, 0) == first + more[:10]
+        assert direct_pread(fd, 4096, 8192) == b""
         # Emptied and written again: the new bytes, exactly.
         with open(m.path("f"), "wb") as f:
             f.write(b"new")
-        assert _direct_pread(fd, 4096, 0) == b"new"
+        assert direct_pread(fd, 4096, 0) == b"new"
     finally:
         os.close(fd)
     assert read_file(m.path("f")) == b"new"
@@ -58,19 +47,19 @@ def test_lock_refuses_reads_through_a_handle_with_a_cached_size(mount):
     write_file(m.path("f"), data)
     fd = os.open(m.path("f"), os.O_RDONLY | os.O_DIRECT)
     try:
-        assert _direct_pread(fd, 8192, 0) == data
+        assert direct_pread(fd, 8192, 0) == data
         r = run([KEYFSCTL, "lock", m.mnt], timeout=30)
         assert r.returncode == 0, r
         for off in (0, 4096):
             try:
-                got = _direct_pread(fd, 4096, off)
+                got = direct_pread(fd, 4096, off)
             except OSError as e:
                 assert e.errno == errno.ENOKEY, e
             else:
                 raise AssertionError("read at %d while locked returned %r" % (off, got[:16]))
         r = run([KEYFSCTL, "unlock", m.mnt], timeout=30)
         assert r.returncode == 0, r
-        assert _direct_pread(fd, 8192, 0) == data
+        assert direct_pread(fd, 8192, 0) == data
     finally:
         os.close(fd)
 
@@ -93,7 +82,7 @@ def test_reads_with_the_backing_cache_dropped_are_exact(mount):
                 os.sync()
                 with open("/proc/sys/vm/drop_caches", "w") as f:
                     f.write("1")
-            got = _direct_pread(fd, (size + 4095) // 4096 * 4096 + 4096, off)
+            got = direct_pread(fd, (size + 4095) // 4096 * 4096 + 4096, off)
             # O_DIRECT reads whole pages: compare what the file holds from off on.
             assert got[:size] == data[off:off + size], (off, size)
             assert len(got) == min(len(data) - off, (size + 4095) // 4096 * 4096 + 4096), (off, size)

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from helpers import CHUNK, FORMAT, KEYFSCTL, LAYOUT, fallocate, flip, read_file, run, write_file
+from helpers import CHUNK, FORMAT, KEYFSCTL, LAYOUT, direct_pread, fallocate, flip, read_file, run, write_file
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -23,27 +23,17 @@ GROUP = 128 * CHUNK     # the plaintext one v2 tag page covers
 v2_only = pytest.mark.skipif(FORMAT != 2, reason="tag pages are format v2")
 
 
-def _direct_pread(fd, size, off):
-    """An O_DIRECT read needs an aligned buffer: an anonymous mapping is page aligned."""
-    buf = mmap.mmap(-1, size)
-    try:
-        n = os.preadv(fd, [buf], off)
-        return bytes(buf[:n])
-    finally:
-        buf.close()
-
-
 def _direct_read_all(path, size):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        return _direct_pread(fd, size, 0)
+        return direct_pread(fd, size, 0)
     finally:
         os.close(fd)
 
 
 def _expect_eio(fd, size, off):
     with pytest.raises(OSError) as ei:
-        _direct_pread(fd, size, off)
+        direct_pread(fd, size, off)
     assert ei.value.errno == errno.EIO, ei.value
 
 
@@ -71,7 +61,7 @@ def test_interleaved_writes_reads_truncates_punches_are_exact(mount):
                 off = rnd.randrange(0, size + 1) // CHUNK * CHUNK
                 n = rnd.choice([CHUNK, 2 * CHUNK, 64 * 1024, GROUP + CHUNK])
                 os.fsync(w)     # the writeback cache hands its pages to the daemon first
-                assert _direct_pread(r, n, off) == bytes(model[off:off + n]), (step, off, n)
+                assert direct_pread(r, n, off) == bytes(model[off:off + n]), (step, off, n)
             elif op == "truncate":
                 new = rnd.choice([rnd.randrange(0, 3 * GROUP), size + rnd.randrange(1, GROUP), GROUP, GROUP + 5])
                 os.ftruncate(w, new)
@@ -88,7 +78,7 @@ def test_interleaved_writes_reads_truncates_punches_are_exact(mount):
                 end = min(off + n, size)
                 model[off:end] = bytes(end - off)
         os.fsync(w)
-        assert _direct_pread(r, len(model) + CHUNK, 0) == bytes(model)
+        assert direct_pread(r, len(model) + CHUNK, 0) == bytes(model)
     finally:
         os.close(r)
         os.close(w)
@@ -117,7 +107,7 @@ def test_random_4k_writes_then_reads_are_exact(mount):
             buf.close()
             model[i * CHUNK:(i + 1) * CHUNK] = data
             j = rnd.randrange(nchunks)
-            assert _direct_pread(fd, CHUNK, j * CHUNK) == bytes(model[j * CHUNK:(j + 1) * CHUNK])
+            assert direct_pread(fd, CHUNK, j * CHUNK) == bytes(model[j * CHUNK:(j + 1) * CHUNK])
     finally:
         os.close(fd)
     m.umount()
@@ -129,7 +119,7 @@ def _filled(m, name, data):
     """Write data, then read it all once through the daemon, so that its tag pages are cached."""
     write_file(m.path(name), data)
     fd = os.open(m.path(name), os.O_RDONLY | os.O_DIRECT)
-    assert _direct_pread(fd, len(data), 0) == data
+    assert direct_pread(fd, len(data), 0) == data
     return fd
 
 
@@ -144,8 +134,8 @@ def test_data_page_changed_after_its_tag_page_was_cached_fails(mount):
         _expect_eio(fd, CHUNK, 3 * CHUNK)
         _expect_eio(fd, CHUNK, (128 + 1) * CHUNK)
         # The chunks around them still read.
-        assert _direct_pread(fd, CHUNK, 2 * CHUNK) == data[2 * CHUNK:3 * CHUNK]
-        assert _direct_pread(fd, CHUNK, 128 * CHUNK) == data[128 * CHUNK:129 * CHUNK]
+        assert direct_pread(fd, CHUNK, 2 * CHUNK) == data[2 * CHUNK:3 * CHUNK]
+        assert direct_pread(fd, CHUNK, 128 * CHUNK) == data[128 * CHUNK:129 * CHUNK]
         # Both a tag entry and its data page changed (a chunk copied from elsewhere): EIO too.
         flip(m.bpath("f"), LAYOUT.tag_offset(5) + 3)
         flip(m.bpath("f"), LAYOUT.data_offset(5) + 7)
@@ -164,7 +154,7 @@ def test_tag_entry_changed_alone_while_cached_goes_unnoticed(mount):
     fd = _filled(m, "f", data)
     try:
         flip(m.bpath("f"), LAYOUT.tag_offset(2) + 1)
-        assert _direct_pread(fd, CHUNK, 2 * CHUNK) == data[2 * CHUNK:3 * CHUNK]
+        assert direct_pread(fd, CHUNK, 2 * CHUNK) == data[2 * CHUNK:3 * CHUNK]
     finally:
         os.close(fd)
     m.umount()
@@ -172,7 +162,7 @@ def test_tag_entry_changed_alone_while_cached_goes_unnoticed(mount):
     fd = os.open(m.path("f"), os.O_RDONLY | os.O_DIRECT)
     try:
         _expect_eio(fd, CHUNK, 2 * CHUNK)
-        assert _direct_pread(fd, CHUNK, CHUNK) == data[CHUNK:2 * CHUNK]
+        assert direct_pread(fd, CHUNK, CHUNK) == data[CHUNK:2 * CHUNK]
     finally:
         os.close(fd)
 
@@ -200,8 +190,8 @@ def test_truncate_fallocate_and_lock_drop_the_cached_tag_pages(mount, how):
         # The entry alone changed: seen at once, as the tag page is read from the backing again.
         flip(m.bpath("f"), LAYOUT.tag_offset(1) + 1)
         _expect_eio(fd, CHUNK, CHUNK)
-        assert _direct_pread(fd, CHUNK, 0) == data[:CHUNK]
-        assert _direct_pread(fd, len(data) - 2 * CHUNK, 2 * CHUNK) == data[2 * CHUNK:]
+        assert direct_pread(fd, CHUNK, 0) == data[:CHUNK]
+        assert direct_pread(fd, len(data) - 2 * CHUNK, 2 * CHUNK) == data[2 * CHUNK:]
     finally:
         os.close(fd)
 
@@ -214,7 +204,7 @@ def test_appends_across_groups_after_a_shrink_read_holes_where_nothing_was_writt
     fd = _filled(m, "f", old)
     try:
         os.truncate(m.path("f"), 3 * CHUNK + 5)
-        assert _direct_pread(fd, 4 * CHUNK, 0) == old[:3 * CHUNK + 5]
+        assert direct_pread(fd, 4 * CHUNK, 0) == old[:3 * CHUNK + 5]
         tail = os.urandom(CHUNK)
         w = os.open(m.path("f"), os.O_WRONLY)
         try:
@@ -223,7 +213,7 @@ def test_appends_across_groups_after_a_shrink_read_holes_where_nothing_was_writt
         finally:
             os.close(w)
         want = old[:3 * CHUNK + 5] + bytes(GROUP + 2 * CHUNK - (3 * CHUNK + 5)) + tail
-        assert _direct_pread(fd, len(want) + CHUNK, 0) == want
+        assert direct_pread(fd, len(want) + CHUNK, 0) == want
     finally:
         os.close(fd)
     m.umount()
