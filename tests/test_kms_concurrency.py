@@ -33,6 +33,7 @@ class CountingEmulator(Emulator):
         self.inflight = 0
         self.peak = 0
         self.done = []          # (action, file id hex) of every wrap/unwrap answered 200
+        self.counting = threading.local()
 
     def _action(self, role, kid, action, body):
         if action not in ("wrap", "unwrap"):
@@ -53,12 +54,24 @@ class CountingEmulator(Emulator):
             with self.lock:
                 self.inflight += 1
                 self.peak = max(self.peak, self.inflight)
+        self.counting.open = gated
         try:
             return super()._dispatch(h)
         finally:
-            if gated:
-                with self.lock:
-                    self.inflight -= 1
+            self._call_ended()
+
+    def _call_ended(self):
+        if getattr(self.counting, "open", False):
+            self.counting.open = False
+            with self.lock:
+                self.inflight -= 1
+
+    def _send_raw(self, h, *a, **kw):
+        # For the client the call ends with its answer: count it out before the answer goes, or a
+        # client that sends its next call at once is seen with both in flight (this thread may be
+        # scheduled again only after the next call arrived).
+        self._call_ended()
+        return super()._send_raw(h, *a, **kw)
 
     def reset_peak(self):
         with self.lock:
