@@ -1,7 +1,9 @@
 /* aead-bench.c: the chunk AEAD candidates of docs/FORMAT.md ("Cipher choice"), one core, MB/s.
  *
- * Not built by meson (a tool to run by hand, like bench/run):
- *   cc -O2 -o /tmp/aead-bench bench/aead-bench.c $(pkg-config --cflags --libs libsodium libcrypto)
+ * Not built by meson (a tool to run by hand, like bench/run); the "keyfs v2" rows call keyfs's own
+ * chunk code (content/format.c), so build it with that:
+ *   cc -O2 -Iinclude -o /tmp/aead-bench bench/aead-bench.c content/format.c \
+ *      $(pkg-config --cflags --libs libsodium libcrypto) -lpthread
  *   /tmp/aead-bench [runs]         # default 7 runs; the median is printed
  *
  * Figures are per core: thread CPU time, and the candidates take turns within each run (64 MiB each
@@ -21,6 +23,8 @@
 #include <openssl/evp.h>
 #include <sodium.h>
 
+#include "keyfs/format.h"
+
 #define AD_LEN 24
 #define MAX_LEN 65536
 
@@ -28,6 +32,8 @@ static uint8_t key[32], ad[AD_LEN], nonce[24], pt[MAX_LEN], ct[MAX_LEN + 16], ou
 static EVP_CIPHER *chacha, *gcm;
 static EVP_CIPHER_CTX *ctx;
 static crypto_aead_aes256gcm_state sodium_gcm_state;
+static struct fmt_keys keys_x, keys_xaes;       /* keyfs v2 rows: one file of each cipher */
+static uint8_t entries[MAX_LEN / 4096][FMT_V2_ENTRY_SIZE];
 
 static double now(void)
 {
@@ -98,7 +104,7 @@ static void ossl_gcm(int enc, size_t len)
 enum which {
 	SODIUM_X_SEAL, SODIUM_X_OPEN, HCHACHA, EVP_INIT,
 	OSSL_X_SEAL, OSSL_X_OPEN, OSSL_X_SEAL_RESET, OSSL_X_OPEN_RESET, OSSL_X_SEAL_NEW, OSSL_X_OPEN_NEW,
-	OSSL_GCM_SEAL, OSSL_GCM_OPEN, SODIUM_GCM_SEAL, SODIUM_GCM_OPEN, SODIUM_GCM_SEAL_PRE, SODIUM_GCM_OPEN_PRE,
+	OSSL_GCM_SEAL, OSSL_GCM_OPEN, KEYFS_X_SEAL, KEYFS_X_OPEN, KEYFS_XAES_SEAL, KEYFS_XAES_OPEN, SODIUM_GCM_SEAL, SODIUM_GCM_OPEN, SODIUM_GCM_SEAL_PRE, SODIUM_GCM_OPEN_PRE,
 	N_WHICH
 };
 
@@ -108,9 +114,24 @@ static const char *names[N_WHICH] = {
 	"hchacha20+openssl chacha20-poly1305 seal", "hchacha20+openssl chacha20-poly1305 open",
 	"  same, seal +reset", "  same, open +reset", "  same, seal new ctx", "  same, open new ctx",
 	"openssl aes-256-gcm seal", "openssl aes-256-gcm open",
+	"keyfs v2 chunks, xchacha20-poly1305 seal", "keyfs v2 chunks, xchacha20-poly1305 open",
+	"keyfs v2 chunks, xaes-256-gcm seal", "keyfs v2 chunks, xaes-256-gcm open",
 	"libsodium aes-256-gcm seal", "libsodium aes-256-gcm open",
 	"libsodium aes-256-gcm seal, key expanded once", "libsodium aes-256-gcm open, key expanded once",
 };
+
+/* len bytes as keyfs writes and reads them: 4 KiB v2 chunks, one context held per request. */
+static void keyfs_v2(int enc, const struct fmt_keys *k, size_t len)
+{
+	fmt_chunk_hold();
+	for (size_t off = 0; off < len; off += 4096) {
+		if (enc)
+			fmt_chunk_seal_v2(k, ad, off / 4096, nonce, pt + off, 4096, ct + off, entries[off / 4096]);
+		else if (fmt_chunk_open_v2(k, ad, off / 4096, entries[off / 4096], ct + off, 4096, out + off) != 4096)
+			die("keyfs open");
+	}
+	fmt_chunk_release();
+}
 
 static void prepare(enum which w, size_t len)
 {
@@ -131,6 +152,12 @@ static void prepare(enum which w, size_t len)
 		break;
 	case SODIUM_GCM_OPEN: case SODIUM_GCM_OPEN_PRE:
 		crypto_aead_aes256gcm_encrypt(ct, &clen, pt, len, ad, AD_LEN, NULL, nonce, key);
+		break;
+	case KEYFS_X_OPEN:
+		keyfs_v2(1, &keys_x, len);
+		break;
+	case KEYFS_XAES_OPEN:
+		keyfs_v2(1, &keys_xaes, len);
 		break;
 	default:
 		break;
@@ -173,6 +200,10 @@ static void once(enum which w, size_t len)
 	case OSSL_X_OPEN_NEW: ossl_xchacha(0, len, CTX_NEW); break;
 	case OSSL_GCM_SEAL: ossl_gcm(1, len); break;
 	case OSSL_GCM_OPEN: ossl_gcm(0, len); break;
+	case KEYFS_X_SEAL: keyfs_v2(1, &keys_x, len); break;
+	case KEYFS_X_OPEN: keyfs_v2(0, &keys_x, len); break;
+	case KEYFS_XAES_SEAL: keyfs_v2(1, &keys_xaes, len); break;
+	case KEYFS_XAES_OPEN: keyfs_v2(0, &keys_xaes, len); break;
 	case SODIUM_GCM_SEAL:
 		crypto_aead_aes256gcm_encrypt(ct, &l, pt, len, ad, AD_LEN, NULL, nonce, key);
 		break;
@@ -214,6 +245,9 @@ int main(int argc, char **argv)
 	randombytes_buf(ad, sizeof(ad));
 	randombytes_buf(nonce, sizeof(nonce));
 	randombytes_buf(pt, sizeof(pt));
+	if (fmt_keys_derive(key, FMT_CIPHER_XCHACHA20_POLY1305, &keys_x) < 0 ||
+	    fmt_keys_derive(key, FMT_CIPHER_XAES_256_GCM, &keys_xaes) < 0)
+		die("fmt_keys_derive");
 	chacha = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
 	gcm = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
 	ctx = EVP_CIPHER_CTX_new();

@@ -25,7 +25,7 @@
 
 enum {
 	OPT_KMS = CLI_OPT_BASE, OPT_KEYSTORE, OPT_KEY, OPT_CREATE_KEY, OPT_ENDPOINT, OPT_INSTANCE, OPT_IAM_ENDPOINT,
-	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_FORMAT, OPT_HELP, OPT_SHARED,
+	OPT_APIKEY_FILE, OPT_CA_FILE, OPT_FORMAT, OPT_HELP, OPT_SHARED, OPT_CIPHER,
 };
 
 static const struct option init_options[] = {
@@ -41,6 +41,7 @@ static const struct option init_options[] = {
 	{ "format", required_argument, NULL, OPT_FORMAT },
 	{ "help", no_argument, NULL, OPT_HELP },
 	{ "shared", no_argument, NULL, OPT_SHARED },
+	{ "cipher", required_argument, NULL, OPT_CIPHER },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -59,6 +60,7 @@ struct init_args {
 	const char *ca_file;
 	bool shared;                    /* --shared: several hosts mount it (docs/LOCKING.md) */
 	int format;             /* file layout: 1 or 2 (docs/FORMAT.md) */
+	const char *cipher;     /* --cipher, or NULL: fmt_cipher_default (v2), xchacha20-poly1305 (v1) */
 };
 
 /* BACKING must be missing or an empty dir. Returns 0 (ret_missing tells which) or an exit code. */
@@ -564,6 +566,11 @@ int cmd_init(int argc, char **argv)
 				return cli_usage_error("init", "--format '%s': use 1 or 2", optarg);
 			a.format = optarg[0] - '0';
 			break;
+		case OPT_CIPHER:
+			if (!fmt_cipher_by_name(optarg))
+				return cli_usage_error("init", "--cipher '%s': use xaes-256-gcm or xchacha20-poly1305", optarg);
+			a.cipher = optarg;
+			break;
 		case 'h':
 		case OPT_HELP:
 			cli_print_usage(stdout, "init");
@@ -588,6 +595,20 @@ int cmd_init(int argc, char **argv)
 	memset(&vol, 0, sizeof(vol));
 	memset(&cfg, 0, sizeof(cfg));
 	vol.format = a.format;
+	if (a.format == FMT_LAYOUT_V1) {
+		/* v1 files are XChaCha20-Poly1305 only; the description then names no cipher. */
+		if (a.cipher && fmt_cipher_by_name(a.cipher) != FMT_CIPHER_XCHACHA20_POLY1305)
+			return cli_usage_error("init", "--cipher %s needs --format 2", a.cipher);
+	} else {
+		uint8_t cipher = a.cipher ? fmt_cipher_by_name(a.cipher) : fmt_cipher_default();
+
+		if (!fmt_cipher_available(cipher)) {
+			fprintf(stderr, "keyfsctl init: cipher %s is not available: libcrypto has no AES-256-GCM here\n",
+				fmt_cipher_name(cipher));
+			return KEYFS_EXIT_CONFIG;
+		}
+		snprintf(vol.cipher, sizeof(vol.cipher), "%s", fmt_cipher_name(cipher));
+	}
 	if (a.shared)
 		strcpy(vol.shared, "1");
 	if (!kp) {
@@ -695,8 +716,9 @@ int cmd_init(int argc, char **argv)
 	printf("created keyfs volume '%s'\n"
 	       "  volume:   %s\n"
 	       "  format:   %d\n"
+	       "  cipher:   %s\n"
 	       "  kms:      %s\n",
-	       backing, vol.volume, vol.format, vol.kms);
+	       backing, vol.volume, vol.format, fmt_cipher_name(voldesc_cipher(&vol)), vol.kms);
 	if (kp && strcmp(vol.key, vol.key_id) == 0)
 		printf("  key:      %s\n", vol.key);
 	else

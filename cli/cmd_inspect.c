@@ -888,6 +888,7 @@ static void print_tree_text(struct tree *tr, const struct target *targets, int n
 			volume_key(d, &alias, &uuid, &crn);
 			printf("volume: %s\n", d->volume);
 			printf("format: %d\n", d->format);
+			printf("cipher: %s\n", fmt_cipher_name(voldesc_cipher(d)));
 			if (strcmp(d->kms, VOLDESC_KMS_LOCAL) == 0) {
 				fputs("key name: ", stdout);
 				cli_fputs_safe(stdout, d->key);
@@ -974,6 +975,7 @@ static void print_tree_json_end(struct tree *tr, const struct target *targets, i
 		json_member("backing", targets[t].backing, false);
 		json_member("volume", d->volume, false);
 		printf("\"format\": %d, ", d->format);
+		json_member("cipher", fmt_cipher_name(voldesc_cipher(d)), false);
 		json_member("kms", d->kms, false);
 		json_member("key", d->key, false);
 		json_member("key_alias", alias, false);

@@ -23,10 +23,11 @@
 static int cmd_help(int argc, char **argv);
 
 static const struct cli_cmd commands[] = {
-	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key] [--shared] [--format 1|2]",
-	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F] [--shared] [--format 1|2]",
+	{ "init", cmd_init, "BACKING --kms local [--keystore DIR] [--key NAME] [--create-key] [--shared] [--format 1|2] [--cipher C]",
+	  "BACKING --kms keyprotect --endpoint URL [--instance GUID] --key ID|CRN [--iam-endpoint URL] [--apikey-file F] [--ca-file F] [--shared] [--format 1|2] [--cipher C]",
 	  "make an empty or missing dir a keyfs volume bound to a key; records its key service\n"
-	  "            as trusted on this host; --format: file layout, 2 (default) or 1" },
+	  "            as trusted on this host; --format: file layout, 2 (default) or 1; --cipher: of\n"
+	  "            the files, xaes-256-gcm (default where the CPU has AES) or xchacha20-poly1305" },
 	{ "trust", cmd_trust, "BACKING [--yes]", "--forget BACKING|UUID | --resolve-key [--apikey-file F] [--ca-file F] BACKING [--yes]",
 	  "show the key service a volume names and trust it on this host (once per volume made\n"
 	  "            elsewhere or by an older keyfs); --forget: trust it no more; --resolve-key: a volume\n"

@@ -601,7 +601,8 @@ static int chunk_store(const struct content_file *f, uint64_t idx, const uint8_t
 		int r;
 
 		nonce_random(rnd, sizeof(rnd));
-		fmt_chunk_seal_v2(f->keys, f->file_id, idx, rnd, pt, len, ct, e);
+		if (fmt_chunk_seal_v2(f->keys, f->file_id, idx, rnd, pt, len, ct, e) < 0)
+			return -EIO;
 		/* Data page first, then the entry: a crash in between leaves the old entry, under
 		 * which the new page does not authenticate (docs/FORMAT.md, crash behaviour). */
 		r = pwrite_full(f->fd, ct, len, fmt_v2_page_offset(idx));
@@ -963,15 +964,19 @@ static ssize_t write_v2(const struct content_file *f, const uint8_t *in, size_t 
 		const uint8_t *rn = rnd + (i - c0) * FMT_V2_RANDOM_SIZE;
 
 		if (from == 0 && to == len) {
-			fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, in + (cstart - off), len, w, e);
+			r = fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, in + (cstart - off), len, w, e);
 		} else {
 			uint8_t pt[FMT_CHUNK_SIZE];
 
 			r = chunk_merge(f, i, p, in + (cstart + from - off), from, to, pt);
 			if (r < 0)
 				goto fail;
-			fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, pt, len, w, e);
+			r = fmt_chunk_seal_v2(f->keys, f->file_id, i, rn, pt, len, w, e);
 			sodium_memzero(pt, sizeof(pt));
+		}
+		if (r < 0) {
+			r = -EIO;
+			goto fail;
 		}
 	}
 	r = write_v2_put(f, c0, c1, newp, b, data, ents);
@@ -1023,10 +1028,12 @@ int content_write_seal(const struct content_file *f, const void *buf, size_t siz
 	nonce_random(rnd, nchunks * FMT_V2_RANDOM_SIZE);
 	fmt_chunk_hold();
 	/* Every chunk whole, the last one as long as the write leaves it (the file ends there). */
-	for (uint64_t i = c0; i <= c1; i++)
-		fmt_chunk_seal_v2(f->keys, f->file_id, i, rnd + (i - c0) * FMT_V2_RANDOM_SIZE, in + (i * CS - off),
-				  chunk_len(i, end), data + (i - c0) * CS, ents + (i - c0) * ES);
+	for (uint64_t i = c0; i <= c1 && r == 0; i++)
+		r = fmt_chunk_seal_v2(f->keys, f->file_id, i, rnd + (i - c0) * FMT_V2_RANDOM_SIZE,
+				      in + (i * CS - off), chunk_len(i, end), data + (i - c0) * CS, ents + (i - c0) * ES);
 	fmt_chunk_release();
+	if (r < 0)
+		return -EIO;
 	s->keys = f->keys;
 	memcpy(s->file_id, f->file_id, FMT_FILE_ID_SIZE);
 	s->off = off;

@@ -2,6 +2,9 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
 
 #include <openssl/evp.h>
 #include <sodium.h>
@@ -15,7 +18,7 @@
  * Slot layout v1 (docs/FORMAT.md), integers little-endian:
  *   0    8  magic "KEYFSHDR"
  *   8    2  format version (1, or 2 in a v2 file: the layout of its volume)
- *  10    1  cipher id (1 = XChaCha20-Poly1305)
+ *  10    1  cipher id (1 = XChaCha20-Poly1305, 2 = XAES-256-GCM: v2 files only)
  *  11    1  log2 of the chunk size (12)
  *  12    4  header size (1024)
  *  16   16  file id
@@ -45,7 +48,7 @@ _Static_assert(FMT_CHUNK_SIZE == 1u << FMT_CHUNK_SHIFT, "chunk size and shift di
 
 /* KDF context and subkey ids: changing them changes the format. */
 static const char kdf_context[crypto_kdf_CONTEXTBYTES] = { 'k', 'e', 'y', 'f', 's', '-', 'v', '1' };
-enum { SUBKEY_CONTENT = 1, SUBKEY_HEADER = 2 };
+enum { SUBKEY_CONTENT = 1, SUBKEY_HEADER = 2, SUBKEY_CONTENT_XAES = 3 };
 
 static void put_le16(uint8_t *p, uint16_t v)
 {
@@ -83,10 +86,22 @@ static bool printable(const char *s, size_t len)
 	return true;
 }
 
-void fmt_keys_derive(const uint8_t dek[FMT_DEK_SIZE], struct fmt_keys *out)
+static int xaes_k1(const uint8_t key[32], uint8_t k1[16]);
+
+int fmt_keys_derive(const uint8_t dek[FMT_DEK_SIZE], uint8_t cipher, struct fmt_keys *out)
 {
-	crypto_kdf_derive_from_key(out->content, sizeof(out->content), SUBKEY_CONTENT, kdf_context, dek);
+	sodium_memzero(out, sizeof(*out));
+	if (cipher != FMT_CIPHER_XCHACHA20_POLY1305 && cipher != FMT_CIPHER_XAES_256_GCM)
+		return -EINVAL;
+	out->cipher = cipher;
+	crypto_kdf_derive_from_key(out->content, sizeof(out->content),
+				   cipher == FMT_CIPHER_XAES_256_GCM ? SUBKEY_CONTENT_XAES : SUBKEY_CONTENT, kdf_context, dek);
 	crypto_kdf_derive_from_key(out->header, sizeof(out->header), SUBKEY_HEADER, kdf_context, dek);
+	if (cipher == FMT_CIPHER_XAES_256_GCM && xaes_k1(out->content, out->xaes_k1) < 0) {
+		sodium_memzero(out, sizeof(*out));
+		return -EIO;
+	}
+	return 0;
 }
 
 static void header_tag(const uint8_t buf[FMT_HEADER_SIZE], const struct fmt_keys *keys,
@@ -106,7 +121,7 @@ int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret)
 	if (h.version < 1 || h.version > FMT_VERSION_MAX)
 		return -EPROTONOSUPPORT;
 	h.cipher = buf[OFF_CIPHER];
-	if (h.cipher != FMT_CIPHER_XCHACHA20_POLY1305)
+	if (h.cipher != FMT_CIPHER_XCHACHA20_POLY1305 && !(h.cipher == FMT_CIPHER_XAES_256_GCM && h.version == FMT_LAYOUT_V2))
 		return -EPROTONOSUPPORT;
 	if (buf[OFF_CHUNK_SHIFT] != FMT_CHUNK_SHIFT || get_le32(buf + OFF_HDR_SIZE) != FMT_HEADER_SIZE)
 		return -EBADMSG;
@@ -152,11 +167,14 @@ int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, u
 	    !printable(h->key_id, lk) || !printable(h->key_version, lv) ||
 	    sodium_is_zero(h->file_id, FMT_FILE_ID_SIZE) || h->generation == 0)
 		return -EINVAL;
+	if (keys->cipher != FMT_CIPHER_XCHACHA20_POLY1305 &&
+	    !(keys->cipher == FMT_CIPHER_XAES_256_GCM && h->version == FMT_LAYOUT_V2))
+		return -EINVAL;
 
 	memset(buf, 0, FMT_HEADER_SIZE);
 	memcpy(buf, FMT_MAGIC, FMT_MAGIC_SIZE);
 	put_le16(buf + OFF_VERSION, h->version == FMT_LAYOUT_V2 ? FMT_LAYOUT_V2 : FMT_VERSION);
-	buf[OFF_CIPHER] = FMT_CIPHER_XCHACHA20_POLY1305;
+	buf[OFF_CIPHER] = keys->cipher;
 	buf[OFF_CHUNK_SHIFT] = FMT_CHUNK_SHIFT;
 	put_le32(buf + OFF_HDR_SIZE, FMT_HEADER_SIZE);
 	memcpy(buf + OFF_FILE_ID, h->file_id, FMT_FILE_ID_SIZE);
@@ -206,10 +224,30 @@ static void chunk_ad(const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index, ui
  * stays in the ordinary heap between requests (the subkey alone forges any chunk of the file
  * under that nonce).
  */
-static EVP_CIPHER *chacha_evp;
-static pthread_once_t chacha_once = PTHREAD_ONCE_INIT;
-static _Thread_local EVP_CIPHER_CTX *held_ctx;  /* set up with chacha_evp; only while held */
+enum evp_kind { EVP_CHACHA, EVP_GCM, EVP_ECB, EVP_KINDS };
+
+static const char *const evp_names[EVP_KINDS] = { "ChaCha20-Poly1305", "AES-256-GCM", "AES-256-ECB" };
+static EVP_CIPHER *evp[EVP_KINDS];
+static pthread_once_t evp_once = PTHREAD_ONCE_INIT;
+static _Thread_local EVP_CIPHER_CTX *held_ctx[EVP_KINDS];      /* set up with evp[k]; only while held */
 static _Thread_local unsigned held;
+/* The keys whose content key the held AES-256-ECB context is set up with: the chunks of one
+ * request are of one file, so XAES-256-GCM sets it up once a request, not once a chunk. A
+ * request's keys stay in place while it runs (its file's content lock), and the context goes
+ * at the release, so the pointer cannot name other keys meanwhile. */
+static _Thread_local const struct fmt_keys *held_ecb_keys;
+
+static void evp_fetch(void)
+{
+	for (int k = 0; k < EVP_KINDS; k++)
+		evp[k] = EVP_CIPHER_fetch(NULL, evp_names[k], NULL);
+}
+
+static EVP_CIPHER *evp_get(enum evp_kind k)
+{
+	pthread_once(&evp_once, evp_fetch);
+	return evp[k];
+}
 
 void fmt_chunk_hold(void)
 {
@@ -218,69 +256,133 @@ void fmt_chunk_hold(void)
 
 void fmt_chunk_release(void)
 {
-	if (held > 0 && --held == 0 && held_ctx) {
-		EVP_CIPHER_CTX_free(held_ctx);
-		held_ctx = NULL;
+	if (held > 0 && --held == 0) {
+		for (int k = 0; k < EVP_KINDS; k++) {
+			EVP_CIPHER_CTX_free(held_ctx[k]);
+			held_ctx[k] = NULL;
+		}
+		held_ecb_keys = NULL;
 	}
 }
 
-/* The context of one chunk: the held one (set up afresh with key and IV only), or a new one. */
-static EVP_CIPHER_CTX *ctx_get(const uint8_t sub[32], const uint8_t iv[12], int enc)
+/* A context of kind k set up with key and IV: the held one (set up afresh), or a new one. */
+static EVP_CIPHER_CTX *ctx_get(enum evp_kind k, const uint8_t *key, const uint8_t *iv, int enc)
 {
 	EVP_CIPHER_CTX *c;
 
-	if (held && held_ctx) {
-		if (EVP_CipherInit_ex2(held_ctx, NULL, sub, iv, enc, NULL))
-			return held_ctx;
-		EVP_CIPHER_CTX_free(held_ctx);
-		held_ctx = NULL;
+	if (k == EVP_ECB)
+		held_ecb_keys = NULL;   /* set up afresh below: xaes_derive says for which keys */
+	if (held && held_ctx[k]) {
+		if (EVP_CipherInit_ex2(held_ctx[k], NULL, key, iv, enc, NULL))
+			return held_ctx[k];
+		EVP_CIPHER_CTX_free(held_ctx[k]);
+		held_ctx[k] = NULL;
 		return NULL;
 	}
+	if (!evp_get(k))
+		return NULL;
 	c = EVP_CIPHER_CTX_new();
-	if (c && !EVP_CipherInit_ex2(c, chacha_evp, sub, iv, enc, NULL)) {
+	if (c && !EVP_CipherInit_ex2(c, evp[k], key, iv, enc, NULL)) {
 		EVP_CIPHER_CTX_free(c);
 		c = NULL;
 	}
+	if (c && k == EVP_ECB)
+		EVP_CIPHER_CTX_set_padding(c, 0);
 	if (c && held)
-		held_ctx = c;
+		held_ctx[k] = c;
 	return c;
 }
 
-static void ctx_put(EVP_CIPHER_CTX *c, bool ok)
+static void ctx_put(enum evp_kind k, EVP_CIPHER_CTX *c, bool ok)
 {
-	if (c == held_ctx && ok)
+	if (c == held_ctx[k] && ok)
 		return;
-	if (c == held_ctx)
-		held_ctx = NULL;        /* in an unknown state: the next chunk starts afresh */
+	if (c == held_ctx[k]) {
+		held_ctx[k] = NULL;     /* in an unknown state: the next chunk starts afresh */
+		if (k == EVP_ECB)
+			held_ecb_keys = NULL;
+	}
 	EVP_CIPHER_CTX_free(c);
 }
 
-static void chacha_fetch(void)
+/*
+ * XAES-256-GCM (C2SP, c2sp.org/XAES-256-GCM): AES-256-GCM under a key derived from the content
+ * key K and the first 12 nonce bytes, so that random 24-byte nonces are safe for far more than
+ * GCM's 2^32 messages a key:
+ *   L = AES-256_K(0^128), K1 = L doubled in GF(2^128) (CMAC's first subkey; once per file)
+ *   Kx = AES-256_K(K1 ^ 00 01 58 00 || N[0..12]) || AES-256_K(K1 ^ 00 02 58 00 || N[0..12])
+ *   XAES-256-GCM_K(N, P, A) = AES-256-GCM_Kx(iv = N[12..24], P, A)
+ * In a v2 chunk N = random (16) || index (LE64): every write draws a fresh Kx (96 random bits),
+ * and its IV holds the last 4 random bytes and the chunk index.
+ */
+static int xaes_k1(const uint8_t key[32], uint8_t k1[16])
 {
-	chacha_evp = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+	static const uint8_t zero[16];
+	uint8_t l[16];
+	EVP_CIPHER_CTX *c = ctx_get(EVP_ECB, key, NULL, 1);
+	int n = 0;
+	bool ok;
+
+	if (!c)
+		return -EIO;
+	ok = EVP_CipherUpdate(c, l, &n, zero, sizeof(zero)) && n == (int)sizeof(l);
+	ctx_put(EVP_ECB, c, ok);
+	if (ok) {
+		for (int i = 0; i < 15; i++)
+			k1[i] = (uint8_t)(l[i] << 1 | l[i + 1] >> 7);
+		k1[15] = (uint8_t)(l[15] << 1 ^ ((l[0] >> 7) * 0x87));
+	}
+	sodium_memzero(l, sizeof(l));
+	return ok ? 0 : -EIO;
+}
+
+/* Kx of XAES-256-GCM for the first 12 bytes of nonce. */
+static int xaes_derive(const struct fmt_keys *keys, const uint8_t nonce[FMT_NONCE_SIZE], uint8_t kx[32])
+{
+	uint8_t m[32];
+	EVP_CIPHER_CTX *c;
+	int n = 0;
+	bool ok;
+
+	for (int i = 0; i < 2; i++) {
+		uint8_t *b = m + 16 * i;
+
+		b[0] = 0x00;
+		b[1] = (uint8_t)(i + 1);
+		b[2] = 0x58;    /* 'X' */
+		b[3] = 0x00;
+		memcpy(b + 4, nonce, 12);
+		for (int j = 0; j < 16; j++)
+			b[j] ^= keys->xaes_k1[j];
+	}
+	if (held && held_ctx[EVP_ECB] && held_ecb_keys == keys) {
+		c = held_ctx[EVP_ECB];
+	} else {
+		c = ctx_get(EVP_ECB, keys->content, NULL, 1);
+		if (c && c == held_ctx[EVP_ECB])
+			held_ecb_keys = keys;
+	}
+	ok = c && EVP_CipherUpdate(c, kx, &n, m, sizeof(m)) && n == (int)sizeof(m);
+	if (c)
+		ctx_put(EVP_ECB, c, ok);
+	sodium_memzero(m, sizeof(m));
+	if (!ok)
+		sodium_memzero(kx, 32);
+	return ok ? 0 : -EIO;
 }
 
 enum { XC_DONE = 0, XC_FORGED = 1, XC_UNAVAILABLE = -1 };
 
-/* Seal (enc) or open len bytes of in into out with tag (written, or checked). Returns XC_DONE,
- * XC_FORGED (open: the tag does not authenticate) or XC_UNAVAILABLE (use libsodium); out holds no
- * plaintext unless XC_DONE. */
-static int xchacha_ossl(int enc, const uint8_t key[32], const uint8_t nonce[FMT_NONCE_SIZE],
-			const uint8_t *ad, size_t adlen, const uint8_t *in, size_t len, uint8_t *out,
-			uint8_t tag[FMT_TAG_SIZE])
+/* Seal (enc) or open len bytes of in into out with tag (written, or checked), the AEAD of kind k
+ * keyed with key and iv (12 bytes). Returns XC_DONE, XC_FORGED (open: the tag does not
+ * authenticate) or XC_UNAVAILABLE (libcrypto failed); out holds no plaintext unless XC_DONE. */
+static int aead_ossl(enum evp_kind k, int enc, const uint8_t key[32], const uint8_t iv[12], const uint8_t *ad,
+		     size_t adlen, const uint8_t *in, size_t len, uint8_t *out, uint8_t tag[FMT_TAG_SIZE])
 {
-	uint8_t sub[32], iv[12] = { 0 };
-	EVP_CIPHER_CTX *c;
+	EVP_CIPHER_CTX *c = ctx_get(k, key, iv, enc);
 	int n, r = XC_UNAVAILABLE;
 	bool touched = false;   /* out written: in place (v2 reads), in is gone then */
 
-	pthread_once(&chacha_once, chacha_fetch);
-	if (!chacha_evp)
-		return XC_UNAVAILABLE;
-	crypto_core_hchacha20(sub, nonce, key, NULL);
-	memcpy(iv + 4, nonce + 16, 8);
-	c = ctx_get(sub, iv, enc);
-	sodium_memzero(sub, sizeof(sub));
 	if (!c)
 		return XC_UNAVAILABLE;
 	if (!EVP_CipherUpdate(c, NULL, &n, ad, (int)adlen))
@@ -296,12 +398,72 @@ static int xchacha_ossl(int enc, const uint8_t key[32], const uint8_t nonce[FMT_
 		r = EVP_CipherFinal_ex(c, out + n, &n) ? XC_DONE : XC_FORGED;
 	}
 out:
-	ctx_put(c, r == XC_DONE);
-	if (r != XC_DONE && !enc && (touched || in != out))
+	ctx_put(k, c, r == XC_DONE);
+	if (r != XC_DONE && (enc || touched || in != out))
 		sodium_memzero(out, len);       /* OpenSSL decrypts before it checks: no plaintext of a forgery */
 	/* Once out was written, in may be gone (in place): a libsodium retry could not help. */
-	if (r == XC_UNAVAILABLE && touched && in == out)
-		r = enc ? XC_UNAVAILABLE : XC_FORGED;
+	if (r == XC_UNAVAILABLE && touched && in == out && !enc)
+		r = XC_FORGED;
+	return r;
+}
+
+/* XChaCha20-Poly1305-IETF through libcrypto (see above); XC_UNAVAILABLE: use libsodium. */
+static int xchacha_ossl(int enc, const uint8_t key[32], const uint8_t nonce[FMT_NONCE_SIZE],
+			const uint8_t *ad, size_t adlen, const uint8_t *in, size_t len, uint8_t *out,
+			uint8_t tag[FMT_TAG_SIZE])
+{
+	uint8_t sub[32], iv[12] = { 0 };
+	int r;
+
+	if (!evp_get(EVP_CHACHA))
+		return XC_UNAVAILABLE;
+	crypto_core_hchacha20(sub, nonce, key, NULL);
+	memcpy(iv + 4, nonce + 16, 8);
+	r = aead_ossl(EVP_CHACHA, enc, sub, iv, ad, adlen, in, len, out, tag);
+	sodium_memzero(sub, sizeof(sub));
+	return r;
+}
+
+/* XAES-256-GCM; no fallback: XC_UNAVAILABLE is a failure. */
+static int xaes_ossl(int enc, const struct fmt_keys *keys, const uint8_t nonce[FMT_NONCE_SIZE],
+		     const uint8_t *ad, size_t adlen, const uint8_t *in, size_t len, uint8_t *out,
+		     uint8_t tag[FMT_TAG_SIZE])
+{
+	uint8_t kx[32];
+	int r;
+
+	if (xaes_derive(keys, nonce, kx) < 0)
+		r = XC_UNAVAILABLE;
+	else
+		r = aead_ossl(EVP_GCM, enc, kx, nonce + 12, ad, adlen, in, len, out, tag);
+	sodium_memzero(kx, sizeof(kx));
+	if (r != XC_DONE)
+		sodium_memzero(out, len);
+	return r;
+}
+
+int fmt_xaes_256_gcm(int enc, const uint8_t key[32], const uint8_t nonce[FMT_NONCE_SIZE], const uint8_t *ad,
+		     size_t adlen, const uint8_t *in, size_t len, uint8_t *out, uint8_t tag[FMT_TAG_SIZE])
+{
+	struct fmt_keys k;
+	int r = -EIO;
+
+	memset(&k, 0, sizeof(k));
+	memcpy(k.content, key, sizeof(k.content));
+	k.cipher = FMT_CIPHER_XAES_256_GCM;
+	if (xaes_k1(k.content, k.xaes_k1) == 0) {
+		switch (xaes_ossl(enc, &k, nonce, ad, adlen, in, len, out, tag)) {
+		case XC_DONE:
+			r = 0;
+			break;
+		case XC_FORGED:
+			r = -EBADMSG;
+			break;
+		}
+	} else {
+		sodium_memzero(out, len);
+	}
+	sodium_memzero(&k, sizeof(k));
 	return r;
 }
 
@@ -351,6 +513,12 @@ int fmt_chunk_seal_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FIL
 	chunk_ad_v2(file_id, index, ad);
 	nonce_v2(random, index, nonce);
 	memcpy(entry, random, FMT_V2_RANDOM_SIZE);
+	if (keys->cipher == FMT_CIPHER_XAES_256_GCM) {
+		if (xaes_ossl(1, keys, nonce, ad, sizeof(ad), pt, len, out, entry + FMT_V2_RANDOM_SIZE) == XC_DONE)
+			return 0;
+		sodium_memzero(entry, FMT_V2_ENTRY_SIZE);
+		return -EIO;
+	}
 	if (xchacha_ossl(1, keys->content, nonce, ad, sizeof(ad), pt, len, out,
 			 entry + FMT_V2_RANDOM_SIZE) != XC_DONE)
 		crypto_aead_xchacha20poly1305_ietf_encrypt_detached(out, entry + FMT_V2_RANDOM_SIZE, &tlen, pt, len,
@@ -384,6 +552,16 @@ int fmt_chunk_open_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FIL
 	chunk_ad_v2(file_id, index, ad);
 	nonce_v2(entry, index, nonce);
 	memcpy(tag, entry + FMT_V2_RANDOM_SIZE, FMT_TAG_SIZE);
+	if (keys->cipher == FMT_CIPHER_XAES_256_GCM) {
+		switch (xaes_ossl(0, keys, nonce, ad, sizeof(ad), ct, len, pt, tag)) {
+		case XC_DONE:
+			return (int)len;
+		case XC_FORGED:
+			return -EBADMSG;
+		default:
+			return -EIO;    /* pt is zeroed */
+		}
+	}
 	switch (xchacha_ossl(0, keys->content, nonce, ad, sizeof(ad), ct, len, pt, tag)) {
 	case XC_DONE:
 		return (int)len;
@@ -400,8 +578,7 @@ int fmt_chunk_open_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FIL
 
 const char *fmt_chunk_impl(void)
 {
-	pthread_once(&chacha_once, chacha_fetch);
-	return chacha_evp ? "openssl" : "libsodium";
+	return evp_get(EVP_CHACHA) ? "openssl" : "libsodium";
 }
 
 /* Whether a stored chunk is all zero bytes. Ciphertext is public, so this need not be constant
@@ -516,5 +693,47 @@ void fmt_file_id_hex(const uint8_t file_id[FMT_FILE_ID_SIZE], char out[2 * FMT_F
 
 const char *fmt_cipher_name(uint8_t cipher)
 {
-	return cipher == FMT_CIPHER_XCHACHA20_POLY1305 ? "xchacha20-poly1305" : NULL;
+	switch (cipher) {
+	case FMT_CIPHER_XCHACHA20_POLY1305:
+		return "xchacha20-poly1305";
+	case FMT_CIPHER_XAES_256_GCM:
+		return "xaes-256-gcm";
+	}
+	return NULL;
+}
+
+uint8_t fmt_cipher_by_name(const char *name)
+{
+	for (unsigned c = 1; c <= FMT_CIPHER_XAES_256_GCM; c++)
+		if (strcmp(name, fmt_cipher_name((uint8_t)c)) == 0)
+			return (uint8_t)c;
+	return 0;
+}
+
+bool fmt_cipher_available(uint8_t cipher)
+{
+	if (cipher == FMT_CIPHER_XCHACHA20_POLY1305)
+		return true;
+	return cipher == FMT_CIPHER_XAES_256_GCM && evp_get(EVP_GCM) && evp_get(EVP_ECB);
+}
+
+/* AES and carry-less multiply in the CPU: AES-GCM is then fast and constant time. */
+static bool cpu_has_aes(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_cpu_init();
+	return __builtin_cpu_supports("aes") && __builtin_cpu_supports("pclmul");
+#elif defined(__aarch64__)
+	unsigned long hw = getauxval(AT_HWCAP);
+
+	return (hw & HWCAP_AES) && (hw & HWCAP_PMULL);
+#else
+	return false;
+#endif
+}
+
+uint8_t fmt_cipher_default(void)
+{
+	return cpu_has_aes() && fmt_cipher_available(FMT_CIPHER_XAES_256_GCM) ? FMT_CIPHER_XAES_256_GCM
+									     : FMT_CIPHER_XCHACHA20_POLY1305;
 }

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "keyfs/format.h"
 #include "keyfs/util.h"
 #include "keyfs/voldesc.h"
 
@@ -17,8 +18,13 @@ struct field {
 static const struct field fields[] = {
 	FIELD(volume), FIELD(kms), FIELD(key), FIELD(key_id), FIELD(key_crn), FIELD(keystore),
 	FIELD(endpoint), FIELD(instance), FIELD(iam_endpoint), FIELD(ca_file), FIELD(created),
-	FIELD(shared),
+	FIELD(shared), FIELD(cipher),
 };
+
+unsigned char voldesc_cipher(const struct voldesc *v)
+{
+	return v->cipher[0] ? fmt_cipher_by_name(v->cipher) : FMT_CIPHER_XCHACHA20_POLY1305;
+}
 
 static int check(const struct voldesc *v, char *err, size_t errlen)
 {
@@ -28,6 +34,14 @@ static int check(const struct voldesc *v, char *err, size_t errlen)
 	}
 	if (!util_uuid_valid(v->volume)) {
 		snprintf(err, errlen, "'volume' must be a lower-case uuid");
+		return -EINVAL;
+	}
+	if (v->cipher[0] && !fmt_cipher_by_name(v->cipher)) {
+		snprintf(err, errlen, "unknown cipher '%s' (expected 'xaes-256-gcm' or 'xchacha20-poly1305')", v->cipher);
+		return -EINVAL;
+	}
+	if (voldesc_cipher(v) == FMT_CIPHER_XAES_256_GCM && v->format != FMT_LAYOUT_V2) {
+		snprintf(err, errlen, "cipher 'xaes-256-gcm' needs format=2");
 		return -EINVAL;
 	}
 	if (v->shared[0] && strcmp(v->shared, "1") != 0) {

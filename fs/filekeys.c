@@ -259,7 +259,8 @@ static int keys_create(struct keyfs *fs, const char *label, int fd, struct loade
 		keyslab_free(&fs->slab, keys);
 		return r;      /* unmapped: the caller pokes the key state with it */
 	}
-	r = vol_keys_header(kms_key_id(fs->kms), e.file_id, &e.wrapped, e.dek, fs->vol.format, keys, raw);
+	r = vol_keys_header(kms_key_id(fs->kms), e.file_id, &e.wrapped, e.dek, fs->vol.format, voldesc_cipher(&fs->vol),
+			    keys, raw);
 	keyslab_free(&fs->slab, e.dek);
 	if (r < 0) {
 		log_err("%s: cannot encode a keyfs header (key id '%s', %zu-byte wrapped key)", label,

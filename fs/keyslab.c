@@ -5,6 +5,8 @@
 
 #include <sodium.h>
 
+#include "keyfs/format.h"
+
 #include "keyslab.h"
 
 #define SLAB_SLOTS 1024                 /* 64 KiB of secrets per slab */
@@ -15,6 +17,8 @@ struct keyslab_slab {
 };
 
 _Static_assert(KEYSLAB_SLOT_SIZE >= sizeof(void *), "a free slot holds a pointer");
+_Static_assert(KEYSLAB_SLOT_SIZE >= sizeof(struct fmt_keys) && KEYSLAB_SLOT_SIZE >= FMT_DEK_SIZE,
+	       "a slot holds a file's keys or a DEK");
 
 void keyslab_init(struct keyslab *s)
 {

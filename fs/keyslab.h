@@ -12,7 +12,7 @@
  * sodium_malloc'd slabs instead: still guarded, locked and never dumped, a few mappings per
  * thousand files. A freed slot is wiped at once.
  */
-#define KEYSLAB_SLOT_SIZE 64            /* >= sizeof(struct fmt_keys) and FMT_DEK_SIZE */
+#define KEYSLAB_SLOT_SIZE 96            /* >= sizeof(struct fmt_keys) and FMT_DEK_SIZE */
 
 struct keyslab_slab;
 

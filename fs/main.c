@@ -420,8 +420,9 @@ static int serve(struct keyfs *fs, const struct keyfs_options *o, int *report_fd
 		daemon_report(report_fd, KEYFS_EXIT_OK);
 		daemon_detach();
 	}
-	log_info("'%s' mounted on '%s' (volume %s, key '%s'%s%s)", fs->backing, fs->mountpoint, fs->vol.volume,
-		 fs->vol.key, fs->shared ? ", shared" : "", keystate_locked(fs->ks) ? ", locked" : "");
+	log_info("'%s' mounted on '%s' (volume %s, format %d, %s, key '%s'%s%s)", fs->backing, fs->mountpoint,
+		 fs->vol.volume, fs->vol.format, fmt_cipher_name(voldesc_cipher(&fs->vol)), fs->vol.key,
+		 fs->shared ? ", shared" : "", keystate_locked(fs->ks) ? ", locked" : "");
 	/* Audit events leave from a thread of their own: never a FUSE request thread's wait. */
 	if (audit_start() < 0)
 		log_warn("audit: no thread of its own: events are sent inline");
@@ -493,6 +494,14 @@ static int run(struct keyfs *fs, const struct keyfs_options *o)
 	if (code) {
 		vol_close(&v);
 		return code;
+	}
+	/* Every file's cipher is in its header, but a volume whose new files this process could not
+	 * seal is refused whole, not file by file. */
+	if (!fmt_cipher_available(voldesc_cipher(&v.vol))) {
+		log_err("volume '%s': its files use %s, which this host's libcrypto cannot give (no AES-256-GCM)",
+			v.backing, fmt_cipher_name(voldesc_cipher(&v.vol)));
+		vol_close(&v);
+		return KEYFS_EXIT_CONFIG;
 	}
 	memcpy(fs->backing, v.backing, sizeof(fs->backing));
 	fs->vol = v.vol;

@@ -34,6 +34,22 @@ TAG = 16
 OVERHEAD = NONCE + TAG
 CHUNK_DISK = CHUNK + OVERHEAD
 
+
+
+def cpu_has_aes():
+    """What fmt_cipher_default asks of the CPU: x86 aes and pclmulqdq, arm64 aes and pmull."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith(("flags", "Features")):
+                have = line.split(":", 1)[1].split()
+                return "aes" in have and ("pclmulqdq" in have or "pmull" in have)
+    return False
+
+
+# The cipher of the files of the suite's volumes: what keyfsctl init picks (docs/FORMAT.md).
+CIPHER = "xaes-256-gcm" if FORMAT == 2 and cpu_has_aes() else "xchacha20-poly1305"
+CIPHER_ID = {"xchacha20-poly1305": 1, "xaes-256-gcm": 2}[CIPHER]
+
 # Exit codes (include/keyfs/exitcode.h).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG, EXIT_KMS = 0, 1, 2, 3, 4
 EXIT_MOUNT, EXIT_IO, EXIT_DAMAGED, EXIT_LOCKED, EXIT_EXISTS = 5, 6, 7, 8, 9

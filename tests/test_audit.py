@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from helpers import (APIKEY, EXIT_OK, FORMAT, FUSERMOUNT, KEYFS, KEYFSCTL, inspect_json, is_mounted, keyfsctl, run,
+from helpers import (APIKEY, CIPHER, EXIT_OK, FORMAT, FUSERMOUNT, KEYFS, KEYFSCTL, inspect_json, is_mounted, keyfsctl, run,
                      secret_file, wait_for, write_file, read_file)
 
 AUDIT_LINE = re.compile(r"^keyfs(?:ctl)?: audit: (\w+)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)$")
@@ -331,8 +331,8 @@ def test_resolve_key_converts_a_volume_that_named_its_key_by_alias(emu, mount, t
     m.umount()
     r = run([KEYFSCTL, "inspect", "-r", backing])
     assert r.returncode == EXIT_OK and r.stderr == hint(backing, "old-root"), r
-    assert ("backing: %s\nvolume: %s\nformat: %d\nkey alias: old-root\nkey uuid: (not recorded)\nfiles: 1 (0 empty)\n"
-            % (backing, desc(backing)["volume"], FORMAT)) in r.stdout, r.stdout
+    assert ("backing: %s\nvolume: %s\nformat: %d\ncipher: %s\nkey alias: old-root\nkey uuid: (not recorded)\n"
+            "files: 1 (0 empty)\n" % (backing, desc(backing)["volume"], FORMAT, CIPHER)) in r.stdout, r.stdout
     r = run([KEYFSCTL, "fsck", backing, "--apikey-file", apikey])
     assert r.returncode == EXIT_OK and r.stderr.startswith(hint(backing, "old-root")), r
 
@@ -368,8 +368,8 @@ def test_resolve_key_converts_a_volume_that_named_its_key_by_alias(emu, mount, t
         "volume '%s' (uuid %s) records its key's uuid already: key_id %s\n" % (backing, vol, emu.kid)), r
     r = run([KEYFSCTL, "inspect", "-r", "--json", backing])
     assert r.returncode == EXIT_OK and r.stderr == "", r
-    assert json.loads(r.stdout)["volumes"] == [{"backing": backing, "volume": vol, "format": FORMAT, "kms": "keyprotect",
-                                                "key": "old-root", "key_alias": "old-root",
+    assert json.loads(r.stdout)["volumes"] == [{"backing": backing, "volume": vol, "format": FORMAT, "cipher": CIPHER,
+                                                "kms": "keyprotect", "key": "old-root", "key_alias": "old-root",
                                                 "key_uuid": emu.kid, "key_crn": crn}]
 
     # The alias moves: the converted volume keeps its key, old files and new.

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers import (EXIT_EXISTS, FORMAT, KEYFS, KEYFSCTL, backing_size, inspect_json, key_show, keyfsctl,
+from helpers import (CIPHER, EXIT_EXISTS, FORMAT, KEYFS, KEYFSCTL, backing_size, inspect_json, key_show, keyfsctl,
                      project_version, read_file, run, write_file)
 
 B64_MATERIAL = re.compile(r"[A-Za-z0-9+/]{42,}={0,2}")
@@ -90,7 +90,7 @@ def test_init_writes_voldesc(volume, keystore):
 def _check_info(info, path, size, key_id):
     assert info["path"] == path
     assert info["format"] == FORMAT
-    assert info["cipher"] == "xchacha20-poly1305"
+    assert info["cipher"] == CIPHER
     assert info["chunk_size"] == 4096
     assert re.fullmatch(r"[0-9a-f]{32}", info["file_id"]), info
     assert info["key"] == key_id
@@ -140,7 +140,7 @@ def test_inspect_human(mnt, keystore):
         assert p in r.stdout
         assert fid in r.stdout
         assert "12345" in r.stdout
-        assert "xchacha20-poly1305" in r.stdout
+        assert "cipher: %s\n" % CIPHER in r.stdout
         assert key["id"] in r.stdout
 
 

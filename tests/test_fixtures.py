@@ -32,15 +32,20 @@ def copy_fixture(name, dest):
         return json.load(f)
 
 
-VERSIONS = [1, 2]
+# fixture dir -> (format, cipher of its files). v2/ predates the cipher line of the volume
+# description: a volume without one is XChaCha20-Poly1305.
+FIXTURE_KINDS = {"v1": (1, "xchacha20-poly1305"), "v2": (2, "xchacha20-poly1305"), "v2-xaes": (2, "xaes-256-gcm")}
+NAMES = list(FIXTURE_KINDS)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_manifest_matches_its_generator(version):
+@pytest.mark.parametrize("name", NAMES)
+def test_manifest_matches_its_generator(name):
     """The manifest is the generator's deterministic contents, not a record of some run."""
-    with open(os.path.join(FIXTURES, "v%d" % version, "manifest.json")) as f:
+    version, cipher = FIXTURE_KINDS[name]
+    with open(os.path.join(FIXTURES, name, "manifest.json")) as f:
         doc = json.load(f)
     assert doc["format"] == version
+    assert doc.get("cipher", "xchacha20-poly1305") == cipher
     manifest = doc["files"]
     want = {}
     for name, data in generator().contents(version).items():
@@ -51,12 +56,15 @@ def test_manifest_matches_its_generator(version):
     assert manifest == want
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_reads_back_exactly(tmp_path, mount, version):
-    vol = str(tmp_path / ("v%d" % version))
-    manifest = copy_fixture("v%d" % version, vol)
+@pytest.mark.parametrize("name", NAMES)
+def test_reads_back_exactly(tmp_path, mount, name):
+    version, cipher = FIXTURE_KINDS[name]
+    vol = str(tmp_path / name)
+    manifest = copy_fixture(name, vol)
     with open(os.path.join(vol, "backing", ".keyfs")) as f:
-        assert "format=%d\n" % version in f.read()
+        desc = f.read()
+    assert "format=%d\n" % version in desc
+    assert ("cipher=" in desc) == (name == "v2-xaes")
     # A volume from elsewhere: trusted once, as its user would; the host names its keystore copy.
     keyfsctl("trust", "--yes", os.path.join(vol, "backing"))
     m = mount(backing=os.path.join(vol, "backing"), opts=("keystore=" + os.path.join(vol, "keystore"),))
@@ -77,10 +85,11 @@ def test_reads_back_exactly(tmp_path, mount, version):
     assert sorted(os.listdir(m.path())) == sorted({n.split("/")[0] for n in manifest["files"]})
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_headers_without_key(tmp_path, version):
-    vol = str(tmp_path / ("v%d" % version))
-    manifest = copy_fixture("v%d" % version, vol)
+@pytest.mark.parametrize("name", NAMES)
+def test_headers_without_key(tmp_path, name):
+    version, cipher = FIXTURE_KINDS[name]
+    vol = str(tmp_path / name)
+    manifest = copy_fixture(name, vol)
     with open(os.path.join(vol, "backing", ".keyfs")) as f:
         desc = dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
     shutil.rmtree(os.path.join(vol, "keystore"))          # no key at all: inspect needs none
@@ -88,7 +97,7 @@ def test_headers_without_key(tmp_path, version):
     docs = inspect_json(*[os.path.join(vol, "backing", n) for n in names])
     for name, doc in zip(names, docs):
         assert doc["format"] == version, name
-        assert doc["cipher"] == "xchacha20-poly1305"
+        assert doc["cipher"] == cipher
         assert doc["chunk_size"] == 4096
         assert doc["key"] == desc["key_id"]
         assert doc["key_version"] == "1"
@@ -96,12 +105,12 @@ def test_headers_without_key(tmp_path, version):
         assert len(doc["file_id"]) == 32 and len(doc["wrapped_dek_sha256"]) == 64
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_with_another_key_is_locked(tmp_path, mount, version):
+@pytest.mark.parametrize("name", NAMES)
+def test_with_another_key_is_locked(tmp_path, mount, name):
     """The fixture with another key of the same name: the volume is bound to its key's id, so its
     key is gone: the mount comes up locked, names and sizes visible, contents EKEYREVOKED."""
-    vol = str(tmp_path / ("v%d" % version))
-    manifest = copy_fixture("v%d" % version, vol)
+    vol = str(tmp_path / name)
+    manifest = copy_fixture(name, vol)
     other = str(tmp_path / "other-keystore")
     keyfsctl("key", "create", "fixture", "--keystore", other)
     m = mount(backing=os.path.join(vol, "backing"), opts=("keystore=" + other,), allow_errors=True)
@@ -112,11 +121,14 @@ def test_with_another_key_is_locked(tmp_path, mount, version):
     assert e.value.errno == errno.EKEYREVOKED
 
 
-def test_v2_bytes_where_format_md_says():
-    """The v2 fixture's bytes: header page, tag entries holding holes as zeros, data pages."""
+@pytest.mark.parametrize("name", ["v2", "v2-xaes"])
+def test_v2_bytes_where_format_md_says(name):
+    """The v2 fixtures' bytes: header page naming the cipher, tag entries holding holes as zeros,
+    data pages."""
     from layout import LAYOUTS
     v2 = LAYOUTS[2]
-    backing = os.path.join(FIXTURES, "v2", "backing")
+    backing = os.path.join(FIXTURES, name, "backing")
+    cipher_id = {"xchacha20-poly1305": 1, "xaes-256-gcm": 2}[FIXTURE_KINDS[name][1]]
 
     def raw(name):
         with open(os.path.join(backing, name), "rb") as f:
@@ -124,7 +136,7 @@ def test_v2_bytes_where_format_md_says():
 
     for name in ("one", "two-groups", "punched"):
         r = raw(name)
-        assert r[:8] == b"KEYFSHDR" and r[8:10] == b"\x02\x00", name
+        assert r[:8] == b"KEYFSHDR" and r[8:10] == b"\x02\x00" and r[10] == cipher_id, name
         assert r[1024:4096] == bytes(3072), name          # slot 1 unused, then zeros to the page end
     two = raw("two-groups")
     assert len(two) == v2.backing_size(600 << 10) == 626688

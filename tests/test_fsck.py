@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from helpers import (CHUNK, EXIT_CONFIG, EXIT_DAMAGED, EXIT_IO, EXIT_KMS, EXIT_LOCKED, EXIT_OK,
+from helpers import (CHUNK, CIPHER_ID, EXIT_CONFIG, EXIT_DAMAGED, EXIT_IO, EXIT_KMS, EXIT_LOCKED, EXIT_OK,
                      EXIT_USAGE, FORMAT, HEADER_AREA, HEADER_SIZE, KEYFSCTL, LAYOUT, backing_size,
                      flip, init_keyprotect, inspect_json, keyfsctl, read_file, run, run_stderr_on_tty,
                      write_file)
@@ -340,8 +340,8 @@ def test_unknown_format_version_is_not_checked(volume, mount):
     r = fsck(volume)
     assert r.returncode == EXIT_IO, r
     assert r.stdout.splitlines() == [
-        "could not check: f: its header (slot 0) names format version 3 and cipher 1, unknown to this "
-        "keyfsctl (written by a newer keyfs, or damaged)",
+        "could not check: f: its header (slot 0) names format version 3 and cipher %d, unknown to this "
+        "keyfsctl (written by a newer keyfs, or damaged)" % CIPHER_ID,
         summary(0, 0, not_checked=1),
     ]
 

@@ -4,7 +4,7 @@ import os
 import struct
 import subprocess
 
-from helpers import (EXIT_CONFIG, EXIT_IO, EXIT_OK, FORMAT, HEADER_AREA, HEADER_SIZE, KEYFSCTL, backing_size,
+from helpers import (CIPHER, EXIT_CONFIG, EXIT_IO, EXIT_OK, FORMAT, HEADER_AREA, HEADER_SIZE, KEYFSCTL, backing_size,
                      inspect_json, key_show, keyfsctl, need_root, run, run_stderr_on_tty, write_file)
 
 NO_HEADER = "is not a keyfs file: it has no valid keyfs header"
@@ -122,6 +122,7 @@ def test_tree_text_summary(mnt, keystore):
         "mount: %s (unlocked)\n"
         "volume: %s\n"
         "format: %d\n"
+        "cipher: %s\n"
         "key name: test\n"
         "key uuid: %s\n"
         "files: 7 (2 empty)\n"
@@ -134,7 +135,7 @@ def test_tree_text_summary(mnt, keystore):
         "  %s version 1: 6 files\n"
         "unreadable headers: 1\n"
         "  %s/d/odd.bin %s\n"
-        "not visited: 0\n" % (mnt.backing, mnt.mnt, volume_uuid(mnt.backing), FORMAT, key["id"], plain, backing, key["id"],
+        "not visited: 0\n" % (mnt.backing, mnt.mnt, volume_uuid(mnt.backing), FORMAT, CIPHER, key["id"], plain, backing, key["id"],
                                mnt.mnt, NO_HEADER))
     assert ".keyfs" not in r.stdout.replace("a/.keyfs", "")
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import CHUNK, FORMAT, HEADER_AREA, HEADER_SIZE, LAYOUT, backing_size, flip, inspect_json, read_file, \
+from helpers import CHUNK, CIPHER_ID, FORMAT, HEADER_AREA, HEADER_SIZE, LAYOUT, backing_size, flip, inspect_json, read_file, \
     write_file
 from layout import read_chunk, write_chunk, zero_chunk
 
@@ -267,7 +267,7 @@ def test_every_header_field_is_checked(tm):
     data = os.urandom(6000)
     _setup(tm, {f: data for f in FIELDS + ["untouched"]})
     hdr = _header(tm.bpath("untouched"))
-    assert hdr[8:12] == bytes([FORMAT, 0, 1, 12]), "header layout changed: update this test and docs/FORMAT.md"
+    assert hdr[8:12] == bytes([FORMAT, 0, CIPHER_ID, 12]), "header layout changed: update this test and docs/FORMAT.md"
     assert hdr[33] == 1, "key version of a new local key is '1'"
     for f in FIELDS:
         off = _header_fields(_header(tm.bpath(f)))[f]

@@ -89,7 +89,16 @@ int vol_keys_open(struct kms *kms, const char *volume, const struct content_head
 			ret->slot[i].why = VOL_SLOT_KMS;
 			return r;
 		}
-		fmt_keys_derive(dek, keys);
+		r = fmt_keys_derive(dek, hs->hdr[i].cipher, keys);
+		if (r < 0) {
+			/* This process cannot open the file's chunks (libcrypto has no AES-256). */
+			ret->slot[i].why = VOL_SLOT_KMS;
+			ret->slot[i].r = r;
+			snprintf(ret->slot[i].err.msg, sizeof(ret->slot[i].err.msg),
+				 "cannot use the file's cipher %s here", fmt_cipher_name(hs->hdr[i].cipher));
+			sodium_memzero(dek, KMS_DEK_SIZE);
+			return r;
+		}
 		if (fmt_header_verify(hs->raw[i], keys) == 0)
 			return (int)i;
 		ret->slot[i].why = VOL_SLOT_NO_AUTH;
@@ -132,9 +141,11 @@ int vol_keys_new(struct kms *kms, const char *volume, uint8_t *dek, uint8_t file
 }
 
 int vol_keys_header(const char *key_id, const uint8_t file_id[FMT_FILE_ID_SIZE], const struct kms_wrapped *w,
-		    const uint8_t *dek, enum fmt_layout layout, struct fmt_keys *keys, uint8_t raw[FMT_HEADER_SIZE])
+		    const uint8_t *dek, enum fmt_layout layout, uint8_t cipher, struct fmt_keys *keys,
+		    uint8_t raw[FMT_HEADER_SIZE])
 {
 	struct fmt_header h;
+	int r;
 
 	memset(&h, 0, sizeof(h));
 	h.generation = 1;
@@ -144,7 +155,9 @@ int vol_keys_header(const char *key_id, const uint8_t file_id[FMT_FILE_ID_SIZE],
 	snprintf(h.key_version, sizeof(h.key_version), "%s", w->key_version);
 	memcpy(h.wrapped, w->blob, w->len);
 	h.wrapped_len = w->len;
-	fmt_keys_derive(dek, keys);
+	r = fmt_keys_derive(dek, layout == FMT_LAYOUT_V2 ? cipher : FMT_CIPHER_XCHACHA20_POLY1305, keys);
+	if (r < 0)
+		return r;
 	return fmt_header_encode(&h, keys, raw) < 0 ? -EINVAL : 0;
 }
 

@@ -15,6 +15,7 @@
 							 * fixed in v1, so sizes follow from the backing size alone */
 #define FMT_HEADER_TAG_SIZE     32
 #define FMT_CIPHER_XCHACHA20_POLY1305 1
+#define FMT_CIPHER_XAES_256_GCM 2               /* v2 files only (docs/FORMAT.md, cipher choice) */
 #define FMT_CHUNK_SHIFT         12
 #define FMT_CHUNK_SIZE          4096            /* plaintext bytes per chunk */
 #define FMT_NONCE_SIZE          24
@@ -72,19 +73,26 @@ struct fmt_header {
 struct fmt_keys {
 	uint8_t content[32];    /* chunk AEAD key */
 	uint8_t header[32];     /* header MAC key */
+	uint8_t cipher;         /* FMT_CIPHER_*: the file's chunk AEAD, as its header says */
+	uint8_t xaes_k1[16];    /* XAES-256-GCM: CMAC subkey K1 of the content key (derived once) */
 };
 
-/* Derive the content and header keys from a 32-byte DEK. */
-void fmt_keys_derive(const uint8_t dek[FMT_DEK_SIZE], struct fmt_keys *out);
+/* Derive the content and header keys of a file whose chunks use cipher from its 32-byte DEK.
+ * Each cipher has its own content key (another KDF subkey id), the header key is shared.
+ * Returns 0, -EINVAL for an unknown cipher, -EIO when libcrypto cannot give XAES-256-GCM's
+ * AES (out is then zeroed). */
+int fmt_keys_derive(const uint8_t dek[FMT_DEK_SIZE], uint8_t cipher, struct fmt_keys *out);
 
 /* Parse the structure of a header (magic, version, cipher, lengths, padding).
  * Does not authenticate it: that needs the keys (fmt_header_verify).
- * Returns 0, -EPROTONOSUPPORT for an unknown version or cipher, -EBADMSG otherwise. */
+ * Returns 0, -EPROTONOSUPPORT for an unknown version or cipher (XAES-256-GCM in a v1 header
+ * too), -EBADMSG otherwise. */
 int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret);
 
 /* Encode h into buf (exactly FMT_HEADER_SIZE bytes) and compute its tag with keys->header.
- * h->version is written when it is 2 (a v2 file), else 1; cipher and chunk_size are ignored.
- * Returns 0 or -EINVAL (also for generation 0). */
+ * h->version is written when it is 2 (a v2 file), else 1; the cipher is keys->cipher (the header
+ * MAC covers it, so it cannot be swapped for another); h->cipher and chunk_size are ignored.
+ * Returns 0 or -EINVAL (also for generation 0, and XAES-256-GCM in a v1 file). */
 int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, uint8_t buf[FMT_HEADER_SIZE]);
 
 /* Check a raw header's tag. Returns 0, or -EBADMSG when it does not authenticate. */
@@ -102,20 +110,29 @@ int fmt_chunk_open(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_I
 		   const uint8_t *ct, size_t ctlen, uint8_t *pt);
 
 /*
- * v2 chunks (docs/FORMAT.md, format v2): XChaCha20-Poly1305-IETF with the 24-byte nonce
- * random (16) || index (u64 LE), associated data file id || index (u64 LE) || 2. The ciphertext
- * is as long as the plaintext and goes to the data page; entry (32 bytes) = random || tag goes
- * to the tag page. random must be fresh random bytes for every write of the chunk.
- * Seal: len 1..FMT_CHUNK_SIZE, out must not overlap pt. Returns 0 or -EINVAL.
+ * v2 chunks (docs/FORMAT.md, format v2): the file's cipher (keys->cipher: XChaCha20-Poly1305-IETF
+ * or XAES-256-GCM) with the 24-byte nonce random (16) || index (u64 LE), associated data
+ * file id || index (u64 LE) || 2. The ciphertext is as long as the plaintext and goes to the
+ * data page; entry (32 bytes) = random || tag goes to the tag page. random must be fresh random
+ * bytes for every write of the chunk.
+ * Seal: len 1..FMT_CHUNK_SIZE, out must not overlap pt. Returns 0, -EINVAL, or -EIO when
+ * libcrypto fails (XAES-256-GCM has no libsodium fallback; out is then zeroed).
  * Open: ct may equal pt. An all-zero entry is a hole: a full chunk (len == FMT_CHUNK_SIZE) reads
- * as zeros whatever ct holds; a shorter one does not authenticate. Returns len, or -EBADMSG
- * (pt then zeroed).
+ * as zeros whatever ct holds; a shorter one does not authenticate. Returns len, -EBADMSG (does
+ * not authenticate) or -EIO (libcrypto failed); pt is zeroed on either.
  */
 int fmt_chunk_seal_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
 		      const uint8_t random[FMT_V2_RANDOM_SIZE], const uint8_t *pt, size_t len, uint8_t *out,
 		      uint8_t entry[FMT_V2_ENTRY_SIZE]);
 int fmt_chunk_open_v2(const struct fmt_keys *keys, const uint8_t file_id[FMT_FILE_ID_SIZE], uint64_t index,
 		      const uint8_t entry[FMT_V2_ENTRY_SIZE], const uint8_t *ct, size_t len, uint8_t *pt);
+
+/* XAES-256-GCM itself (c2sp.org/XAES-256-GCM) under a raw 32-byte key: what v2 chunks of
+ * cipher 2 use with the content key, here for its published test vectors. Seal (enc) writes len
+ * bytes to out and the tag; open checks tag. Returns 0, -EBADMSG (open: does not authenticate)
+ * or -EIO (libcrypto failed); out holds no plaintext on failure. */
+int fmt_xaes_256_gcm(int enc, const uint8_t key[32], const uint8_t nonce[FMT_NONCE_SIZE], const uint8_t *ad,
+		     size_t adlen, const uint8_t *in, size_t len, uint8_t *out, uint8_t tag[FMT_TAG_SIZE]);
 
 /* Whether a v2 tag entry is a hole (32 zero bytes). */
 bool fmt_v2_entry_is_hole(const uint8_t entry[FMT_V2_ENTRY_SIZE]);
@@ -200,7 +217,19 @@ static inline uint64_t fmt_v2_entry_offset(uint64_t index)
 /* Lower-case hex of a file id, as used in KMS associated data and by inspect. */
 void fmt_file_id_hex(const uint8_t file_id[FMT_FILE_ID_SIZE], char out[2 * FMT_FILE_ID_SIZE + 1]);
 
-/* Name of a cipher id ("xchacha20-poly1305"), or NULL when unknown. */
+/* Name of a cipher id ("xchacha20-poly1305", "xaes-256-gcm"), or NULL when unknown. */
 const char *fmt_cipher_name(uint8_t cipher);
+
+/* The cipher id of a name fmt_cipher_name gives, or 0. */
+uint8_t fmt_cipher_by_name(const char *name);
+
+/* Whether this process can seal and open chunks of cipher: always for XChaCha20-Poly1305
+ * (libsodium), for XAES-256-GCM when libcrypto gives AES-256-ECB and AES-256-GCM. */
+bool fmt_cipher_available(uint8_t cipher);
+
+/* The cipher for the files of a new v2 volume: XAES-256-GCM where the CPU has AES and
+ * carry-less multiply instructions and libcrypto gives it (constant time and about 1.5x
+ * XChaCha20-Poly1305 there), else XChaCha20-Poly1305. */
+uint8_t fmt_cipher_default(void);
 
 #endif

@@ -29,6 +29,9 @@
  *                                 chains to (a private CA); the mount's -o ca_file= overrides it
  *   created=<RFC 3339 UTC>
  *   shared=1                      optional: every mount is shared (keyfsctl init --shared)
+ *   cipher=xaes-256-gcm|xchacha20-poly1305
+ *                                 optional (format 2 only): the chunk AEAD of the volume's new
+ *                                 files; left out, xchacha20-poly1305 (volumes made before it)
  * Unknown names are an error (a newer format), so nothing is silently ignored.
  */
 struct voldesc {
@@ -45,7 +48,11 @@ struct voldesc {
 	char ca_file[PATH_MAX];
 	char created[32];
 	char shared[2];                 /* "1": mounts are shared unless -o noshared; else "" */
+	char cipher[24];                /* fmt_cipher_name of new files' cipher, or "" (xchacha20-poly1305) */
 };
+
+/* The cipher id (FMT_CIPHER_*) of v's new files. */
+unsigned char voldesc_cipher(const struct voldesc *v);
 
 /* Parse len bytes of text. On failure returns -EINVAL (or -EPROTONOSUPPORT for a newer format)
  * and writes a message naming the line into err. */

@@ -89,10 +89,12 @@ int vol_keys_wrap(struct kms *kms, const char *volume, const uint8_t file_id[FMT
 int vol_keys_new(struct kms *kms, const char *volume, uint8_t *dek, uint8_t file_id[FMT_FILE_ID_SIZE],
 		 struct kms_wrapped *ret, struct kms_err *err);
 
-/* The first header of a file (generation 1) naming key_id and the wrapped DEK w, its keys
- * derived from dek into keys, encoded into raw. Returns 0 or -EINVAL (does not fit). */
+/* The first header of a file (generation 1) naming key_id and the wrapped DEK w, its chunks
+ * sealed with cipher (FMT_CIPHER_*; XChaCha20-Poly1305 in a v1 file), its keys derived from dek
+ * into keys, encoded into raw. Returns 0, -EINVAL (does not fit) or -EIO (cipher unavailable). */
 int vol_keys_header(const char *key_id, const uint8_t file_id[FMT_FILE_ID_SIZE], const struct kms_wrapped *w,
-		    const uint8_t *dek, enum fmt_layout layout, struct fmt_keys *keys, uint8_t raw[FMT_HEADER_SIZE]);
+		    const uint8_t *dek, enum fmt_layout layout, uint8_t cipher, struct fmt_keys *keys,
+		    uint8_t raw[FMT_HEADER_SIZE]);
 
 /* ---- changing a header ---- */
 

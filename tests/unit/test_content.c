@@ -17,6 +17,7 @@
 
 static struct content_file f;
 static enum fmt_layout L;               /* argv[2]: 1 or 2 */
+static uint8_t C = FMT_CIPHER_XCHACHA20_POLY1305;       /* argv[3]: a cipher name (v2) */
 static struct fmt_keys *keys;
 static uint8_t *model;
 static uint64_t model_size;
@@ -49,7 +50,8 @@ static int open_file(char *path)
 		return -1;
 	randombytes_buf(dek, sizeof(dek));
 	keys = sodium_malloc(sizeof(*keys));
-	fmt_keys_derive(dek, keys);
+	if (fmt_keys_derive(dek, C, keys) < 0)
+		return -1;
 	memset(&h, 0, sizeof(h));
 	randombytes_buf(h.file_id, sizeof(h.file_id));
 	strcpy(h.key_id, "test-key");
@@ -394,6 +396,8 @@ int main(int argc, char **argv)
 	unsigned seed = argc > 1 ? (unsigned)strtoul(argv[1], NULL, 10) : 0;
 
 	L = argc > 2 && strcmp(argv[2], "1") == 0 ? FMT_LAYOUT_V1 : FMT_LAYOUT_V2;
+	if (argc > 3 && !(C = fmt_cipher_by_name(argv[3])))
+		return 2;
 
 	if (sodium_init() < 0 || open_file(path) < 0)
 		return 2;
@@ -403,7 +407,7 @@ int main(int argc, char **argv)
 		randombytes_buf(&seed, sizeof(seed));
 		seed = seed % 1000000 + 1;
 	}
-	printf("seed %u layout %d\n", seed, (int)L);
+	printf("seed %u layout %d cipher %s\n", seed, (int)L, fmt_cipher_name(C));
 	test_header_slots();
 	test_random(seed, 4000);
 	refuse_zeroing = true;

@@ -16,6 +16,12 @@
 #define V2 FMT_LAYOUT_V2
 #define V2_KAT_CT "0919831cd5b7c486"
 #define V2_KAT_ENTRY "303132333435363738393a3b3c3d3e3fdb90625bf18960c6b731b5964d638c20"
+/* A cipher-2 chunk from DEK 00..1f; cross-checked with Python's cryptography (AES-ECB for the key
+ * derivation, AESGCM), whose XAES also gives both C2SP vectors below. */
+#define V2_XAES_KAT_CT "374665c79fd5ee80"
+#define V2_XAES_KAT_ENTRY "303132333435363738393a3b3c3d3e3f26c4785256e9dc7f585f28ccd3e7dcf1"
+/* blake2b(key=dek, salt=LE64(3), person="keyfs-v1"): the content key of a cipher-2 file. */
+#define KDF_CONTENT_XAES_HEX "b23896ef70d4829e96307d186598363c05177de4a1f4c7ba712b8dc775d9c44d"
 
 static void test_sizes(void)
 {
@@ -87,7 +93,7 @@ static void make_header(struct fmt_header *h, struct fmt_keys *keys)
 
 	for (int i = 0; i < 32; i++)
 		dek[i] = (uint8_t)i;
-	fmt_keys_derive(dek, keys);
+	CHECK_EQ(fmt_keys_derive(dek, FMT_CIPHER_XCHACHA20_POLY1305, keys), 0);
 	memset(h, 0, sizeof(*h));
 	for (int i = 0; i < 16; i++)
 		h->file_id[i] = (uint8_t)(0xa0 + i);
@@ -139,7 +145,7 @@ static void test_header(void)
 	CHECK_EQ(p.wrapped_len, 77);
 	CHECK_MEM(p.wrapped, h.wrapped, 77);
 	CHECK_EQ(fmt_header_verify(buf, &keys), 0);
-	fmt_keys_derive(dek2, &other);
+	CHECK_EQ(fmt_keys_derive(dek2, FMT_CIPHER_XCHACHA20_POLY1305, &other), 0);
 	CHECK_EQ(fmt_header_verify(buf, &other), -EBADMSG);
 
 	/* Every single flipped bit anywhere in the header is caught by parse or by the tag. */
@@ -405,10 +411,37 @@ static void test_sizes_v2(void)
 
 /* v2 chunks: libsodium's XChaCha20-Poly1305 (detached) with nonce random || index and associated
  * data file id || index || 2 is the reference; one frozen known answer pins the bytes. */
-static void test_chunks_v2(void)
+/* The v2 known answer's inputs (file id 20..2f, chunk 5, random 30..3f, "keyfs v2") sealed with
+ * keys: the ciphertext and the entry must be the frozen ones (docs/FORMAT.md). */
+static void v2_known_answer(const struct fmt_keys *keys, const char *what, const char *ct_hex, const char *entry_hex)
 {
-	struct fmt_keys keys;
-	uint8_t pt[4096], ct[4096], out[4096], e[32], ref[4096], rtag[16], rnd[16], id[16], nonce[24], ad[25];
+	uint8_t id[16], rnd[16], ct[8], e[32];
+	char hex[2 * 32 + 1];
+
+	for (int k = 0; k < 16; k++) {
+		id[k] = (uint8_t)(0x20 + k);
+		rnd[k] = (uint8_t)(0x30 + k);
+	}
+	CHECK_EQ(fmt_chunk_seal_v2(keys, id, 5, rnd, (const uint8_t *)"keyfs v2", 8, ct, e), 0);
+	sodium_bin2hex(hex, sizeof(hex), ct, 8);
+	printf("%s known answer ciphertext %s\n", what, hex);
+	CHECK(strcmp(hex, ct_hex) == 0);
+	sodium_bin2hex(hex, sizeof(hex), e, 32);
+	printf("%s known answer entry %s\n", what, hex);
+	CHECK(strcmp(hex, entry_hex) == 0);
+}
+
+/*
+ * 300 random v2 chunks of cipher: each is the cipher's AEAD (libsodium's XChaCha20-Poly1305, or
+ * XAES-256-GCM itself) of the content key, nonce random || index and the v2 associated data; it
+ * opens in place, and not at another position, in another file, under the other cipher, with a
+ * bit of its entry or data flipped, or shorter (the output then zeroed). Some run inside a hold,
+ * as requests do.
+ */
+static void v2_round_trips(uint8_t cipher)
+{
+	struct fmt_keys keys, other;
+	uint8_t pt[4096], ct[4096], out[4096], e[32], ref[4096], rtag[16], rnd[16], id[16], nonce[24], ad[25], dek[32];
 	unsigned long long tl;
 	unsigned bad = 0;
 
@@ -416,34 +449,46 @@ static void test_chunks_v2(void)
 		size_t len = i < 3 ? (size_t[]){ 1, 4095, 4096 }[i] : 1 + randombytes_uniform(4096);
 		uint64_t index = i % 2 ? randombytes_random() : ((uint64_t)randombytes_random() << 32) | randombytes_random();
 
-		randombytes_buf(&keys, sizeof(keys));
+		randombytes_buf(dek, sizeof(dek));
+		CHECK_EQ(fmt_keys_derive(dek, cipher, &keys), 0);
 		randombytes_buf(id, 16);
 		randombytes_buf(rnd, 16);
 		randombytes_buf(pt, len);
+		if (i % 3 == 0)
+			fmt_chunk_hold();
 		CHECK_EQ(fmt_chunk_seal_v2(&keys, id, index, rnd, pt, len, ct, e), 0);
 		memcpy(nonce, rnd, 16);
 		memcpy(ad, id, 16);
 		for (int k = 0; k < 8; k++)
 			nonce[16 + k] = ad[16 + k] = (uint8_t)(index >> (8 * k));
 		ad[24] = 2;
-		crypto_aead_xchacha20poly1305_ietf_encrypt_detached(ref, rtag, &tl, pt, len, ad, 25, NULL, nonce, keys.content);
+		if (cipher == FMT_CIPHER_XAES_256_GCM)
+			CHECK_EQ(fmt_xaes_256_gcm(1, keys.content, nonce, ad, 25, pt, len, ref, rtag), 0);
+		else
+			crypto_aead_xchacha20poly1305_ietf_encrypt_detached(ref, rtag, &tl, pt, len, ad, 25, NULL, nonce,
+									    keys.content);
 		bad += memcmp(ct, ref, len) != 0 || memcmp(e, rnd, 16) != 0 || memcmp(e + 16, rtag, 16) != 0;
 		/* In place, as reads do. */
 		memcpy(out, ct, len);
 		bad += fmt_chunk_open_v2(&keys, id, index, e, out, len, out) != (int)len || memcmp(out, pt, len) != 0;
-		/* Wrong position, wrong file, flipped bits in the entry or the data, shorter data. */
 		bad += fmt_chunk_open_v2(&keys, id, index + 1, e, ct, len, out) != -EBADMSG;
 		bad += !sodium_is_zero(out, len);
 		id[3] ^= 4;
 		bad += fmt_chunk_open_v2(&keys, id, index, e, ct, len, out) != -EBADMSG;
 		id[3] ^= 4;
+		other = keys;
+		other.cipher = cipher == FMT_CIPHER_XAES_256_GCM ? FMT_CIPHER_XCHACHA20_POLY1305 : FMT_CIPHER_XAES_256_GCM;
+		bad += fmt_chunk_open_v2(&other, id, index, e, ct, len, out) != -EBADMSG;
 		e[randombytes_uniform(32)] ^= 0x20;
 		bad += fmt_chunk_open_v2(&keys, id, index, e, ct, len, out) != -EBADMSG;
 		CHECK_EQ(fmt_chunk_seal_v2(&keys, id, index, rnd, pt, len, ct, e), 0);
 		ct[randombytes_uniform((uint32_t)len)] ^= 1;
 		bad += fmt_chunk_open_v2(&keys, id, index, e, ct, len, out) != -EBADMSG;
+		bad += !sodium_is_zero(out, len);
 		if (len > 1)
 			bad += fmt_chunk_open_v2(&keys, id, index, e, ref, len - 1, out) != -EBADMSG;
+		if (i % 3 == 0)
+			fmt_chunk_release();
 	}
 	CHECK_EQ(bad, 0);
 
@@ -456,26 +501,106 @@ static void test_chunks_v2(void)
 	CHECK_EQ(fmt_chunk_open_v2(&keys, id, 9, e, ct, 100, out), -EBADMSG);
 	CHECK_EQ(fmt_chunk_seal_v2(&keys, id, 0, rnd, pt, 0, ct, e), -EINVAL);
 	CHECK_EQ(fmt_chunk_seal_v2(&keys, id, 0, rnd, pt, 4097, ct, e), -EINVAL);
+}
 
-	/* Known answer: content key 00..1f, file id 20..2f, chunk 5, random 30..3f, plaintext
-	 * "keyfs v2" (8 bytes) -> ciphertext and tag below (frozen: docs/FORMAT.md, format v2). */
+static void test_chunks_v2(void)
+{
+	struct fmt_keys keys;
+
+	v2_round_trips(FMT_CIPHER_XCHACHA20_POLY1305);
+	/* Known answer with content key bytes 00..1f. */
+	memset(&keys, 0, sizeof(keys));
+	keys.cipher = FMT_CIPHER_XCHACHA20_POLY1305;
 	for (int k = 0; k < 32; k++)
 		keys.content[k] = (uint8_t)k;
-	for (int k = 0; k < 16; k++) {
-		id[k] = (uint8_t)(0x20 + k);
-		rnd[k] = (uint8_t)(0x30 + k);
-	}
-	CHECK_EQ(fmt_chunk_seal_v2(&keys, id, 5, rnd, (const uint8_t *)"keyfs v2", 8, ct, e), 0);
-	{
-		char hex[2 * 32 + 1];
+	v2_known_answer(&keys, "v2", V2_KAT_CT, V2_KAT_ENTRY);
+}
 
-		sodium_bin2hex(hex, sizeof(hex), ct, 8);
-		printf("v2 known answer ciphertext %s\n", hex);
-		CHECK(strcmp(hex, V2_KAT_CT) == 0);
-		sodium_bin2hex(hex, sizeof(hex), e, 32);
-		printf("v2 known answer entry %s\n", hex);
-		CHECK(strcmp(hex, V2_KAT_ENTRY) == 0);
+/* The two vectors of c2sp.org/XAES-256-GCM, sealed and opened, and a flipped bit refused. */
+static void test_xaes_vectors(void)
+{
+	static const struct {
+		uint8_t key;
+		const char *ad, *ct_tag;
+	} v[] = {
+		{ 0x01, "", "ce546ef63c9cc60765923609b33a9a1974e96e52daf2fcf7075e2271" },
+		{ 0x03, "c2sp.org/XAES-256-GCM", "986ec1832593df5443a179437fd083bf3fdb41abd740a21f71eb769d" },
+	};
+	const uint8_t *nonce = (const uint8_t *)"ABCDEFGHIJKLMNOPQRSTUVWX", *pt = (const uint8_t *)"XAES-256-GCM";
+
+	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+		uint8_t key[32], out[12], back[12], tag[16];
+		char hex[2 * 28 + 1];
+
+		memset(key, v[i].key, sizeof(key));
+		CHECK_EQ(fmt_xaes_256_gcm(1, key, nonce, (const uint8_t *)v[i].ad, strlen(v[i].ad), pt, 12, out, tag), 0);
+		sodium_bin2hex(hex, 2 * 12 + 1, out, 12);
+		sodium_bin2hex(hex + 24, 2 * 16 + 1, tag, 16);
+		CHECK(strcmp(hex, v[i].ct_tag) == 0);
+		if (strcmp(hex, v[i].ct_tag) != 0)
+			fprintf(stderr, "xaes vector %zu: %s\n", i, hex);
+		CHECK_EQ(fmt_xaes_256_gcm(0, key, nonce, (const uint8_t *)v[i].ad, strlen(v[i].ad), out, 12, back, tag), 0);
+		CHECK_MEM(back, pt, 12);
+		tag[15] ^= 0x80;
+		CHECK_EQ(fmt_xaes_256_gcm(0, key, nonce, (const uint8_t *)v[i].ad, strlen(v[i].ad), out, 12, back, tag),
+			 -EBADMSG);
+		CHECK(sodium_is_zero(back, 12));
 	}
+}
+
+/* v2 chunks of cipher 2, with a content key of their own (KDF id 3), bound to file and position
+ * like cipher 1's. */
+static void test_chunks_v2_xaes(void)
+{
+	struct fmt_keys keys, k1;
+	uint8_t dek[32];
+	char hex[65];
+
+	for (int i = 0; i < 32; i++)
+		dek[i] = (uint8_t)i;
+	CHECK_EQ(fmt_keys_derive(dek, FMT_CIPHER_XAES_256_GCM, &keys), 0);
+	CHECK_EQ(keys.cipher, FMT_CIPHER_XAES_256_GCM);
+	sodium_bin2hex(hex, sizeof(hex), keys.content, 32);
+	CHECK(strcmp(hex, KDF_CONTENT_XAES_HEX) == 0);
+	CHECK_EQ(fmt_keys_derive(dek, FMT_CIPHER_XCHACHA20_POLY1305, &k1), 0);
+	CHECK(memcmp(k1.content, keys.content, 32) != 0);
+	CHECK_MEM(k1.header, keys.header, 32);
+	CHECK_EQ(fmt_keys_derive(dek, 3, &k1), -EINVAL);
+	/* Known answer, end to end from DEK 00..1f (content key KDF_CONTENT_XAES_HEX). */
+	v2_known_answer(&keys, "v2 xaes", V2_XAES_KAT_CT, V2_XAES_KAT_ENTRY);
+	v2_round_trips(FMT_CIPHER_XAES_256_GCM);
+}
+
+/* A v2 header names cipher 2 under its MAC; a v1 header cannot. */
+static void test_header_xaes(void)
+{
+	struct fmt_keys keys;
+	struct fmt_header h, p;
+	uint8_t buf[FMT_HEADER_SIZE], dek[32];
+
+	for (int i = 0; i < 32; i++)
+		dek[i] = (uint8_t)i;
+	make_header(&h, &keys);
+	CHECK_EQ(fmt_keys_derive(dek, FMT_CIPHER_XAES_256_GCM, &keys), 0);
+	CHECK_EQ(fmt_header_encode(&h, &keys, buf), -EINVAL);   /* h.version 0: a v1 file */
+	h.version = 2;
+	CHECK_EQ(fmt_header_encode(&h, &keys, buf), 0);
+	CHECK_EQ(buf[8], 2);
+	CHECK_EQ(buf[10], 2);
+	CHECK_EQ(fmt_header_parse(buf, &p), 0);
+	CHECK_EQ(p.cipher, FMT_CIPHER_XAES_256_GCM);
+	CHECK_EQ(fmt_header_verify(buf, &keys), 0);
+	/* Naming the other cipher breaks the MAC: no one swaps a file's cipher. */
+	buf[10] = 1;
+	CHECK_EQ(fmt_header_parse(buf, &p), 0);
+	CHECK_EQ(fmt_header_verify(buf, &keys), -EBADMSG);
+	/* Cipher 2 in a v1 header, or an unknown cipher: not this format. */
+	buf[10] = 2;
+	buf[8] = 1;
+	CHECK_EQ(fmt_header_parse(buf, &p), -EPROTONOSUPPORT);
+	buf[8] = 2;
+	buf[10] = 3;
+	CHECK_EQ(fmt_header_parse(buf, &p), -EPROTONOSUPPORT);
 }
 
 int main(void)
@@ -489,7 +614,15 @@ int main(void)
 	test_header();
 	test_chunks();
 	test_chunk_impl_matches_libsodium();
+	test_xaes_vectors();
+	test_chunks_v2_xaes();
+	test_header_xaes();
 	CHECK(strcmp(fmt_cipher_name(1), "xchacha20-poly1305") == 0);
-	CHECK(fmt_cipher_name(2) == NULL);
+	CHECK(strcmp(fmt_cipher_name(2), "xaes-256-gcm") == 0);
+	CHECK(fmt_cipher_name(3) == NULL);
+	CHECK_EQ(fmt_cipher_by_name("xaes-256-gcm"), 2);
+	CHECK_EQ(fmt_cipher_by_name("xchacha20-poly1305"), 1);
+	CHECK_EQ(fmt_cipher_by_name("aes-256-gcm"), 0);
+	CHECK(fmt_cipher_available(1) && fmt_cipher_available(2) && !fmt_cipher_available(3));
 	return check_done();
 }
