@@ -7,6 +7,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -38,7 +39,9 @@
 /*
  * The TLS session cache and DNS cache every handle of one generation shares. http_forget
  * starts a new generation; the old share is cleaned up (its TLS sessions freed, and wiped by
- * secmem's allocator) when the last handle attached to it is closed.
+ * secmem's allocator) when the last handle attached to it is closed. A handle's reference is
+ * dropped only once curl_easy_cleanup has detached it (conn_close): until then libcurl still
+ * takes the share's locks (this struct) and uses its caches.
  */
 struct http_share {
 	CURLSH *sh;
@@ -62,9 +65,16 @@ struct http_conn {
 	atomic_bool busy;               /* a transfer is under way */
 };
 
-/* A socket curl opened for a connection: http_interrupt shuts it down to end a stalled wait. */
+/*
+ * A socket curl opened for a connection: http_interrupt shuts it down to end a stalled wait.
+ * libcurl 7.88 closes a socket that never got connected (an attempt cut short) with close(),
+ * not our close callback: its entry stays until the handle is closed (conn_free), and its fd
+ * number may be another file's by then, so an fd is shut down only if it is still the socket
+ * opened (same inode).
+ */
 struct http_sock {
 	int fd;                         /* -1: free */
+	ino_t ino;
 	struct http_conn *conn;
 };
 
@@ -116,9 +126,10 @@ static void share_free(struct http_share *s)
 {
 	if (!s)
 		return;
-	/* No handle uses it any more: the cleanup frees every cached TLS session. */
-	if (s->sh)
-		curl_share_cleanup(s->sh);
+	/* No handle uses it any more: the cleanup frees every cached TLS session. Were one still
+	 * attached, libcurl would refuse, and that handle would lock mutexes freed here. */
+	if (s->sh && curl_share_cleanup(s->sh) != CURLSHE_OK)
+		return;
 	for (int i = 0; i < CURL_LOCK_DATA_LAST; i++)
 		pthread_mutex_destroy(&s->locks[i]);
 	free(s);
@@ -186,14 +197,21 @@ int http_new(const struct http_settings *s, struct http **ret)
 	return 0;
 }
 
-/* Close the handle (its connection, TLS state and buffers: wiped by secmem's free). The
- * caller drops the handle's share reference. */
+/* Close the handle (its connection, TLS state and buffers: wiped by secmem's free). */
 static void conn_free(struct http_conn *c)
 {
 	if (!c)
 		return;
 	if (c->curl)
 		curl_easy_cleanup(c->curl);
+	/* Entries of sockets curl closed without telling us: none may name a freed handle. */
+	if (c->owner) {
+		pthread_mutex_lock(&c->owner->socks_lock);
+		for (int i = 0; i < SOCKS_MAX; i++)
+			if (c->owner->socks[i].conn == c)
+				c->owner->socks[i] = (struct http_sock){ .fd = -1 };
+		pthread_mutex_unlock(&c->owner->socks_lock);
+	}
 	if (c->body) {
 		sodium_memzero(c->body, c->body_max + 1);
 		sodium_free(c->body);
@@ -205,16 +223,29 @@ static void conn_free(struct http_conn *c)
 	free(c);
 }
 
+/* Close a handle out of the pool, then drop its share reference: only now is it detached from
+ * the share (curl_easy_cleanup), so another thread's last reference cannot free the share
+ * while this handle still uses it. Called without pool_lock. */
+static void conn_close(struct http *h, struct http_conn *c)
+{
+	struct http_share *s;
+
+	if (!c)
+		return;
+	s = c->share;
+	conn_free(c);
+	pthread_mutex_lock(&h->pool_lock);
+	s = share_unref(s);
+	pthread_mutex_unlock(&h->pool_lock);
+	share_free(s);
+}
+
 void http_free(struct http *h)
 {
 	if (!h)
 		return;
-	for (size_t i = 0; i < h->nidle; i++) {
-		struct http_share *s = h->idle[i]->share;
-
-		conn_free(h->idle[i]);
-		share_free(share_unref(s));
-	}
+	for (size_t i = 0; i < h->nidle; i++)
+		conn_close(h, h->idle[i]);
 	/* Every handle is gone, so the share is no longer in use. */
 	share_free(share_unref(h->share));
 	pthread_mutex_destroy(&h->pool_lock);
@@ -270,8 +301,7 @@ static int64_t mono_ms(void)
 void http_conn_put(struct http *h, struct http_conn *c)
 {
 	struct http_conn *stale[POOL_IDLE_MAX];
-	struct http_share *gone = NULL, *old[POOL_IDLE_MAX];
-	size_t nstale = 0, nold = 0;
+	size_t nstale = 0;
 	int64_t now;
 
 	if (!c)
@@ -288,13 +318,9 @@ void http_conn_put(struct http *h, struct http_conn *c)
 		c->idle_since = now;
 		h->idle[h->nidle++] = c;
 		c = NULL;
-	} else {
-		gone = share_unref(c->share);
 	}
 	while (nstale < h->nidle && h->nidle - nstale > POOL_IDLE_KEEP &&
 	       now - h->idle[nstale]->idle_since >= POOL_IDLE_TTL_MS) {
-		if ((old[nold] = share_unref(h->idle[nstale]->share)))
-			nold++;
 		stale[nstale] = h->idle[nstale];
 		nstale++;
 	}
@@ -303,12 +329,9 @@ void http_conn_put(struct http *h, struct http_conn *c)
 		memmove(h->idle, h->idle + nstale, h->nidle * sizeof(h->idle[0]));
 	}
 	pthread_mutex_unlock(&h->pool_lock);
-	conn_free(c);
-	share_free(gone);
+	conn_close(h, c);
 	for (size_t i = 0; i < nstale; i++)
-		conn_free(stale[i]);
-	for (size_t i = 0; i < nold; i++)
-		share_free(old[i]);
+		conn_close(h, stale[i]);
 }
 
 void http_set_idle_max(struct http *h, size_t n)
@@ -321,27 +344,22 @@ void http_set_idle_max(struct http *h, size_t n)
 void http_forget(struct http *h)
 {
 	struct http_conn *idle[POOL_IDLE_MAX];
-	struct http_share *fresh = share_new(), *old[POOL_IDLE_MAX + 1];
-	size_t n, nold = 0;
+	struct http_share *fresh = share_new(), *old = NULL;
+	size_t n;
 
 	pthread_mutex_lock(&h->pool_lock);
 	n = h->nidle;
 	memcpy(idle, h->idle, n * sizeof(idle[0]));
 	h->nidle = 0;
-	for (size_t i = 0; i < n; i++)
-		if ((old[nold] = share_unref(idle[i]->share)))
-			nold++;
 	/* Without memory for a new share the old one stays: its sessions go with the next forget. */
 	if (fresh) {
-		if ((old[nold] = share_unref(h->share)))
-			nold++;
+		old = share_unref(h->share);
 		h->share = fresh;
 	}
 	pthread_mutex_unlock(&h->pool_lock);
 	for (size_t i = 0; i < n; i++)
-		conn_free(idle[i]);
-	for (size_t i = 0; i < nold; i++)
-		share_free(old[i]);
+		conn_close(h, idle[i]);
+	share_free(old);
 }
 
 char *http_conn_scratch(struct http_conn *c)
@@ -467,9 +485,12 @@ static int map_curl_error(CURLcode rc, bool too_large)
  * now. Under socks_lock no fd in the table is closed, so none is someone else's by now. */
 static void wake_transfers(struct http *h)
 {
+	struct stat st;
+
 	pthread_mutex_lock(&h->socks_lock);
 	for (int i = 0; i < SOCKS_MAX; i++)
-		if (h->socks[i].fd >= 0 && atomic_load(&h->socks[i].conn->busy))
+		if (h->socks[i].fd >= 0 && atomic_load(&h->socks[i].conn->busy) &&
+		    fstat(h->socks[i].fd, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == h->socks[i].ino)
 			shutdown(h->socks[i].fd, SHUT_RDWR);
 	pthread_mutex_unlock(&h->socks_lock);
 }
@@ -503,14 +524,21 @@ static curl_socket_t on_open_socket(void *userp, curlsocktype purpose, struct cu
 	struct http_conn *c = userp;
 	struct http *h = c->owner;
 	curl_socket_t fd;
+	struct stat st;
 
 	(void)purpose;
 	pthread_mutex_lock(&h->socks_lock);
 	fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-	for (int i = 0; fd >= 0 && i < SOCKS_MAX; i++) {
-		if (h->socks[i].fd < 0) {
-			h->socks[i] = (struct http_sock){ .fd = fd, .conn = c };
-			break;
+	if (fd >= 0 && fstat(fd, &st) == 0) {
+		/* An entry a close() of curl's left with this number is gone with it. */
+		for (int i = 0; i < SOCKS_MAX; i++)
+			if (h->socks[i].fd == fd)
+				h->socks[i].fd = -1;
+		for (int i = 0; i < SOCKS_MAX; i++) {
+			if (h->socks[i].fd < 0) {
+				h->socks[i] = (struct http_sock){ .fd = fd, .ino = st.st_ino, .conn = c };
+				break;
+			}
 		}
 	}
 	pthread_mutex_unlock(&h->socks_lock);
