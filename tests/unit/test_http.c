@@ -1,7 +1,12 @@
-/* test_http.c: unit test of keyclient/http.c's handle pool: a TLS share outlives every handle attached to it */
+/* test_http.c: unit test of keyclient/http.c: a TLS share outlives its handles, an interrupt shuts down only their sockets */
+#include <dlfcn.h>
+#include <errno.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <curl/curl.h>
 #include <sodium.h>
@@ -148,6 +153,92 @@ static void race(bool slow_forgets)
 	http_free(h);
 }
 
+struct stall {
+	struct http_conn *c;
+	char url[64];
+	int r;
+};
+
+static void *stall_main(void *arg)
+{
+	struct stall *st = arg;
+	struct http_request rq = { .method = "GET", .url = st->url };
+	struct http_response resp;
+	char why[HTTP_WHY_MAX];
+
+	st->r = http_perform(st->c, &rq, &resp, why);
+	return NULL;
+}
+
+/*
+ * connect(2) of this program, in front of the C library's (libcurl calls it through the dynamic
+ * linker, so this definition wins): when armed, it interrupts its struct http first, so that the
+ * transfer is interrupted between the opening of its socket and its connection.
+ */
+static struct http *connect_interrupts;
+
+int connect(int fd, const struct sockaddr *a, socklen_t len)
+{
+	static int (*real)(int, const struct sockaddr *, socklen_t);
+	struct http *h = __atomic_exchange_n(&connect_interrupts, NULL, __ATOMIC_SEQ_CST);
+
+	if (!real)
+		real = (int (*)(int, const struct sockaddr *, socklen_t))dlsym(RTLD_NEXT, "connect");
+	if (h)
+		http_interrupt(h);
+	return real(fd, a, len);
+}
+
+/*
+ * An interrupt shuts down the sockets of the transfers under way, and nothing else. libcurl
+ * closes a socket that never got connected with close(), not the close callback: a file that
+ * gets its number next (here a socketpair) must survive the next interrupt of that handle.
+ */
+static void interrupt_spares_reused_fd(void)
+{
+	struct http_settings s = { .connect_timeout_ms = 5000, .timeout_ms = 5000, .body_max = 4096 };
+	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t salen = sizeof(sa);
+	struct stall st = { 0 };
+	struct http *h;
+	pthread_t t;
+	int lfd, pair[2] = { -1, -1 };
+	char byte = 'x';
+
+	/* A peer that accepts connections (backlog) and never answers a TLS hello. */
+	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	CHECK(lfd >= 0);
+	CHECK_EQ(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	CHECK_EQ(listen(lfd, 8), 0);
+	CHECK_EQ(getsockname(lfd, (struct sockaddr *)&sa, &salen), 0);
+	snprintf(st.url, sizeof(st.url), "https://127.0.0.1:%u/", (unsigned)ntohs(sa.sin_port));
+
+	CHECK_EQ(http_new(&s, &h), 0);
+	CHECK_EQ(http_conn_get(h, &st.c), 0);
+	/* Interrupted as its socket connects: libcurl closes that socket itself. */
+	__atomic_store_n(&connect_interrupts, h, __ATOMIC_SEQ_CST);
+	stall_main(&st);
+	CHECK_EQ(st.r, -ECANCELED);
+	/* The lowest free number: that socket's. */
+	CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
+	http_conn_put(h, st.c);
+	/* The same handle, waiting for the server's hello, interrupted. */
+	CHECK_EQ(http_conn_get(h, &st.c), 0);
+	CHECK_EQ(pthread_create(&t, NULL, stall_main, &st), 0);
+	usleep(300 * 1000);
+	http_interrupt(h);
+	pthread_join(t, NULL);
+	CHECK_EQ(st.r, -ECANCELED);
+	/* The socketpair was not shut down. */
+	CHECK_EQ(send(pair[0], &byte, 1, MSG_NOSIGNAL | MSG_DONTWAIT), 1);
+	CHECK_EQ(recv(pair[1], &byte, 1, MSG_DONTWAIT), 1);
+	http_conn_put(h, st.c);
+	http_free(h);
+	close(lfd);
+	close(pair[0]);
+	close(pair[1]);
+}
+
 int main(void)
 {
 	CHECK(sodium_init() >= 0);
@@ -159,5 +250,6 @@ int main(void)
 	CHECK_EQ(shares_refused, 0);
 	CHECK_EQ(shares_cleaned, shares_made);
 	CHECK(shares_made >= 4);
+	interrupt_spares_reused_fd();
 	return check_done();
 }
