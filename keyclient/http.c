@@ -482,7 +482,8 @@ static int map_curl_error(CURLcode rc, bool too_large)
 }
 
 /* A transfer waiting for a stalled or slow peer sleeps in poll(): a shut-down socket wakes it
- * now. Under socks_lock no fd in the table is closed, so none is someone else's by now. */
+ * now. Under socks_lock curl closes no socket through our callback; one it closed itself (its
+ * number maybe another file's by now) is told apart by its inode. */
 static void wake_transfers(struct http *h)
 {
 	struct stat st;
@@ -530,10 +531,16 @@ static curl_socket_t on_open_socket(void *userp, curlsocktype purpose, struct cu
 	pthread_mutex_lock(&h->socks_lock);
 	fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
 	if (fd >= 0 && fstat(fd, &st) == 0) {
-		/* An entry a close() of curl's left with this number is gone with it. */
-		for (int i = 0; i < SOCKS_MAX; i++)
-			if (h->socks[i].fd == fd)
+		/* Entries a close() of curl's left: this number's, and this handle's that no longer
+		 * name their socket; else they would fill the table while the handle lives. */
+		for (int i = 0; i < SOCKS_MAX; i++) {
+			struct stat was;
+
+			if (h->socks[i].fd == fd ||
+			    (h->socks[i].fd >= 0 && h->socks[i].conn == c &&
+			     (fstat(h->socks[i].fd, &was) < 0 || was.st_ino != h->socks[i].ino)))
 				h->socks[i].fd = -1;
+		}
 		for (int i = 0; i < SOCKS_MAX; i++) {
 			if (h->socks[i].fd < 0) {
 				h->socks[i] = (struct http_sock){ .fd = fd, .ino = st.st_ino, .conn = c };
