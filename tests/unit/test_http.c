@@ -2,6 +2,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -202,11 +203,11 @@ static void interrupt_spares_reused_fd(void)
 	struct stall st = { 0 };
 	struct http *h;
 	pthread_t t;
-	int lfd, pair[2] = { -1, -1 };
+	int lfd, afd, pair[2] = { -1, -1 };
 	char byte = 'x';
 
 	/* A peer that accepts connections (backlog) and never answers a TLS hello. */
-	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	CHECK(lfd >= 0);
 	CHECK_EQ(bind(lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
 	CHECK_EQ(listen(lfd, 8), 0);
@@ -222,10 +223,18 @@ static void interrupt_spares_reused_fd(void)
 	/* The lowest free number: that socket's. */
 	CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair), 0);
 	http_conn_put(h, st.c);
+	/* Whatever reached the listener of that attempt goes. */
+	while ((afd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK)) >= 0)
+		close(afd);
 	/* The same handle, waiting for the server's hello, interrupted. */
 	CHECK_EQ(http_conn_get(h, &st.c), 0);
 	CHECK_EQ(pthread_create(&t, NULL, stall_main, &st), 0);
-	usleep(300 * 1000);
+	/* Once its TLS hello has arrived, it waits for the answer. */
+	CHECK_EQ(poll(&(struct pollfd){ .fd = lfd, .events = POLLIN }, 1, 10000), 1);
+	afd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	CHECK(afd >= 0);
+	CHECK_EQ(poll(&(struct pollfd){ .fd = afd, .events = POLLIN }, 1, 10000), 1);
+	CHECK(recv(afd, &byte, 1, MSG_PEEK) == 1);
 	http_interrupt(h);
 	pthread_join(t, NULL);
 	CHECK_EQ(st.r, -ECANCELED);
@@ -234,6 +243,7 @@ static void interrupt_spares_reused_fd(void)
 	CHECK_EQ(recv(pair[1], &byte, 1, MSG_DONTWAIT), 1);
 	http_conn_put(h, st.c);
 	http_free(h);
+	close(afd);
 	close(lfd);
 	close(pair[0]);
 	close(pair[1]);
