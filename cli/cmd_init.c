@@ -597,7 +597,7 @@ int cmd_init(int argc, char **argv)
 	vol.format = a.format;
 	if (a.format == FMT_LAYOUT_V1) {
 		/* v1 files are XChaCha20-Poly1305 only; the description then names no cipher. */
-		if (a.cipher && fmt_cipher_by_name(a.cipher) != FMT_CIPHER_XCHACHA20_POLY1305)
+		if (a.cipher && !fmt_cipher_valid(fmt_cipher_by_name(a.cipher), FMT_LAYOUT_V1))
 			return cli_usage_error("init", "--cipher %s needs --format 2", a.cipher);
 	} else {
 		uint8_t cipher = a.cipher ? fmt_cipher_by_name(a.cipher) : fmt_cipher_default();

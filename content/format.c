@@ -121,7 +121,7 @@ int fmt_header_parse(const uint8_t buf[FMT_HEADER_SIZE], struct fmt_header *ret)
 	if (h.version < 1 || h.version > FMT_VERSION_MAX)
 		return -EPROTONOSUPPORT;
 	h.cipher = buf[OFF_CIPHER];
-	if (h.cipher != FMT_CIPHER_XCHACHA20_POLY1305 && !(h.cipher == FMT_CIPHER_XAES_256_GCM && h.version == FMT_LAYOUT_V2))
+	if (!fmt_cipher_valid(h.cipher, (enum fmt_layout)h.version))
 		return -EPROTONOSUPPORT;
 	if (buf[OFF_CHUNK_SHIFT] != FMT_CHUNK_SHIFT || get_le32(buf + OFF_HDR_SIZE) != FMT_HEADER_SIZE)
 		return -EBADMSG;
@@ -167,8 +167,7 @@ int fmt_header_encode(const struct fmt_header *h, const struct fmt_keys *keys, u
 	    !printable(h->key_id, lk) || !printable(h->key_version, lv) ||
 	    sodium_is_zero(h->file_id, FMT_FILE_ID_SIZE) || h->generation == 0)
 		return -EINVAL;
-	if (keys->cipher != FMT_CIPHER_XCHACHA20_POLY1305 &&
-	    !(keys->cipher == FMT_CIPHER_XAES_256_GCM && h->version == FMT_LAYOUT_V2))
+	if (!fmt_cipher_valid(keys->cipher, h->version == FMT_LAYOUT_V2 ? FMT_LAYOUT_V2 : FMT_LAYOUT_V1))
 		return -EINVAL;
 
 	memset(buf, 0, FMT_HEADER_SIZE);
@@ -700,6 +699,11 @@ const char *fmt_cipher_name(uint8_t cipher)
 		return "xaes-256-gcm";
 	}
 	return NULL;
+}
+
+bool fmt_cipher_valid(uint8_t cipher, enum fmt_layout layout)
+{
+	return cipher == FMT_CIPHER_XCHACHA20_POLY1305 || (cipher == FMT_CIPHER_XAES_256_GCM && layout == FMT_LAYOUT_V2);
 }
 
 uint8_t fmt_cipher_by_name(const char *name)

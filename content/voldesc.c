@@ -40,7 +40,7 @@ static int check(const struct voldesc *v, char *err, size_t errlen)
 		snprintf(err, errlen, "unknown cipher '%s' (expected 'xaes-256-gcm' or 'xchacha20-poly1305')", v->cipher);
 		return -EINVAL;
 	}
-	if (voldesc_cipher(v) == FMT_CIPHER_XAES_256_GCM && v->format != FMT_LAYOUT_V2) {
+	if (!fmt_cipher_valid(voldesc_cipher(v), (enum fmt_layout)v->format)) {
 		snprintf(err, errlen, "cipher 'xaes-256-gcm' needs format=2");
 		return -EINVAL;
 	}

@@ -220,6 +220,9 @@ void fmt_file_id_hex(const uint8_t file_id[FMT_FILE_ID_SIZE], char out[2 * FMT_F
 /* Name of a cipher id ("xchacha20-poly1305", "xaes-256-gcm"), or NULL when unknown. */
 const char *fmt_cipher_name(uint8_t cipher);
 
+/* Whether files of layout may use cipher: XChaCha20-Poly1305 in both, XAES-256-GCM in v2 only. */
+bool fmt_cipher_valid(uint8_t cipher, enum fmt_layout layout);
+
 /* The cipher id of a name fmt_cipher_name gives, or 0. */
 uint8_t fmt_cipher_by_name(const char *name);
 
