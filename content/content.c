@@ -175,6 +175,78 @@ static size_t tags_bucket(uint64_t id, uint64_t group)
 	return (size_t)(h >> 32) & (TAGS_BUCKETS - 1);
 }
 
+/*
+ * Overwrites beside reads (v2, tag cache on). content_overwrite runs under the caller's shared
+ * access, beside reads and other overwrites of the file, so a chunk's data page and its entry
+ * no longer change together for everyone else:
+ * - Chunk locks: a writer holds the locks of its chunks from writing their data pages until their
+ *   entries are in the tag page and the cache, so two overwrites of one chunk leave one of them
+ *   whole, data and entry.
+ * - Group locks: the tag page of a group is read, changed and written whole by one writer at a
+ *   time (short: no disk read once the page is cached). Each has a write sequence, odd while a
+ *   tag page write is under way, bumped again after it and its cache update.
+ * - Reads take no lock. A chunk that does not authenticate may have met an overwrite half done
+ *   (new data under an old entry, or a page torn by a pwrite under way): it is read again under
+ *   its chunk lock, which settles it (chunk_open_locked). A read that missed the cache keeps the
+ *   tag page it read only if no tag page write of its group overlapped that read (the write
+ *   sequence did not move and was even), so the cache never goes back to an older page.
+ * Striped by (tags id, chunk or group) over fixed tables; lock order: chunk locks in ascending
+ * index, then one group lock, then tags_lock. Nothing here runs when tags_id is 0: without the
+ * tag cache (shared mounts, v1) writes are all exclusive.
+ */
+#define CHUNK_LOCKS 256u
+#define GROUP_LOCKS 64u
+
+static pthread_mutex_t chunk_locks[CHUNK_LOCKS];
+static pthread_mutex_t group_locks[GROUP_LOCKS];
+static _Atomic uint64_t group_seq[GROUP_LOCKS];
+static pthread_once_t overwrite_locks_once = PTHREAD_ONCE_INIT;
+
+static void overwrite_locks_init(void)
+{
+	pthread_mutexattr_t attr;
+
+	/* Held for a pwrite or two: spinning a little beats sleeping on two cores. */
+	pthread_mutexattr_init(&attr);
+	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+	for (size_t k = 0; k < CHUNK_LOCKS; k++)
+		pthread_mutex_init(&chunk_locks[k], &attr);
+	for (size_t k = 0; k < GROUP_LOCKS; k++)
+		pthread_mutex_init(&group_locks[k], &attr);
+	pthread_mutexattr_destroy(&attr);
+}
+
+static size_t chunk_lock_index(const struct content_file *f, uint64_t idx)
+{
+	return tags_bucket(f->tags_id, idx) % CHUNK_LOCKS;
+}
+
+static size_t group_lock_index(const struct content_file *f, uint64_t g)
+{
+	/* Another mix than the chunks': a group's lock is not one of its chunks' by design. */
+	return tags_bucket(f->tags_id ^ 0x5bd1e995u, g) % GROUP_LOCKS;
+}
+
+/* The chunk locks of chunks a..b (one group) into ks, ascending, each once; returns how many. */
+static size_t chunk_locks_of(const struct content_file *f, uint64_t a, uint64_t b, size_t ks[GC])
+{
+	size_t n = 0;
+
+	for (uint64_t i = a; i <= b; i++) {
+		size_t k = chunk_lock_index(f, i), j = n;
+
+		/* Insertion into the sorted list: a request has a few chunks, 128 at most. */
+		while (j > 0 && ks[j - 1] > k)
+			j--;
+		if (j > 0 && ks[j - 1] == k)
+			continue;
+		memmove(ks + j + 1, ks + j, (n - j) * sizeof(*ks));
+		ks[j] = k;
+		n++;
+	}
+	return n;
+}
+
 static void tags_lru_unlink(struct tag_page *t)
 {
 	if (t->prev)
@@ -244,15 +316,13 @@ static bool tags_get_page(const struct content_file *f, uint64_t g, uint8_t page
 	return tags_get(f, g * GC, GC, page);
 }
 
-/* Cache page as the tag page of group g of f, as the backing file holds it now. */
-static void tags_put_page(const struct content_file *f, uint64_t g, const uint8_t page[FMT_V2_PAGE])
+/* Cache page as the tag page of group g of f (unless only_new and one is cached). tags_lock held. */
+static void tags_put_locked(const struct content_file *f, uint64_t g, const uint8_t page[FMT_V2_PAGE], bool only_new)
 {
-	struct tag_page *t;
+	struct tag_page *t = tags_find(f->tags_id, g);
 
-	if (!f->tags_id)
+	if (t && only_new)
 		return;
-	pthread_mutex_lock(&tags_lock);
-	t = tags_find(f->tags_id, g);
 	if (!t) {
 		if (tags_count >= TAGS_MAX_PAGES) {
 			/* Full: the least recently used page becomes this one. */
@@ -262,7 +332,7 @@ static void tags_put_page(const struct content_file *f, uint64_t g, const uint8_
 		} else {
 			t = malloc(sizeof(*t));
 			if (!t)
-				goto out;
+				return;
 			tags_count++;
 		}
 		t->id = f->tags_id;
@@ -272,7 +342,37 @@ static void tags_put_page(const struct content_file *f, uint64_t g, const uint8_
 		tags_lru_front(t);
 	}
 	memcpy(t->ents, page, FMT_V2_PAGE);
-out:
+}
+
+/* Cache page as the tag page of group g of f, as the backing file holds it now. */
+static void tags_put_page(const struct content_file *f, uint64_t g, const uint8_t page[FMT_V2_PAGE])
+{
+	if (!f->tags_id)
+		return;
+	pthread_mutex_lock(&tags_lock);
+	tags_put_locked(f, g, page, false);
+	pthread_mutex_unlock(&tags_lock);
+}
+
+/* The sequence of group g's tag page writes by overwrites, for tags_put_page_read. */
+static uint64_t group_seq_now(const struct content_file *f, uint64_t g)
+{
+	return f->tags_id ? atomic_load(&group_seq[group_lock_index(f, g)]) : 0;
+}
+
+/* Cache page, read from the backing file, as group g's tag page: only if no overwrite wrote that
+ * tag page while it was read (its group sequence is still seq0, and was even) and none is
+ * cached (one that is came from a write or a read no older than this one). */
+static void tags_put_page_read(const struct content_file *f, uint64_t g, const uint8_t page[FMT_V2_PAGE],
+			       uint64_t seq0)
+{
+	if (!f->tags_id || seq0 % 2)
+		return;
+	/* Under tags_lock: a write that starts after this check wrote its page after this read,
+	 * and caches it after this one (tags_lock), in its place. */
+	pthread_mutex_lock(&tags_lock);
+	if (group_seq_now(f, g) == seq0)
+		tags_put_locked(f, g, page, true);
 	pthread_mutex_unlock(&tags_lock);
 }
 
@@ -662,9 +762,11 @@ static int entries_read_before(const struct content_file *f, uint64_t idx, size_
 	struct iovec iov = whole ? (struct iovec){ page, sizeof(page) } : (struct iovec){ e, n * ES };
 	off_t at = (off_t)(whole ? fmt_v2_group_offset(idx / GC) : fmt_v2_entry_offset(idx));
 	ssize_t r = -1;
+	uint64_t seq0;
 
 	if (tags_get(f, idx, n, e))
 		return 0;
+	seq0 = group_seq_now(f, idx / GC);
 	if (dlen <= OVERLAP_MAX && !atomic_load_explicit(&nowait_unsupported, memory_order_relaxed)) {
 		do
 			r = preadv2(f->fd, &iov, 1, at, RWF_NOWAIT);
@@ -686,10 +788,48 @@ static int entries_read_before(const struct content_file *f, uint64_t idx, size_
 		return -EIO;
 got:
 	if (whole) {
-		tags_put_page(f, idx / GC, page);
+		tags_put_page_read(f, idx / GC, page, seq0);
 		memcpy(e, page + (idx % GC) * ES, n * ES);
 	}
 	return 0;
+}
+
+/*
+ * Chunk idx (len bytes) of a v2 file opened into pt, read again under its chunk lock: for a chunk
+ * that did not authenticate while overwrites may run (f->tags_id), which settles whether it met
+ * one half done or is damaged. Returns 0 or -errno (-EIO: damaged); pt holds no plaintext then.
+ */
+static int chunk_open_locked(const struct content_file *f, uint64_t idx, size_t len, uint8_t *pt)
+{
+	pthread_mutex_t *l = &chunk_locks[chunk_lock_index(f, idx)];
+	uint8_t e[FMT_V2_ENTRY_SIZE];
+	ssize_t n = 0;
+	int r;
+
+	pthread_once(&overwrite_locks_once, overwrite_locks_init);
+	pthread_mutex_lock(l);
+	r = tags_get(f, idx, 1, e) ? 0 : entries_read(f, idx, 1, e);
+	if (r == 0)
+		n = util_pread_full(f->fd, pt, len, fmt_v2_page_offset(idx));
+	pthread_mutex_unlock(l);
+	if (r == 0 && n < 0)
+		r = (int)n;
+	else if (r == 0 && (size_t)n != len)
+		r = -EIO;
+	if (r == 0 && fmt_chunk_open_v2(f->keys, f->file_id, idx, e, pt, len, pt) != (int)len)
+		r = -EIO;
+	if (r < 0)
+		sodium_memzero(pt, len);
+	return r;
+}
+
+/* Open chunk idx of a v2 read in place (ct to pt, the same buffer): once more under its chunk
+ * lock if it does not authenticate and an overwrite may have been under way. */
+static int chunk_open_read(const struct content_file *f, uint64_t idx, const uint8_t *e, size_t len, uint8_t *pt)
+{
+	if (fmt_chunk_open_v2(f->keys, f->file_id, idx, e, pt, len, pt) == (int)len)
+		return 0;
+	return f->tags_id ? chunk_open_locked(f, idx, len, pt) : -EIO;
 }
 
 /*
@@ -749,18 +889,14 @@ static ssize_t read_v2(const struct content_file *f, uint8_t *out, uint64_t off,
 			uint8_t *pg = i == a && hpart ? head : i == z && tpart ? tail : NULL;
 
 			if (!pg) {
-				uint8_t *dst = out + (cstart - off);
-
-				if (fmt_chunk_open_v2(f->keys, f->file_id, i, e, dst, len, dst) != (int)len) {
-					r = -EIO;
+				r = chunk_open_read(f, i, e, len, out + (cstart - off));
+				if (r < 0)
 					break;
-				}
 				continue;
 			}
-			if (fmt_chunk_open_v2(f->keys, f->file_id, i, e, pg, len, pg) != (int)len) {
-				r = -EIO;
+			r = chunk_open_read(f, i, e, len, pg);
+			if (r < 0)
 				break;
-			}
 			{
 				uint64_t from = off > cstart ? off - cstart : 0;
 				uint64_t to = end < cstart + len ? end - cstart : len;
@@ -1006,12 +1142,30 @@ bool content_write_sealable(enum fmt_layout layout, size_t size, uint64_t off)
 	       size <= fmt_max_plain_size(layout) - off;
 }
 
+/* Seal the chunks of [off, end) (off on a chunk) from in into the thread's v2 buffer, every one
+ * whole, the last one as long as the write leaves it (the file ends there, or it is whole). */
+static int seal_whole(const struct content_file *f, const uint8_t *in, uint64_t off, uint64_t end)
+{
+	uint64_t c0 = off / CS, c1 = (end - 1) / CS, nchunks = c1 - c0 + 1;
+	uint8_t *data, *ents, *rnd;
+	int r = 0;
+
+	data = v2_buffer(nchunks, &ents, &rnd);
+	if (!data)
+		return -ENOMEM;
+	nonce_random(rnd, nchunks * FMT_V2_RANDOM_SIZE);
+	fmt_chunk_hold();
+	for (uint64_t i = c0; i <= c1 && r == 0; i++)
+		r = fmt_chunk_seal_v2(f->keys, f->file_id, i, rnd + (i - c0) * FMT_V2_RANDOM_SIZE,
+				      in + (i * CS - off), chunk_len(i, end), data + (i - c0) * CS, ents + (i - c0) * ES);
+	fmt_chunk_release();
+	return r < 0 ? -EIO : 0;
+}
+
 int content_write_seal(const struct content_file *f, const void *buf, size_t size, uint64_t off,
 		       struct content_sealed *s)
 {
-	uint64_t b = 0, end = off + size, c0 = off / CS, c1 = (end - 1) / CS, nchunks = c1 - c0 + 1;
-	uint8_t *data, *ents, *rnd;
-	const uint8_t *in = buf;
+	uint64_t b = 0;
 	int r;
 
 	s->ready = false;
@@ -1022,18 +1176,9 @@ int content_write_seal(const struct content_file *f, const void *buf, size_t siz
 		return r;
 	if (b == 0 || !fmt_backing_size_valid(f->layout, b) || !v2_sealable(off, size, fmt_plain_size(f->layout, b)))
 		return -EAGAIN;
-	data = v2_buffer(nchunks, &ents, &rnd);
-	if (!data)
-		return -ENOMEM;
-	nonce_random(rnd, nchunks * FMT_V2_RANDOM_SIZE);
-	fmt_chunk_hold();
-	/* Every chunk whole, the last one as long as the write leaves it (the file ends there). */
-	for (uint64_t i = c0; i <= c1 && r == 0; i++)
-		r = fmt_chunk_seal_v2(f->keys, f->file_id, i, rnd + (i - c0) * FMT_V2_RANDOM_SIZE,
-				      in + (i * CS - off), chunk_len(i, end), data + (i - c0) * CS, ents + (i - c0) * ES);
-	fmt_chunk_release();
+	r = seal_whole(f, buf, off, off + size);
 	if (r < 0)
-		return -EIO;
+		return r;
 	s->keys = f->keys;
 	memcpy(s->file_id, f->file_id, FMT_FILE_ID_SIZE);
 	s->off = off;
@@ -1078,6 +1223,56 @@ ssize_t content_write_sealed(const struct content_file *f, const void *buf, size
 	if (end > p && ftruncate(f->fd, (off_t)rollback) < 0)
 		return -errno;
 	return r;
+}
+
+ssize_t content_overwrite(const struct content_file *f, const void *buf, size_t size, uint64_t off)
+{
+	uint64_t b = 0, end = off + size, c0 = off / CS, c1;
+	uint8_t *data, *ents, *rnd;
+	int r;
+
+	if (!f->keys || !f->tags_id || f->layout != FMT_LAYOUT_V2 || size == 0 || off % CS || size % CS ||
+	    end < off)
+		return -EAGAIN;
+	r = file_backing_size(f, &b);
+	if (r < 0)
+		return r;
+	/* Whole chunks inside the file: end <= p makes the last of them a full one too. */
+	if (b == 0 || !fmt_backing_size_valid(f->layout, b) || end > fmt_plain_size(f->layout, b))
+		return -EAGAIN;
+	c1 = (end - 1) / CS;
+	pthread_once(&overwrite_locks_once, overwrite_locks_init);
+	r = seal_whole(f, buf, off, end);
+	if (r < 0)
+		return r;
+	data = v2_buffer(c1 - c0 + 1, &ents, &rnd);     /* the buffer sealed into */
+	if (!data)
+		return -ENOMEM;
+	/* Per group: under its chunks' locks, the data pages, then the tag page under its lock. */
+	for (uint64_t a = c0; a <= c1 && r == 0;) {
+		uint64_t z = (a / GC + 1) * GC - 1 < c1 ? (a / GC + 1) * GC - 1 : c1;
+		size_t ks[GC], nk = chunk_locks_of(f, a, z, ks);
+
+		for (size_t j = 0; j < nk; j++)
+			pthread_mutex_lock(&chunk_locks[ks[j]]);
+		r = pwrite_full(f->fd, data + (a - c0) * CS, (size_t)((z - a + 1) * CS), fmt_v2_page_offset(a));
+		if (r == 0) {
+			size_t k = group_lock_index(f, a / GC);
+
+			pthread_mutex_lock(&group_locks[k]);
+			atomic_fetch_add(&group_seq[k], 1);
+			r = entries_write(f, a, (size_t)(z - a + 1), ents + (a - c0) * ES, b);
+			/* What the failed write left in the tag pages is not known. */
+			if (r < 0)
+				tags_forget(f->tags_id);
+			atomic_fetch_add(&group_seq[k], 1);
+			pthread_mutex_unlock(&group_locks[k]);
+		}
+		for (size_t j = nk; j-- > 0;)
+			pthread_mutex_unlock(&chunk_locks[ks[j]]);
+		a = z + 1;
+	}
+	return r < 0 ? r : (ssize_t)size;
 }
 
 static ssize_t write_any(const struct content_file *f, const void *buf, size_t size, uint64_t off);

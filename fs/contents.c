@@ -63,6 +63,7 @@ enum contents_op {
 	C_READ,
 	C_WRITE,
 	C_SEAL,         /* a write's chunks sealed ahead, beside reads and other seals */
+	C_OVERWRITE,    /* whole chunks inside the file rewritten, beside reads (content_overwrite) */
 	C_ALLOCATE,     /* fallocate that keeps the size (FALLOC_FL_KEEP_SIZE) */
 	C_SEEK,
 };
@@ -96,6 +97,7 @@ static const struct gate {
 	[C_READ]     = { true,  KS_OP_READ,   LOCK_SHARED,    KEYS },
 	[C_WRITE]    = { true,  KS_OP_WRITE,  LOCK_EXCLUSIVE, KEYS_OR_NEW },
 	[C_SEAL]     = { true,  KS_OP_WRITE,  LOCK_SHARED,    KEYS },
+	[C_OVERWRITE] = { true, KS_OP_WRITE,  LOCK_SHARED,    KEYS },
 	[C_ALLOCATE] = { true,  KS_OP_WRITE,  LOCK_EXCLUSIVE, KEYS },
 	/* Holes and the size come from the backing layout: no key, and it works while locked. */
 	[C_SEEK]     = { false, KS_OP_READ,   LOCK_SHARED,    KEYS_NONE },
@@ -501,7 +503,7 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 /*
  * Give cf the backing size of f, from f's cache when no exclusive operation on the inode came
  * since it was taken, else from fstat (then kept). Called holding content shared, so no write
- * runs meanwhile. The size is no secret (stat shows the plaintext size it gives) and is used
+ * that changes the size runs meanwhile (overwrites do not). The size is no secret (stat shows the plaintext size it gives) and is used
  * only past the key gate; a lock changes no file. On a failed fstat cf is left to content_read.
  */
 static void file_size_cached(struct kfs_file *f, struct content_file *cf)
@@ -615,7 +617,45 @@ void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse
 	}
 }
 
-static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf, size_t size, off_t off)
+/*
+ * A write of whole chunks inside the file (content_overwrite) under content shared, beside reads
+ * and other such writes: the write-back of scattered pages of one file (random 4 KiB writes)
+ * runs on every core instead of one at a time. Not on a shared mount (its byte-range locks
+ * are taken under the exclusive lock) nor for an emulated append. Returns -EAGAIN when the
+ * write is not one, for file_write_exclusive.
+ */
+static ssize_t file_overwrite(struct keyfs *fs, struct kfs_file *f, const char *buf, size_t size, off_t off)
+{
+	struct kfs_inode *i = f->inode;
+	struct content_file cf;
+	bool past_end;
+	ssize_t n;
+
+	if (fs->shared || f->append || fs->vol.format != FMT_LAYOUT_V2 || size == 0 || off % FMT_CHUNK_SIZE ||
+	    size % FMT_CHUNK_SIZE)
+		return -EAGAIN;
+	/* A write past the end by the last size seen (a hint: content_overwrite decides) goes
+	 * straight to the exclusive lock, not through the shared one first. */
+	pthread_mutex_lock(&f->size_lock);
+	past_end = f->size_gen != 0 && (uint64_t)off + size > fmt_plain_size(FMT_LAYOUT_V2, f->size);
+	pthread_mutex_unlock(&f->size_lock);
+	if (past_end)
+		return -EAGAIN;
+	n = contents_enter(fs, i, C_OVERWRITE, f->fd, &cf);
+	if (n < 0)
+		return n;
+	n = -EAGAIN;
+	if (cf.keys) {
+		file_size_cached(f, &cf);
+		cf.tags_id = inode_tags_id(fs, i);
+		n = content_overwrite(&cf, buf, size, (uint64_t)off);
+	}
+	contents_leave(i, C_OVERWRITE);
+	return n;
+}
+
+/* Any write, under content exclusive (its chunks perhaps sealed ahead under content shared). */
+static ssize_t file_write_exclusive(struct keyfs *fs, struct kfs_file *f, const char *buf, size_t size, off_t off)
 {
 	struct kfs_inode *i = f->inode;
 	struct content_file cf;
@@ -650,6 +690,15 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 	if (!fs->shared)
 		file_size_written(f, &cf, n, pos, size);
 	contents_leave(i, C_WRITE);
+	return n;
+}
+
+static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf, size_t size, off_t off)
+{
+	ssize_t n = file_overwrite(fs, f, buf, size, off);
+
+	if (n == -EAGAIN)
+		n = file_write_exclusive(fs, f, buf, size, off);
 	/* Accepted while a lock is under way: a dirty page written back with the keys. */
 	if (n >= 0 && keystate_locked(fs->ks))
 		atomic_fetch_add(&fs->lock_writes, 1);
@@ -663,7 +712,7 @@ static ssize_t file_write(struct keyfs *fs, struct kfs_file *f, const char *buf,
 			n = r;
 		/* The kernel keeps the mode it had: tell it the attributes changed (no pages, so
 		 * safe from a handler). */
-		fuse_lowlevel_notify_inval_inode(fs->se, node_id(i), -1, 0);
+		fuse_lowlevel_notify_inval_inode(fs->se, node_id(f->inode), -1, 0);
 	}
 	return n;
 }

@@ -22,7 +22,9 @@ struct keycache;
  *
  * Lock order: content -> keys_lock -> inode_table.lock. No lock is held across a fuse_reply_*.
  * The content lock is per inode, not per handle, because hard links and several opens share the
- * chunks: reads take it shared; write, truncate and fallocate exclusive.
+ * chunks: reads take it shared; write, truncate and fallocate exclusive, except a write of whole
+ * chunks inside a file with the tag cache on (content_overwrite), which takes it shared too:
+ * content.c orders such writes and reads per chunk and per tag page.
  */
 struct kfs_inode {
 	struct kfs_inode *hnext;        /* table lock */

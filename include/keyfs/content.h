@@ -11,8 +11,9 @@
 
 /*
  * One open backing file with a valid header. The caller owns the fd and the keys, and serialises:
- * content_read may run concurrently with other reads; content_write, content_truncate and
- * content_fallocate need exclusive access to the file (a per-inode read/write lock in fs/).
+ * content_read (and content_overwrite) may run concurrently with other reads and overwrites;
+ * content_write, content_truncate and content_fallocate need exclusive access to the file (a
+ * per-inode read/write lock in fs/).
  * All functions return >= 0 on success, -errno on failure; an authentication failure is -EIO.
  * A backing file of size 0 has no header yet: reads see an empty file, and content_write or a
  * growing content_truncate answer -ENODATA so the caller writes a header first.
@@ -100,6 +101,17 @@ ssize_t content_read(const struct content_file *f, void *buf, size_t size, uint6
 /* Write size bytes at off, growing the file (with holes) as needed. Returns size or -errno.
  * On failure the file keeps its old size; chunks already rewritten may hold new data. */
 ssize_t content_write(const struct content_file *f, const void *buf, size_t size, uint64_t off);
+
+/*
+ * Overwrite whole chunks inside a v2 file with the tag cache on (tags_id set): off and size
+ * multiples of the chunk size, off + size at most the plaintext size, so no old contents and no
+ * size change are involved. Unlike content_write it needs only shared access (as a read): it
+ * may run beside reads and other overwrites of the file, which see each group's chunks either
+ * all before or all after it (content.c, group locks); two overwrites of one chunk leave one of
+ * them whole. Returns size, -EAGAIN when the write is not such an overwrite (then use
+ * content_write under exclusive access), or -errno as content_write.
+ */
+ssize_t content_overwrite(const struct content_file *f, const void *buf, size_t size, uint64_t off);
 
 /*
  * A write in two steps, so that its chunks are sealed outside the exclusive access a write

@@ -87,11 +87,16 @@ static void check_whole(unsigned op, unsigned seed)
 	check_passed++;
 }
 
+/* Whole-chunk writes inside the file that content_overwrite took (test_random, v2). */
+static unsigned overwrites;
+
 static void test_random(unsigned seed, unsigned ops)
 {
 	static uint8_t buf[MAXSIZE];
 
 	srandom(seed);
+	/* The tag cache on, as on an exclusive mount, so that overwrites are taken. */
+	f.tags_id = L == FMT_LAYOUT_V2 ? content_tags_id() : 0;
 	for (unsigned op = 0; op < ops; op++) {
 		int kind = (int)(random() % 13);
 		uint64_t off = (uint64_t)random() % MAXSIZE;
@@ -100,8 +105,37 @@ static void test_random(unsigned seed, unsigned ops)
 		if (off + len > MAXSIZE)
 			len = MAXSIZE - off;
 		if (kind < 5) {
+			/* v2, two writes in five: whole chunks, which content_overwrite takes when they
+			 * lie inside the file (the tag cache is on) and leaves to content_write with
+			 * -EAGAIN otherwise. */
+			bool whole = L == FMT_LAYOUT_V2 && kind < 2;
+			ssize_t n = -EAGAIN;
+
+			if (whole) {
+				off -= off % FMT_CHUNK_SIZE;
+				len = (len + FMT_CHUNK_SIZE - 1) / FMT_CHUNK_SIZE * FMT_CHUNK_SIZE;
+				if (off + len > MAXSIZE)
+					len = (MAXSIZE - off) / FMT_CHUNK_SIZE * FMT_CHUNK_SIZE;
+				if (len == 0)
+					continue;
+			}
 			randombytes_buf(buf, len);
-			if (content_write(&f, buf, len, off) != (ssize_t)len) {
+			if (whole) {
+				ssize_t want = off + len <= model_size ? (ssize_t)len : -EAGAIN;
+
+				n = content_overwrite(&f, buf, len, off);
+				if (n != want) {
+					fprintf(stderr, "seed %u op %u: overwrite at %llu len %zu of %llu: %zd want %zd\n",
+						seed, op, (unsigned long long)off, len, (unsigned long long)model_size, n,
+						want);
+					CHECK(0);
+					return;
+				}
+				overwrites += n > 0;
+			}
+			if (n == -EAGAIN)
+				n = content_write(&f, buf, len, off);
+			if (n != (ssize_t)len) {
 				fprintf(stderr, "seed %u op %u: write failed\n", seed, op);
 				CHECK(0);
 				return;
@@ -128,6 +162,7 @@ static void test_random(unsigned seed, unsigned ops)
 			int mode = modes[kind - 10];
 			uint64_t end = off + len, zend = end < model_size ? end : model_size;
 
+			f.tags_id = L == FMT_LAYOUT_V2 ? content_tags_id() : 0;    /* content.h: a new one after it */
 			if (content_fallocate(&f, mode, off, len) != 0) {
 				fprintf(stderr, "seed %u op %u: fallocate %d at %llu len %zu failed\n", seed, op, mode,
 					(unsigned long long)off, len);
@@ -143,6 +178,7 @@ static void test_random(unsigned seed, unsigned ops)
 		} else {
 			uint64_t size = kind == 8 ? off : (uint64_t)random() % 9000;
 
+			f.tags_id = L == FMT_LAYOUT_V2 ? content_tags_id() : 0;
 			if (content_truncate(&f, size) != 0) {
 				fprintf(stderr, "seed %u op %u: truncate %llu failed\n", seed, op, (unsigned long long)size);
 				CHECK(0);
@@ -156,6 +192,7 @@ static void test_random(unsigned seed, unsigned ops)
 			check_whole(op, seed);
 	}
 	check_whole(ops, seed);
+	f.tags_id = 0;
 }
 
 static void test_holes_and_seek(void)
@@ -412,6 +449,9 @@ int main(int argc, char **argv)
 	test_random(seed, 4000);
 	refuse_zeroing = true;
 	test_random(seed + 1, 2000);
+	/* Both runs take some: a file grows to about MAXSIZE / 2 before truncates cut it. */
+	if (L == FMT_LAYOUT_V2)
+		CHECK(overwrites > 50);
 	test_zero_fallback();
 	refuse_zeroing = false;
 	test_holes_and_seek();
