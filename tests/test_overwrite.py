@@ -19,7 +19,7 @@ from helpers import CHUNK, FORMAT, LAYOUT, direct_pread, flip, write_file
 
 GROUP_CHUNKS = 128                      # chunks per v2 tag page
 OWNED = 4 * 96                          # chunks 0..383: four writers, 96 each, across group boundaries
-CONTENDED = range(OWNED, OWNED + 8)     # chunks 384..391: two writers each
+CONTENDED = range(OWNED, OWNED + 3)     # chunks 384..386: two writers each
 NCHUNKS = OWNED + len(CONTENDED)
 
 
