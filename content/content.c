@@ -1231,8 +1231,7 @@ ssize_t content_overwrite(const struct content_file *f, const void *buf, size_t 
 	uint8_t *data, *ents, *rnd;
 	int r;
 
-	if (!f->keys || !f->tags_id || f->layout != FMT_LAYOUT_V2 || size == 0 || off % CS || size % CS ||
-	    end < off)
+	if (!f->keys || !f->tags_id || !content_write_sealable(f->layout, size, off) || size % CS)
 		return -EAGAIN;
 	r = file_backing_size(f, &b);
 	if (r < 0)

@@ -503,8 +503,9 @@ void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
 /*
  * Give cf the backing size of f, from f's cache when no exclusive operation on the inode came
  * since it was taken, else from fstat (then kept). Called holding content shared, so no write
- * that changes the size runs meanwhile (overwrites do not). The size is no secret (stat shows the plaintext size it gives) and is used
- * only past the key gate; a lock changes no file. On a failed fstat cf is left to content_read.
+ * that changes the size runs meanwhile (overwrites do not). The size is no secret (stat shows
+ * the plaintext size it gives) and is used only past the key gate; a lock changes no file. On
+ * a failed fstat cf is left to content_read.
  */
 static void file_size_cached(struct kfs_file *f, struct content_file *cf)
 {
@@ -631,7 +632,7 @@ static ssize_t file_overwrite(struct keyfs *fs, struct kfs_file *f, const char *
 	bool past_end;
 	ssize_t n;
 
-	if (fs->shared || f->append || fs->vol.format != FMT_LAYOUT_V2 || size == 0 || off % FMT_CHUNK_SIZE ||
+	if (fs->shared || f->append || !content_write_sealable(fs->vol.format, size, (uint64_t)off) ||
 	    size % FMT_CHUNK_SIZE)
 		return -EAGAIN;
 	/* A write past the end by the last size seen (a hint: content_overwrite decides) goes

@@ -106,10 +106,10 @@ ssize_t content_write(const struct content_file *f, const void *buf, size_t size
  * Overwrite whole chunks inside a v2 file with the tag cache on (tags_id set): off and size
  * multiples of the chunk size, off + size at most the plaintext size, so no old contents and no
  * size change are involved. Unlike content_write it needs only shared access (as a read): it
- * may run beside reads and other overwrites of the file, which see each group's chunks either
- * all before or all after it (content.c, group locks); two overwrites of one chunk leave one of
- * them whole. Returns size, -EAGAIN when the write is not such an overwrite (then use
- * content_write under exclusive access), or -errno as content_write.
+ * may run beside reads and other overwrites of the file; a read sees each chunk whole, as it
+ * was before or after, and two overwrites of one chunk leave one of them whole (content.c,
+ * chunk and group locks). Returns size, -EAGAIN when the write is not such an overwrite (then
+ * use content_write under exclusive access), or -errno as content_write.
  */
 ssize_t content_overwrite(const struct content_file *f, const void *buf, size_t size, uint64_t off);
 
