@@ -1026,12 +1026,59 @@ static int write_v2_gap(const struct content_file *f, uint64_t off, uint64_t b, 
 }
 
 /*
+ * Tag page read-ahead for writes (tag cache on). A write that misses the cache reads its tag page
+ * before it writes it whole: on a backing file that is not cached, a disk read waited for under
+ * the group's lock. The kernel writes a file's dirty pages back in ascending order, many requests
+ * at once (an fsync after scattered writes: a write or more per group), so misses that climb
+ * through a file's groups read ahead: the tag pages of the next TAGS_AHEAD groups are started
+ * (POSIX_FADV_WILLNEED, asynchronous) and the writes there find them cached or on their way. A
+ * miss that does not climb (the first, or random O_DIRECT writes) starts nothing. State per file
+ * (tags id) in a small table, like the kernel's per-file readahead state; under tags_lock.
+ */
+#define TAGS_AHEAD       16u
+#define TAGS_AHEAD_SLOTS 64u
+
+struct tags_ahead {
+	uint64_t id;            /* a file's tags id; another file's id takes the slot over */
+	uint64_t last;          /* the group of its last miss */
+	uint64_t until;         /* tag pages up to this group are started */
+};
+
+static struct tags_ahead tags_ahead[TAGS_AHEAD_SLOTS];  /* tags_lock */
+
+/* Group g of f (backing size b) missed the tag cache: read ahead if its misses climb. */
+static void tags_read_ahead(const struct content_file *f, uint64_t g, uint64_t b)
+{
+	struct tags_ahead *s = &tags_ahead[f->tags_id % TAGS_AHEAD_SLOTS];
+	uint64_t from = 0, to = 0;
+
+	pthread_mutex_lock(&tags_lock);
+	if (s->id != f->tags_id) {
+		*s = (struct tags_ahead){ .id = f->tags_id, .last = g, .until = g };
+	} else {
+		if (g > s->last && g - s->last <= TAGS_AHEAD) {
+			/* Pages started by an earlier miss of this climb are not started again. */
+			from = s->until > g && s->until < g + TAGS_AHEAD ? s->until + 1 : g + 1;
+			to = g + TAGS_AHEAD;
+			s->until = to;
+		}
+		s->last = g;
+	}
+	pthread_mutex_unlock(&tags_lock);
+	for (uint64_t x = from; from && x <= to && fmt_v2_group_offset(x) < b; x++)
+		(void)posix_fadvise(f->fd, (off_t)fmt_v2_group_offset(x), FMT_V2_PAGE, POSIX_FADV_WILLNEED);
+}
+
+/*
  * Write n entries e of chunks a.. (one group) of a file whose backing size was b before the
  * write began. With the tag cache, the whole tag page: the cached one, or the backing one read
  * now (zeros when it lay past the end), with the entries put in; the bytes of the other entries
- * are rewritten unchanged (docs/FORMAT.md, crash behaviour). Else just the entries.
+ * are rewritten unchanged (docs/FORMAT.md, crash behaviour). Else just the entries. ahead: an
+ * overwrite, whose misses may climb (tags_read_ahead); writes that extend a file meet tag pages
+ * of their own making, or holes.
  */
-static int entries_write(const struct content_file *f, uint64_t a, size_t n, const uint8_t *e, uint64_t b)
+static int entries_write(const struct content_file *f, uint64_t a, size_t n, const uint8_t *e, uint64_t b,
+			 bool ahead)
 {
 	uint8_t page[FMT_V2_PAGE];
 	uint64_t g = a / GC, at = fmt_v2_group_offset(g);
@@ -1040,7 +1087,13 @@ static int entries_write(const struct content_file *f, uint64_t a, size_t n, con
 	if (!f->tags_id)
 		return pwrite_full(f->fd, e, n * ES, fmt_v2_entry_offset(a));
 	if (!tags_get_page(f, g, page)) {
-		ssize_t k = at >= b ? 0 : util_pread_full(f->fd, page, sizeof(page), at);
+		ssize_t k = 0;
+
+		if (at < b) {
+			if (ahead)
+				tags_read_ahead(f, g, b);
+			k = util_pread_full(f->fd, page, sizeof(page), at);
+		}
 
 		if (k < 0)
 			return (int)k;
@@ -1064,7 +1117,7 @@ static int write_v2_put(const struct content_file *f, uint64_t c0, uint64_t c1, 
 				    fmt_v2_page_offset(a));
 
 		if (r == 0)
-			r = entries_write(f, a, (size_t)(z - a + 1), ents + (a - c0) * ES, b);
+			r = entries_write(f, a, (size_t)(z - a + 1), ents + (a - c0) * ES, b, false);
 		if (r < 0)
 			return r;
 		a = z + 1;
@@ -1260,7 +1313,7 @@ ssize_t content_overwrite(const struct content_file *f, const void *buf, size_t 
 
 			pthread_mutex_lock(&group_locks[k]);
 			atomic_fetch_add(&group_seq[k], 1);
-			r = entries_write(f, a, (size_t)(z - a + 1), ents + (a - c0) * ES, b);
+			r = entries_write(f, a, (size_t)(z - a + 1), ents + (a - c0) * ES, b, true);
 			/* What the failed write left in the tag pages is not known. */
 			if (r < 0)
 				tags_forget(f->tags_id);
