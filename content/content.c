@@ -1050,23 +1050,29 @@ static struct tags_ahead tags_ahead[TAGS_AHEAD_SLOTS];  /* tags_lock */
 static void tags_read_ahead(const struct content_file *f, uint64_t g, uint64_t b)
 {
 	struct tags_ahead *s = &tags_ahead[f->tags_id % TAGS_AHEAD_SLOTS];
-	uint64_t from = 0, to = 0;
+	bool climbs;
+	uint64_t from = 0, to = g + TAGS_AHEAD;
 
 	pthread_mutex_lock(&tags_lock);
-	if (s->id != f->tags_id) {
+	if (s->id != f->tags_id)
 		*s = (struct tags_ahead){ .id = f->tags_id, .last = g, .until = g };
-	} else {
-		if (g > s->last && g - s->last <= TAGS_AHEAD) {
-			/* Pages started by an earlier miss of this climb are not started again. */
-			from = s->until > g && s->until < g + TAGS_AHEAD ? s->until + 1 : g + 1;
-			to = g + TAGS_AHEAD;
-			s->until = to;
-		}
-		s->last = g;
+	climbs = g > s->last && g - s->last <= TAGS_AHEAD;
+	if (climbs) {
+		/* Pages started by an earlier miss of this climb are not started again. */
+		from = s->until > g && s->until < to ? s->until + 1 : g + 1;
+		s->until = to;
 	}
+	s->last = g;
 	pthread_mutex_unlock(&tags_lock);
-	for (uint64_t x = from; from && x <= to && fmt_v2_group_offset(x) < b; x++)
-		(void)posix_fadvise(f->fd, (off_t)fmt_v2_group_offset(x), FMT_V2_PAGE, POSIX_FADV_WILLNEED);
+	if (!climbs)
+		return;
+	for (uint64_t x = from; x <= to; x++) {
+		uint64_t at = fmt_v2_group_offset(x);
+
+		if (at >= b)
+			break;
+		(void)posix_fadvise(f->fd, (off_t)at, FMT_V2_PAGE, POSIX_FADV_WILLNEED);
+	}
 }
 
 /*
